@@ -1,0 +1,1 @@
+"""Model endpoints, metered calls, and the manager and worker agents."""

@@ -1,0 +1,34 @@
+"""Money, budgets and the Redis ledger that holds them.
+
+``budgets`` imports neither ``agents`` nor ``orchestrator``.
+"""
+
+from budgets.errors import (
+    BudgetExceeded,
+    LedgerError,
+    LedgerUnavailable,
+    PaymasterError,
+)
+from budgets.ledger import Closed, Ledger, Reservation, Settlement, TenantView
+from budgets.money import Amount, Budget, Price, nanos_to_usd, usd_to_nanos
+from budgets.tree import AccountView, LedgerEvent, TaskTree
+
+__all__ = [
+    "AccountView",
+    "Amount",
+    "Budget",
+    "BudgetExceeded",
+    "Closed",
+    "Ledger",
+    "LedgerError",
+    "LedgerEvent",
+    "LedgerUnavailable",
+    "PaymasterError",
+    "Price",
+    "Reservation",
+    "Settlement",
+    "TaskTree",
+    "TenantView",
+    "nanos_to_usd",
+    "usd_to_nanos",
+]
