@@ -547,7 +547,7 @@ class Ledger:
         await self._runner.run(
             Op.TENANT_SETTLE,
             [keys.period(period), keys.ops, keys.events],
-            [op_id, task_id, _limit(funded.tokens), _limit(funded.nanos), spent[0], spent[1]],
+            [op_id, task_id, _limit(funded.tokens), _limit(funded.nanos), *spent, period],
         )
 
     # -- replies -----------------------------------------------------------------
@@ -573,9 +573,10 @@ class Ledger:
                 available=int(reply[4]),
             )
         if code == "no_account":
-            if account == ROOT or account.startswith("tenant:"):
+            missing = str(reply[2]) if len(reply) > 2 else account
+            if missing == ROOT:
                 raise UnknownTask(task_id)
-            raise UnknownAccount(task_id, account)
+            raise UnknownAccount(task_id, missing)
         if code == "closed":
             raise AccountClosed(task_id, account)
         if code == "exists":

@@ -76,8 +76,8 @@ end
 
 local function drop_hold(path, t, n)
   local key = ACCT_PREFIX .. path
-  redis.call('HINCRBY', key, 'rt', -t)
-  redis.call('HINCRBY', key, 'rn', -n)
+  redis.call('HINCRBY', key, 'rt', 0 - t)
+  redis.call('HINCRBY', key, 'rn', 0 - n)
   redis.call('HINCRBY', key, 'nres', -1)
 end
 

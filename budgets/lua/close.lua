@@ -5,13 +5,13 @@
 -- ARGV[2] account path  ARGV[3] '1' to force
 -- returns {'ok', returned_tokens, returned_nanos, spent_tokens, spent_nanos}
 --      (returned is -1 in a unit the account did not limit)
---      or {'err', 'no_account'} | {'err', 'busy', open_children, open_reservations}
+--      or {'err', 'no_account', path} | {'err', 'busy', open_children, open_reservations}
 local path = ARGV[2]
 local prior = recall('z:' .. path, '')
 if prior then return prior end
 sweep(64)
 local a = load(KEYS[7])
-if not a then return {'err', 'no_account'} end
+if not a then return {'err', 'no_account', path} end
 if a.nkids > 0 or (a.nres > 0 and ARGV[3] ~= '1') then
   return {'err', 'busy', a.nkids, a.nres}
 end
@@ -37,7 +37,7 @@ end
 redis.call('HSET', KEYS[7], 'closed', '1', 'closed_ms', NOW)
 if a.parent ~= '' then
   for _, u in ipairs(UNITS) do
-    if limited(a, u) then redis.call('HINCRBY', KEYS[8], 'a' .. u, -a['l' .. u]) end
+    if limited(a, u) then redis.call('HINCRBY', KEYS[8], 'a' .. u, 0 - a['l' .. u]) end
     redis.call('HINCRBY', KEYS[8], 'c' .. u, spent[u])
   end
   redis.call('HINCRBY', KEYS[8], 'nkids', -1)

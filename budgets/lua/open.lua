@@ -3,7 +3,7 @@
 -- ARGV[2] op id  ARGV[3] parent path  ARGV[4] child path
 -- ARGV[5] token limit (-1 unlimited)  ARGV[6] nano limit (-1 unlimited)  ARGV[7] tags ('' none)
 -- returns {'ok', parent_available_tokens, parent_available_nanos}
---      or {'err', 'no_account'} | {'err', 'closed'} | {'err', 'exists'}
+--      or {'err', 'no_account', path} | {'err', 'closed'} | {'err', 'exists'}
 --      | {'err', 'unlimited', unit} | {'err', 'insufficient', unit, requested, available}
 --      | {'err', 'conflict', op}
 local ppath, cpath = ARGV[3], ARGV[4]
@@ -13,7 +13,7 @@ local prior = recall('o:' .. ARGV[2], fp)
 if prior then return prior end
 sweep(64)
 local p = load(KEYS[7])
-if not p then return {'err', 'no_account'} end
+if not p then return {'err', 'no_account', ppath} end
 if p.closed then return {'err', 'closed'} end
 if redis.call('EXISTS', KEYS[8]) == 1 then return {'err', 'exists'} end
 local carve = {t = 0, n = 0}

@@ -4,7 +4,7 @@
 -- ARGV[6] lease ms      ARGV[7] tags (JSON text, '' for none)
 -- returns {'ok', deadline_ms, available_tokens, available_nanos} (-1 = unlimited)
 --      or {'err', 'insufficient', unit, requested, available}
---      or {'err', 'no_account'} | {'err', 'closed'} | {'err', 'conflict', op}
+--      or {'err', 'no_account', path} | {'err', 'closed'} | {'err', 'conflict', op}
 local path, rid = ARGV[2], ARGV[3]
 local want = {t = tonumber(ARGV[4]), n = tonumber(ARGV[5])}
 local fp = path .. '|' .. ARGV[4] .. '|' .. ARGV[5]
@@ -15,7 +15,7 @@ if redis.call('HEXISTS', K_OPS, 'x:' .. rid) == 1 or redis.call('HEXISTS', K_OPS
 end
 sweep(64)
 local a = load(KEYS[7])
-if not a then return {'err', 'no_account'} end
+if not a then return {'err', 'no_account', path} end
 if a.closed then return {'err', 'closed'} end
 for _, u in ipairs(UNITS) do
   if limited(a, u) and want[u] > room(a, u) then

@@ -6,7 +6,7 @@
 -- ARGV[2] op id  ARGV[3] source path  ARGV[4] destination path
 -- ARGV[5] tokens  ARGV[6] nanos  ARGV[7] 'down' | 'up' | 'across'
 -- returns {'ok', src_available_tokens, src_available_nanos, dst_available_tokens, dst_available_nanos}
---      or {'err', 'no_account'} | {'err', 'closed'} | {'err', 'relation'}
+--      or {'err', 'no_account', path} | {'err', 'closed'} | {'err', 'relation'}
 --      | {'err', 'unlimited', unit} | {'err', 'insufficient', unit, requested, available}
 local spath, dpath, dir = ARGV[3], ARGV[4], ARGV[7]
 local amt = {t = tonumber(ARGV[5]), n = tonumber(ARGV[6])}
@@ -15,7 +15,8 @@ local prior = recall('t:' .. ARGV[2], fp)
 if prior then return prior end
 sweep(64)
 local s, d = load(KEYS[7]), load(KEYS[8])
-if not s or not d then return {'err', 'no_account'} end
+if not s then return {'err', 'no_account', spath} end
+if not d then return {'err', 'no_account', dpath} end
 if s.closed or d.closed then return {'err', 'closed'} end
 local mid = nil
 if dir == 'down' then
@@ -49,9 +50,9 @@ for _, u in ipairs(UNITS) do
     else
       -- up or across: the source gives back part of its limit to the parent;
       -- across, the parent carves it straight into the destination.
-      redis.call('HINCRBY', KEYS[7], 'l' .. u, -amt[u])
+      redis.call('HINCRBY', KEYS[7], 'l' .. u, 0 - amt[u])
       if dir == 'up' then
-        redis.call('HINCRBY', parent_key, 'a' .. u, -amt[u])
+        redis.call('HINCRBY', parent_key, 'a' .. u, 0 - amt[u])
       else
         redis.call('HINCRBY', KEYS[8], 'l' .. u, amt[u])
       end
