@@ -1,10 +1,12 @@
 """Sending the ledger's scripts to Redis: batching, NOSCRIPT recovery, error mapping.
 
-Python's cost per command, not Redis, usually limits a ledger client. The
-runner therefore sends every operation that is waiting at the same moment in
-one pipeline (``EVALSHA`` each, no ``MULTI``): while one batch is on the wire
-the next one fills up. A lone operation goes out at once, so a sequential
-caller pays one round trip and no extra latency.
+Python's cost per command, and Redis's cost per script call, limit a ledger
+client long before Redis's cost per operation does. The runner therefore
+collects every operation waiting at the same moment and sends, per task, one
+``EVALSHA`` of the task script that runs them all in order (each atomic, each
+with its own reply); the calls for several tasks go in one pipeline. While one
+batch is on the wire the next fills up. A lone operation goes out at once, so a
+sequential caller pays one round trip and no extra latency.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -25,13 +28,12 @@ from tenacity import (
 )
 
 from budgets.errors import LedgerUnavailable
-from budgets.scripts import Op, Script, load_scripts
+from budgets.keys import TaskKeys
+from budgets.scripts import Op, Script, TenantOp, load_scripts
 
 log = logging.getLogger(__name__)
 
 Arg = str | int
-_Call = tuple[Script, Sequence[str], Sequence[Arg]]
-_Pending = tuple[Script, Sequence[str], Sequence[Arg], "asyncio.Future[list[Any]]"]
 
 
 def redact_url(url: str) -> str:
@@ -42,16 +44,25 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
+@dataclass(slots=True)
+class _Batch:
+    """Operations of one task waiting to be sent together."""
+
+    keys: TaskKeys
+    args: list[Arg] = field(default_factory=list)
+    waiters: list[asyncio.Future[list[Any]]] = field(default_factory=list)
+
+
 class ScriptRunner:
     """Runs ledger scripts on one Redis client, batching what is in flight together."""
 
     def __init__(self, redis: Redis, *, url: str, batch: bool = True, attempts: int = 3) -> None:
         self._redis = redis
         self._url = redact_url(url)
-        self._batch = batch
+        self._batching = batch
         self._attempts = attempts
         self._scripts = load_scripts()
-        self._queue: list[_Pending] = []
+        self._pending: dict[str, _Batch] = {}
         self._flusher: asyncio.Task[None] | None = None
 
     @property
@@ -59,42 +70,61 @@ class ScriptRunner:
         """The Redis URL, redacted."""
         return self._url
 
-    async def run(self, op: Op, keys: Sequence[str], args: Sequence[Arg]) -> list[Any]:
-        """Run one operation's script and return its reply."""
-        script = self._scripts[op]
-        if not self._batch:
-            replies = await self._retrying([(script, keys, args)])
-            if isinstance(replies[0], Exception):
-                raise replies[0]
-            reply: list[Any] = replies[0]
-            return reply
+    async def task_op(
+        self, keys: TaskKeys, op: Op, accounts: Sequence[str], args: Sequence[Arg]
+    ) -> list[Any]:
+        """Run one operation of the task script and return its reply."""
+        encoded: list[Arg] = [op.value, len(accounts), *accounts, len(args), *args]
+        if not self._batching:
+            replies = await self._retrying([(keys, 1, encoded)])
+            return _first(replies[0])
         fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._queue.append((script, keys, args, fut))
+        batch = self._pending.get(keys.task_id)
+        if batch is None:
+            batch = self._pending[keys.task_id] = _Batch(keys)
+        batch.args.extend(encoded)
+        batch.waiters.append(fut)
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
         return await fut
 
+    async def tenant_op(self, op: TenantOp, keys: Sequence[str], args: Sequence[Arg]) -> list[Any]:
+        """Run a tenant script (rare: once when a task opens and once when it closes)."""
+        script = self._scripts.tenant[op]
+        reply: list[Any] = await self._call(
+            lambda: self._redis.evalsha(script.sha, len(keys), *keys, *args)
+        )
+        return reply
+
     async def _flush(self) -> None:
-        while self._queue:
-            batch, self._queue = self._queue, []
+        while self._pending:
+            batches = list(self._pending.values())
+            self._pending = {}
+            calls = [(b.keys, len(b.waiters), b.args) for b in batches]
             try:
-                replies = await self._retrying([(s, k, a) for s, k, a, _ in batch])
+                replies = await self._retrying(calls)
             except BaseException as e:  # every waiter must hear of the failure
-                for *_, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(e)
+                for b in batches:
+                    for fut in b.waiters:
+                        if not fut.done():
+                            fut.set_exception(e)
                 if isinstance(e, asyncio.CancelledError):
                     raise
                 continue
-            for (*_, fut), reply in zip(batch, replies, strict=True):
-                if fut.done():
-                    continue
-                if isinstance(reply, Exception):
-                    fut.set_exception(reply)
-                else:
-                    fut.set_result(reply)
+            for b, reply in zip(batches, replies, strict=True):
+                for i, fut in enumerate(b.waiters):
+                    if fut.done():
+                        continue
+                    if isinstance(reply, Exception):
+                        fut.set_exception(reply)
+                    else:
+                        fut.set_result(reply[i])
 
-    async def _retrying(self, calls: list[_Call]) -> list[Any]:
+    async def _retrying(self, calls: list[tuple[TaskKeys, int, list[Arg]]]) -> list[Any]:
+        replies: list[Any] = await self._call(lambda: self._send(calls))
+        return replies
+
+    async def _call(self, send: Any) -> Any:
         # Every operation is idempotent, so a batch cut off by a dropped
         # connection is safe to send again.
         retrying = AsyncRetrying(
@@ -106,34 +136,32 @@ class ScriptRunner:
         try:
             async for attempt in retrying:
                 with attempt:
-                    return await self._send(calls)
+                    try:
+                        return await send()
+                    except rex.NoScriptError:
+                        await self._load()
+                        return await send()
         except (rex.ConnectionError, rex.TimeoutError) as e:
             raise LedgerUnavailable(self._url, type(e).__name__) from e
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _send(self, calls: list[_Call]) -> list[Any]:
+    async def _send(self, calls: list[tuple[TaskKeys, int, list[Arg]]]) -> list[Any]:
+        sha = self._scripts.task.sha
         if len(calls) == 1:
-            script, keys, args = calls[0]
-            try:
-                return [await self._redis.evalsha(script.sha, len(keys), *keys, *args)]
-            except rex.NoScriptError:
-                await self._load()
-                return [await self._redis.evalsha(script.sha, len(keys), *keys, *args)]
-        replies = await self._pipeline(calls)
+            keys, count, args = calls[0]
+            argv = [keys.account_prefix, count, *args]
+            return [await self._redis.evalsha(sha, 6, *keys.script_keys(), *argv)]
+        pipe = self._redis.pipeline(transaction=False)
+        for keys, count, args in calls:
+            pipe.evalsha(sha, 6, *keys.script_keys(), keys.account_prefix, count, *args)
+        replies = list(await pipe.execute(raise_on_error=False))
         if any(isinstance(r, rex.NoScriptError) for r in replies):
-            await self._load()
-            replies = await self._pipeline(calls)
+            raise rex.NoScriptError("NOSCRIPT")
         return replies
 
-    async def _pipeline(self, calls: list[_Call]) -> list[Any]:
-        pipe = self._redis.pipeline(transaction=False)
-        for script, keys, args in calls:
-            pipe.evalsha(script.sha, len(keys), *keys, *args)
-        return list(await pipe.execute(raise_on_error=False))
-
     async def _load(self) -> None:
-        log.debug("loading %d ledger scripts into Redis", len(self._scripts))
-        for script in self._scripts.values():
+        log.debug("loading the ledger's scripts into Redis")
+        for script in self._scripts.all():
             await self._redis.script_load(script.source)
 
     async def ping(self) -> None:
@@ -142,3 +170,13 @@ class ScriptRunner:
             await self._redis.ping()
         except (rex.ConnectionError, rex.TimeoutError, OSError) as e:
             raise LedgerUnavailable(self._url, type(e).__name__) from e
+
+
+def _first(reply: Any) -> list[Any]:
+    if isinstance(reply, Exception):
+        raise reply
+    first: list[Any] = reply[0]
+    return first
+
+
+__all__ = ["Script", "ScriptRunner", "redact_url"]

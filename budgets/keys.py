@@ -110,13 +110,8 @@ class TaskKeys:
         """Hash of one account: limits, reserved, spent, carved, flags."""
         return self.account_prefix + path
 
-    def script_keys(self, *accounts: str) -> list[str]:
-        """KEYS for a task script: the fixed task keys, then the account hashes given."""
-        fixed = [self.meta, self.reservations, self.leases, self.ops, self.events, self.accounts]
-        return fixed + [self.account(p) for p in accounts]
-
-    def all_fixed(self) -> list[str]:
-        """Every key of the task except account hashes (for expiry after retention)."""
+    def script_keys(self) -> list[str]:
+        """KEYS of the task script, in its order; also every key but the account hashes."""
         return [self.meta, self.reservations, self.leases, self.ops, self.events, self.accounts]
 
 

@@ -44,7 +44,7 @@ from budgets.keys import (
     parent_of,
 )
 from budgets.money import UNLIMITED, Amount, Budget, check_nanos, check_tokens
-from budgets.scripts import Op
+from budgets.scripts import Op, TenantOp
 from budgets.tree import (
     AccountView,
     LedgerEvent,
@@ -174,7 +174,7 @@ class Ledger:
     async def _run(
         self, op: Op, keys: TaskKeys, accounts: Sequence[str], args: Sequence[str | int]
     ) -> list[Any]:
-        return await self._runner.run(op, keys.script_keys(*accounts), [keys.account_prefix, *args])
+        return await self._runner.task_op(keys, op, accounts, args)
 
     # -- tasks and accounts ---------------------------------------------------
 
@@ -397,7 +397,7 @@ class Ledger:
         keys = TaskKeys(task_id)
         paths = await _members(self.redis, keys.accounts)
         pipe = self.redis.pipeline(transaction=False)
-        for key in [*keys.all_fixed(), *(keys.account(p) for p in paths)]:
+        for key in [*keys.script_keys(), *(keys.account(p) for p in paths)]:
             pipe.expire(key, retention_s)
         await pipe.execute()
 
@@ -517,8 +517,8 @@ class Ledger:
     async def _fund(self, tenant: str, task_id: str, budget: Budget, *, op_id: str) -> str:
         check_name("tenant", tenant)
         keys = TenantKeys(tenant)
-        reply = await self._runner.run(
-            Op.TENANT_FUND,
+        reply = await self._runner.tenant_op(
+            TenantOp.FUND,
             [keys.config, keys.ops, keys.events],
             [
                 keys.period(""),
@@ -544,8 +544,8 @@ class Ledger:
         op_id: str,
     ) -> None:
         keys = TenantKeys(tenant)
-        await self._runner.run(
-            Op.TENANT_SETTLE,
+        await self._runner.tenant_op(
+            TenantOp.SETTLE,
             [keys.period(period), keys.ops, keys.events],
             [op_id, task_id, _limit(funded.tokens), _limit(funded.nanos), *spent, period],
         )
@@ -592,7 +592,7 @@ class Ledger:
         if code in ("released", "committed"):
             raise ReservationSettled(task_id, reservation_id, str(code))
         if code == "conflict":
-            raise OperationConflict(str(reply[2]))
+            raise OperationConflict(str(reply[2]) if len(reply) > 2 else reservation_id)
         raise LedgerError(f"unexpected ledger reply {reply!r}")
 
 

@@ -1,10 +1,16 @@
 """The ledger's Lua scripts, loaded once from ``budgets/lua/``.
 
-Each operation is one script with its contract in its header. Task scripts are
-prefixed with ``_prelude.lua`` (shared helpers: loading an account, the lease
-sweep, idempotency, the audit event). Scripts are sent with ``EVALSHA``; a
-``NOSCRIPT`` reply (a restarted or flushed server) loads them and retries,
-which is safe because every operation is idempotent.
+There are three scripts. The **task script** is ``_prelude.lua`` (shared
+helpers: loading an account, the lease sweep, idempotency, the audit event),
+then one function per operation from ``<op>.lua`` (each headed by its
+contract), then ``_dispatch.lua``, which runs a batch of operations of one task
+in order. A batch of one is an ordinary atomic operation; a larger batch
+amortises Redis's per-script cost over every operation in flight. The two
+**tenant scripts** run on a tenant's keys, which live on another slot.
+
+Scripts are sent with ``EVALSHA``; a ``NOSCRIPT`` reply (a restarted or flushed
+server) loads them and retries, which is safe because every operation is
+idempotent.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from importlib import resources
 
 
 class Op(StrEnum):
-    """The ledger's operations, one Lua script each."""
+    """The operations of the task script."""
 
     OPEN_TASK = "open_task"
     OPEN = "open"
@@ -26,21 +32,20 @@ class Op(StrEnum):
     TRANSFER = "transfer"
     CLOSE = "close"
     REAP = "reap"
-    TENANT_FUND = "tenant_fund"
-    TENANT_SETTLE = "tenant_settle"
 
 
-#: Scripts that run on a task's keys and share the prelude.
-_TASK_OPS = frozenset(
-    {Op.OPEN_TASK, Op.OPEN, Op.RESERVE, Op.COMMIT, Op.RELEASE, Op.TRANSFER, Op.CLOSE, Op.REAP}
-)
+class TenantOp(StrEnum):
+    """The tenant scripts."""
+
+    FUND = "tenant_fund"
+    SETTLE = "tenant_settle"
 
 
 @dataclass(frozen=True, slots=True)
 class Script:
     """A script's source and the SHA1 Redis knows it by."""
 
-    op: Op
+    name: str
     source: str
     sha: str
 
@@ -49,13 +54,27 @@ def _read(name: str) -> str:
     return resources.files("budgets").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
 
 
-def load_scripts() -> dict[Op, Script]:
+def _script(name: str, source: str) -> Script:
+    sha = hashlib.sha1(source.encode("utf-8"), usedforsecurity=False).hexdigest()
+    return Script(name=name, source=source, sha=sha)
+
+
+@dataclass(frozen=True, slots=True)
+class Scripts:
+    """Every script the ledger sends."""
+
+    task: Script
+    tenant: dict[TenantOp, Script]
+
+    def all(self) -> list[Script]:
+        """Every script, for loading after ``NOSCRIPT``."""
+        return [self.task, *self.tenant.values()]
+
+
+def load_scripts() -> Scripts:
     """Read every script from the package; called once when a ledger is built."""
-    prelude = _read("_prelude")
-    scripts: dict[Op, Script] = {}
-    for op in Op:
-        body = _read(op.value)
-        source = f"{prelude}\n{body}" if op in _TASK_OPS else body
-        sha = hashlib.sha1(source.encode("utf-8"), usedforsecurity=False).hexdigest()
-        scripts[op] = Script(op=op, source=source, sha=sha)
-    return scripts
+    parts = [_read("_prelude"), *(_read(op.value) for op in Op), _read("_dispatch")]
+    return Scripts(
+        task=_script("task", "\n".join(parts)),
+        tenant={op: _script(op.value, _read(op.value)) for op in TenantOp},
+    )

@@ -8,7 +8,7 @@ import pytest
 import redis
 
 from budgets import Ledger
-from tests.redis_server import RedisServer
+from orchestrator.redis_server import RedisServer
 
 
 @pytest.fixture(scope="session")

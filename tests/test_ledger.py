@@ -570,7 +570,7 @@ async def test_scripts_reload_after_redis_forgets_them(ledger: Ledger) -> None:
 
 
 async def test_unreachable_redis_names_the_url_without_password() -> None:
-    from tests.redis_server import free_port
+    from orchestrator.redis_server import free_port
 
     url = f"redis://user:s3cret@127.0.0.1:{free_port()}/0"
     led = Ledger.from_url(url)

@@ -1,7 +1,12 @@
--- Shared head of every task script (prepended by budgets/scripts.py).
+-- The task script: this prelude, then one function per operation (OPS.<name>,
+-- from <name>.lua), then _dispatch.lua, which runs a batch of operations of
+-- one task in order, each atomic and each with its own reply.
 -- KEYS[1] meta hash   KEYS[2] reservations hash   KEYS[3] leases zset
 -- KEYS[4] ops hash    KEYS[5] events stream       KEYS[6] accounts set
 -- ARGV[1] prefix of account hashes ("pm:{<task>}:acct:")
+-- Account hashes are not in KEYS: every one is ARGV[1] .. path, under the same
+-- hash tag as KEYS, so it lives on the same Redis Cluster slot.
+-- Inside an operation, A is its argument list and K its account hash keys.
 -- Account hash fields: parent, lt/ln limit (-1 unlimited), rt/rn reserved,
 -- st/sn spent by own calls, at/an carved into open children, ct/cn spent by
 -- closed children, ot/on overrun, nres open reservations, nkids open children,
@@ -17,6 +22,8 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 local NOW = now_ms()
+local SWEPT = 0
+local OPS = {}
 
 local function load(key)
   local v = redis.call('HMGET', key, 'parent', 'closed', unpack(FIELDS))
@@ -50,12 +57,16 @@ end
 -- Idempotency: the first reply of an operation is kept under its op key with a
 -- fingerprint of its arguments; a retry gets that reply, a different operation
 -- under the same id gets a conflict.
+local function replay(kept, fingerprint)
+  local r = cmsgpack.unpack(kept)
+  if r[1] ~= fingerprint then return {'err', 'conflict'} end
+  return r[2]
+end
+
 local function recall(op_key, fingerprint)
   local c = redis.call('HGET', K_OPS, op_key)
   if not c then return nil end
-  local r = cmsgpack.unpack(c)
-  if r[1] ~= fingerprint then return {'err', 'conflict', op_key} end
-  return r[2]
+  return replay(c, fingerprint)
 end
 
 local function remember(op_key, fingerprint, reply)

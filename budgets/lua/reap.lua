@@ -1,5 +1,7 @@
 -- reap: release reservations of a task whose leases ran out.
--- ARGV[2] most to release in this call
+-- A[1] most to release in this call
 -- returns {'ok', released, remaining_leases}
-local n = sweep(tonumber(ARGV[2]))
-return {'ok', n, redis.call('ZCARD', K_LEASES)}
+OPS['reap'] = function(A, K)
+  local n = SWEPT + sweep(tonumber(A[1]))
+  return {'ok', n, redis.call('ZCARD', K_LEASES)}
+end

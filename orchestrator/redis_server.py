@@ -1,4 +1,4 @@
-"""A real ``redis-server`` on a free loopback port, for tests and benchmarks."""
+"""A private ``redis-server`` process: the embedded default, and the one tests use."""
 
 from __future__ import annotations
 
@@ -20,9 +20,15 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """Starts ``redis-server`` with its data in a temporary directory; stops it on exit."""
+    """Starts ``redis-server`` on loopback; stops it on exit.
 
-    def __init__(self, *, aof: bool = False) -> None:
+    With ``data_dir`` the data stays there (AOF when ``aof``); without, a
+    temporary directory is used and removed on stop.
+    """
+
+    def __init__(
+        self, *, aof: bool = False, data_dir: Path | None = None, port: int | None = None
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError(
@@ -30,8 +36,9 @@ class RedisServer:
             )
         self._binary = binary
         self._aof = aof
-        self._dir = Path(tempfile.mkdtemp(prefix="pm-redis-"))
-        self.port = free_port()
+        self._keep = data_dir is not None
+        self._dir = data_dir if data_dir is not None else Path(tempfile.mkdtemp(prefix="pm-redis-"))
+        self.port = port if port is not None else free_port()
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -73,7 +80,8 @@ class RedisServer:
                 self._proc.kill()
                 self._proc.wait()
             self._proc = None
-        shutil.rmtree(self._dir, ignore_errors=True)
+        if not self._keep:
+            shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self) -> RedisServer:
         return self.start()
