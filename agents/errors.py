@@ -19,6 +19,30 @@ class ConfigError(AgentError, ValueError):
         super().__init__(f"invalid endpoint configuration in {source}: {joined}")
 
 
+class UnknownEndpoint(AgentError, LookupError):
+    """No endpoint with this name is configured."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        self.name = name
+        self.known = known
+        super().__init__(
+            f"no endpoint named {name!r}; configured endpoints: {', '.join(known) or '(none)'}"
+        )
+
+
+class LocalModelFailed(AgentError):
+    """The bundled local model's server did not start or stopped answering.
+
+    ``log_tail`` holds the last lines the server wrote, to show what went wrong.
+    """
+
+    def __init__(self, reason: str, *, log_tail: str = "") -> None:
+        self.reason = reason
+        self.log_tail = log_tail
+        tail = f"\n--- last lines of the server's log ---\n{log_tail}" if log_tail else ""
+        super().__init__(f"the local model server failed: {reason}{tail}")
+
+
 class MissingComponent(AgentError):
     """Something Paymaster needs is not installed; the message gives the one command to fix it."""
 
@@ -26,3 +50,17 @@ class MissingComponent(AgentError):
         self.what = what
         self.install = install
         super().__init__(f"{what} is not installed; install it with: {install}")
+
+
+class ModelCallFailed(AgentError):
+    """A model call failed after the retries it was allowed; what it cost is in the ledger.
+
+    ``transient`` says whether the failure looked temporary (connection,
+    timeout, 429, 5xx): the caller may fall back to another endpoint.
+    """
+
+    def __init__(self, endpoint: str, reason: str, *, transient: bool) -> None:
+        self.endpoint = endpoint
+        self.reason = reason
+        self.transient = transient
+        super().__init__(f"call to endpoint {endpoint!r} failed: {reason}")
