@@ -64,3 +64,16 @@ class ModelCallFailed(AgentError):
         self.reason = reason
         self.transient = transient
         super().__init__(f"call to endpoint {endpoint!r} failed: {reason}")
+
+
+class InvalidPlan(AgentError, ValueError):
+    """A plan (usually a model's output) is unusable; ``reasons`` lists every problem found.
+
+    The manager sends ``reasons`` back to the model once to ask for a repair,
+    and falls back to a one-subtask plan if the repair is invalid too.
+    """
+
+    def __init__(self, reasons: list[str]) -> None:
+        self.reasons = list(reasons)
+        joined = "; ".join(self.reasons) or "no reason given"
+        super().__init__(f"invalid plan: {joined}")

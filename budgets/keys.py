@@ -102,6 +102,21 @@ class TaskKeys:
         return self.base + "accts"
 
     @property
+    def record(self) -> str:
+        """Hash: the task as the orchestrator tracks it (status, text, answer, times)."""
+        return self.base + "task"
+
+    @property
+    def results(self) -> str:
+        """Hash: subtask id -> its finished result (JSON), so a re-run never pays twice."""
+        return self.base + "results"
+
+    @property
+    def plan(self) -> str:
+        """String: the manager's plan (JSON), kept so a re-run does not plan again."""
+        return self.base + "plan"
+
+    @property
     def account_prefix(self) -> str:
         """Prefix of account hashes; the scripts append a path to it."""
         return self.base + "acct:"
@@ -150,3 +165,11 @@ class TenantKeys:
 TENANTS = f"{PREFIX}:tenants"
 #: Set of task ids whose root is open (the reaper walks it).
 OPEN_TASKS = f"{PREFIX}:tasks:open"
+#: Stream of submitted tasks, read by workers through a consumer group.
+QUEUE = f"{PREFIX}:queue"
+#: Stream of tasks that failed too many deliveries.
+DEAD_LETTER = f"{PREFIX}:queue:dead"
+#: Consumer group of the workers on ``QUEUE``.
+WORKER_GROUP = "pm-workers"
+#: Hash: worker name -> last heartbeat (JSON), for health checks.
+WORKERS = f"{PREFIX}:workers"

@@ -50,13 +50,19 @@ class RedisServer:
         """Start the server and wait until it answers PING."""
         args = [
             self._binary,
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--dir", str(self._dir),
-            "--save", "",
-            "--appendonly", "yes" if self._aof else "no",
-            "--protected-mode", "no",
-        ]  # fmt: skip
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self._dir),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self._aof else "no",
+            "--protected-mode",
+            "no",
+        ]
         self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:

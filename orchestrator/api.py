@@ -1,0 +1,284 @@
+"""The Python API: submit tasks, wait for answers, read ledgers. Async inside, a thin sync facade.
+
+Every method has one async body (``a``-prefixed, or ``result()`` on a task);
+the sync methods run that body on a private event loop in a background thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+import uuid
+from collections.abc import Coroutine, Mapping
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, TypeVar
+
+from agents.endpoints import DEFAULT_LOCAL_PORT, EndpointsConfig, load_config
+from budgets import Budget, Ledger, LedgerEvent, TaskTree
+from budgets.errors import UnknownTask
+from budgets.keys import TaskKeys, check_name
+from orchestrator.embedded import ensure_redis
+from orchestrator.errors import InvalidTask, TaskNotFound, TaskTimeout
+from orchestrator.queue import TaskQueue
+from orchestrator.records import Records, TaskRecord
+from orchestrator.runtime import Runtime
+from orchestrator.settings import Settings
+
+T = TypeVar("T")
+
+
+class _Portal:
+    """An event loop in a daemon thread, so sync callers can run coroutines on it."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="pm-loop")
+        self._thread.start()
+
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        fut: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return fut.result()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+
+
+class Task:
+    """A submitted task: its id, and ways to ask after it (sync and async)."""
+
+    def __init__(self, pm: Paymaster, task_id: str) -> None:
+        self._pm = pm
+        self.id = task_id
+
+    def __repr__(self) -> str:
+        return f"Task(id={self.id!r})"
+
+    async def astatus(self) -> TaskRecord:
+        """The task's record now."""
+        return await self._pm.arecord(self.id)
+
+    async def result(self, *, timeout: float | None = None) -> TaskRecord:
+        """Wait for a final state; :class:`TaskTimeout` after ``timeout`` seconds."""
+        return await self._pm.await_final(self.id, timeout=timeout)
+
+    def status(self) -> TaskRecord:
+        """Sync :meth:`astatus`."""
+        return self._pm._sync(self.astatus())
+
+    def wait(self, timeout: float | None = None) -> TaskRecord:
+        """Sync :meth:`result`."""
+        return self._pm._sync(self.result(timeout=timeout))
+
+    def cancel(self) -> bool:
+        """Ask the task to stop at its next step; ``False`` if it already ended."""
+        return self._pm._sync(self._pm.acancel(self.id))
+
+
+class Paymaster:
+    """Entry point: ``Paymaster.from_env()`` or ``Paymaster(redis_url=..., config=...)``.
+
+    With no Redis URL a private Redis is started (``PAYMASTER_HOME``); with no
+    endpoint configuration the bundled local model is used, its server
+    started on demand when a task first runs in this process.
+    """
+
+    def __init__(
+        self,
+        *,
+        redis_url: str | None = None,
+        config: EndpointsConfig | Path | None = None,
+        settings: Settings | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self._env = dict(os.environ if env is None else env)
+        self.settings = settings or Settings.from_env(self._env)
+        self.redis_url = redis_url or self.settings.redis_url or ensure_redis(self.settings.home)
+        if isinstance(config, EndpointsConfig):
+            self._config: EndpointsConfig | None = config
+        else:
+            path = config if config is not None else self.settings.config_path
+            self._config = load_config(path, env=self._env) if path is not None else None
+        self._portal: _Portal | None = None
+        self._ledger: Ledger | None = None
+        self._runtime: Runtime | None = None
+
+    @classmethod
+    def from_env(cls) -> Paymaster:
+        """Settings from ``REDIS_URL``, ``PAYMASTER_CONFIG`` and ``PAYMASTER_*``."""
+        return cls()
+
+    # -- plumbing ----------------------------------------------------------
+
+    def _sync(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self._portal is None:
+            self._portal = _Portal()
+        return self._portal.call(coro)
+
+    @property
+    def books(self) -> Ledger:
+        """The ledger client (built on first use in the calling event loop)."""
+        if self._ledger is None:
+            self._ledger = Ledger.from_url(self.redis_url, lease_s=self.settings.lease_s)
+        return self._ledger
+
+    @property
+    def endpoints(self) -> EndpointsConfig:
+        """The endpoint configuration; the bundled local model when none was given."""
+        if self._config is None:
+            from agents.local_model import ensure_running
+
+            base = ensure_running(self.settings.home, port=DEFAULT_LOCAL_PORT, env=self._env)
+            self._config = load_config(None, env={**self._env, "PAYMASTER_LOCAL_MODEL_URL": base})
+        return self._config
+
+    def runtime(self) -> Runtime:
+        """The working parts for running tasks in this process."""
+        if self._runtime is None:
+            self._runtime = Runtime.build(
+                settings=self.settings,
+                redis_url=self.redis_url,
+                endpoints=self.endpoints,
+                env=self._env,
+            )
+        return self._runtime
+
+    async def aclose(self) -> None:
+        """Close connections and clients."""
+        if self._runtime is not None:
+            await self._runtime.aclose()
+        if self._ledger is not None:
+            await self._ledger.aclose()
+
+    def close(self) -> None:
+        """Sync :meth:`aclose`, and stop the background loop."""
+        if self._portal is not None:
+            self._portal.call(self.aclose())
+            self._portal.close()
+            self._portal = None
+
+    # -- tasks -----------------------------------------------------------------
+
+    async def _create(
+        self, text: str, budget: Budget, tenant: str | None, task_id: str | None
+    ) -> str:
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidTask("the task is empty; give it some text")
+        if len(text) > self.settings.max_task_chars:
+            raise InvalidTask(
+                f"the task has {len(text)} characters; the limit is {self.settings.max_task_chars}"
+            )
+        if not isinstance(budget, Budget):
+            raise InvalidTask(
+                "budget must be a budgets.Budget, e.g. Budget(tokens=5000, usd='0.10')"
+            )
+        if budget.is_unlimited:
+            raise InvalidTask("give the task a limit in tokens or dollars (or both)")
+        task_id = check_name("task id", task_id or uuid.uuid4().hex[:16])
+        if tenant is not None:
+            check_name("tenant", tenant)
+        records = Records(self.books.redis)
+        # The ledger first: a tenant that cannot pay refuses the task before
+        # anything else is written.
+        await self.books.open_task(task_id, budget, tenant=tenant, op_id=f"open.{task_id}")
+        try:
+            await records.create(task_id, task=text, budget=budget, tenant=tenant)
+        except Exception:
+            await self.books.close_task(task_id, force=True)
+            raise
+        return task_id
+
+    async def asubmit(
+        self, text: str, *, budget: Budget, tenant: str | None = None, task_id: str | None = None
+    ) -> Task:
+        """Queue a task for a worker; raises on bad input and stores nothing then."""
+        task_id = await self._create(text, budget, tenant, task_id)
+        queue = TaskQueue(self.books.redis)
+        await queue.ensure_group()
+        await queue.enqueue(task_id)
+        return Task(self, task_id)
+
+    def submit(
+        self, text: str, *, budget: Budget, tenant: str | None = None, task_id: str | None = None
+    ) -> Task:
+        """Sync :meth:`asubmit`."""
+        return self._sync(self.asubmit(text, budget=budget, tenant=tenant, task_id=task_id))
+
+    async def arun(
+        self, text: str, *, budget: Budget, tenant: str | None = None, task_id: str | None = None
+    ) -> TaskRecord:
+        """Run a task in this process (no worker needed) and return its final record."""
+        task_id = await self._create(text, budget, tenant, task_id)
+        return await self.runtime().execute(task_id)
+
+    def run(
+        self, text: str, *, budget: Budget, tenant: str | None = None, task_id: str | None = None
+    ) -> TaskRecord:
+        """Sync :meth:`arun`."""
+        return self._sync(self.arun(text, budget=budget, tenant=tenant, task_id=task_id))
+
+    async def arecord(self, task_id: str) -> TaskRecord:
+        """A task's record; :class:`TaskNotFound` if there is none."""
+        check_name("task id", task_id)
+        record = await Records(self.books.redis).get(task_id)
+        if record is None:
+            raise TaskNotFound(task_id)
+        return record
+
+    def status(self, task_id: str) -> TaskRecord:
+        """Sync :meth:`arecord`."""
+        return self._sync(self.arecord(task_id))
+
+    async def await_final(self, task_id: str, *, timeout: float | None = None) -> TaskRecord:
+        """Poll until the task is final."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.02
+        while True:
+            record = await self.arecord(task_id)
+            if record.status.final:
+                return record
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TaskTimeout(task_id, timeout or 0)
+            await asyncio.sleep(delay)
+            delay = min(0.5, delay * 1.5)
+
+    async def acancel(self, task_id: str) -> bool:
+        """Ask a task to stop; ``False`` if it is already final."""
+        await self.arecord(task_id)
+        return await Records(self.books.redis).request_cancel(task_id)
+
+    def task(self, task_id: str) -> Task:
+        """A handle on an existing task."""
+        return Task(self, check_name("task id", task_id))
+
+    async def aledger(self, task_id: str) -> TaskTree:
+        """The task's account tree."""
+        try:
+            return await self.books.snapshot(task_id)
+        except UnknownTask as e:
+            raise TaskNotFound(task_id) from e
+
+    def ledger(self, task_id: str) -> TaskTree:
+        """Sync :meth:`aledger`."""
+        return self._sync(self.aledger(task_id))
+
+    async def aevents(self, task_id: str, *, after: str = "-") -> list[LedgerEvent]:
+        """The task's audit events."""
+        if not await self.books.redis.exists(TaskKeys(task_id).events):
+            raise TaskNotFound(task_id)
+        return await self.books.events(task_id, after=after)
+
+    def events(self, task_id: str, *, after: str = "-") -> list[LedgerEvent]:
+        """Sync :meth:`aevents`."""
+        return self._sync(self.aevents(task_id, after=after))
+
+    async def aset_tenant(self, name: str, budget: Budget, *, period: str = "month") -> None:
+        """Create or update a tenant's per-period budget."""
+        await self.books.set_tenant(name, budget, period=period)  # type: ignore[arg-type]
+
+    def set_tenant(self, name: str, budget: Budget, *, period: str = "month") -> None:
+        """Sync :meth:`aset_tenant`."""
+        self._sync(self.aset_tenant(name, budget, period=period))

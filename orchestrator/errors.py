@@ -1,0 +1,49 @@
+"""Errors of the orchestrator, all under :class:`budgets.errors.PaymasterError`."""
+
+from __future__ import annotations
+
+from budgets.errors import PaymasterError
+
+
+class OrchestratorError(PaymasterError):
+    """Root of the orchestrator's errors."""
+
+
+class TaskCancelled(OrchestratorError):
+    """The task was cancelled; raised inside the flow to stop it at the next step."""
+
+    def __init__(self, task_id: str) -> None:
+        self.task_id = task_id
+        super().__init__(f"task {task_id!r} was cancelled")
+
+
+class TaskNotFound(OrchestratorError, LookupError):
+    """No task with this id exists (or its record expired after the retention period)."""
+
+    def __init__(self, task_id: str) -> None:
+        self.task_id = task_id
+        super().__init__(f"no task {task_id!r}; it never existed or its record has expired")
+
+
+class InvalidTask(OrchestratorError, ValueError):
+    """A submitted task is not acceptable (empty text, too long, …); nothing was stored."""
+
+
+class TaskTimeout(OrchestratorError, TimeoutError):
+    """Waiting for a task took longer than the caller allowed; the task goes on."""
+
+    def __init__(self, task_id: str, timeout_s: float) -> None:
+        self.task_id = task_id
+        super().__init__(
+            f"task {task_id!r} did not finish within {timeout_s:g} s; it is still running"
+        )
+
+
+class MissingRedis(OrchestratorError):
+    """No REDIS_URL was given and no redis-server is installed to start a private one."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "no Redis: set REDIS_URL, or install redis-server so Paymaster can start a private "
+            "one (Debian/Ubuntu: apt-get install -y redis-server)"
+        )

@@ -1,0 +1,183 @@
+"""The task record in Redis: status, text, budget, answer, and the results already paid for."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Any, cast
+
+from pydantic import BaseModel
+from redis.asyncio import Redis
+
+from budgets import Budget
+from budgets.keys import TaskKeys
+
+
+class Status(StrEnum):
+    """Where a task is in its life."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    BUDGET_EXHAUSTED = "budget_exhausted"
+
+    @property
+    def final(self) -> bool:
+        """True once the task will not change again."""
+        return self not in (Status.QUEUED, Status.RUNNING)
+
+
+class Spent(BaseModel):
+    """What a task spent, rolled up over its whole account tree."""
+
+    tokens: int
+    usd: str
+
+
+class TaskRecord(BaseModel):
+    """A task as the API returns it."""
+
+    id: str
+    status: Status
+    task: str
+    budget: Budget
+    tenant: str | None = None
+    answer: str | None = None
+    error: str | None = None
+    spent: Spent | None = None
+    created_s: float
+    started_s: float | None = None
+    finished_s: float | None = None
+    deliveries: int = 0
+    cancel_requested: bool = False
+
+
+def _opt_float(value: str | None) -> float | None:
+    return float(value) if value else None
+
+
+class Records:
+    """Reads and writes task records; one instance per process, sharing the Redis client."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+
+    async def create(
+        self, task_id: str, *, task: str, budget: Budget, tenant: str | None
+    ) -> TaskRecord:
+        """Write a new record in state ``queued``; refuses an id already used."""
+        now = time.time()
+        fields = {
+            "status": Status.QUEUED.value,
+            "task": task,
+            "budget": budget.model_dump_json(),
+            "tenant": tenant or "",
+            "created_s": repr(now),
+        }
+        keys = TaskKeys(task_id)
+        created = await self.redis.hsetnx(keys.record, "status", Status.QUEUED.value)
+        if not created:
+            raise ValueError(f"task id {task_id!r} is already in use")
+        await self.redis.hset(keys.record, mapping=cast(Any, fields))
+        return TaskRecord(
+            id=task_id, status=Status.QUEUED, task=task, budget=budget, tenant=tenant, created_s=now
+        )
+
+    async def get(self, task_id: str) -> TaskRecord | None:
+        """The record, or ``None`` if there is no such task."""
+        raw = cast(
+            "dict[str, str]",
+            await self.redis.hgetall(TaskKeys(task_id).record),
+        )
+        if not raw or "task" not in raw:
+            return None
+        spent = Spent.model_validate_json(raw["spent"]) if raw.get("spent") else None
+        return TaskRecord(
+            id=task_id,
+            status=Status(raw["status"]),
+            task=raw["task"],
+            budget=Budget.model_validate_json(raw["budget"]),
+            tenant=raw.get("tenant") or None,
+            answer=raw.get("answer"),
+            error=raw.get("error") or None,
+            spent=spent,
+            created_s=float(raw["created_s"]),
+            started_s=_opt_float(raw.get("started_s")),
+            finished_s=_opt_float(raw.get("finished_s")),
+            deliveries=int(raw.get("deliveries", 0)),
+            cancel_requested=raw.get("cancel") == "1",
+        )
+
+    async def mark_running(self, task_id: str) -> int:
+        """Record a delivery; returns how many times the task has been delivered."""
+        keys = TaskKeys(task_id)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(
+            keys.record, mapping={"status": Status.RUNNING.value, "started_s": repr(time.time())}
+        )
+        pipe.hincrby(keys.record, "deliveries", 1)
+        _, deliveries = await pipe.execute()
+        return int(deliveries)
+
+    async def finish(
+        self,
+        task_id: str,
+        *,
+        status: Status,
+        answer: str | None,
+        error: str | None,
+        spent: Spent | None,
+        retention_s: int,
+    ) -> None:
+        """Write the final state and let the record expire after ``retention_s``."""
+        keys = TaskKeys(task_id)
+        fields: dict[str, str] = {"status": status.value, "finished_s": repr(time.time())}
+        if answer is not None:
+            fields["answer"] = answer
+        if error is not None:
+            fields["error"] = error
+        if spent is not None:
+            fields["spent"] = spent.model_dump_json()
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(keys.record, mapping=cast(Any, fields))
+        for key in (keys.record, keys.results, keys.plan):
+            pipe.expire(key, retention_s)
+        await pipe.execute()
+
+    async def request_cancel(self, task_id: str) -> bool:
+        """Flag the task for cancellation; ``False`` if it is unknown or already final."""
+        record = await self.get(task_id)
+        if record is None or record.status.final:
+            return False
+        await self.redis.hset(TaskKeys(task_id).record, "cancel", "1")
+        return True
+
+    async def cancel_requested(self, task_id: str) -> bool:
+        """Whether someone asked to cancel the task."""
+        flag = await self.redis.hget(TaskKeys(task_id).record, "cancel")
+        return flag == "1"
+
+    async def save_plan(self, task_id: str, plan_json: str) -> None:
+        """Keep the plan so a re-delivered task does not plan (and pay) again."""
+        await self.redis.set(TaskKeys(task_id).plan, plan_json)
+
+    async def load_plan(self, task_id: str) -> str | None:
+        """The saved plan, if any."""
+        value = await self.redis.get(TaskKeys(task_id).plan)
+        return cast("str | None", value)
+
+    async def save_result(self, task_id: str, subtask_id: str, result: Mapping[str, Any]) -> None:
+        """Keep a finished subtask's result."""
+        await self.redis.hset(TaskKeys(task_id).results, subtask_id, json.dumps(result))
+
+    async def load_results(self, task_id: str) -> dict[str, dict[str, Any]]:
+        """Every result already paid for, by subtask id."""
+        raw = cast(
+            "dict[str, str]",
+            await self.redis.hgetall(TaskKeys(task_id).results),
+        )
+        return {sid: json.loads(value) for sid, value in raw.items()}

@@ -1,0 +1,133 @@
+"""A process's working parts (ledger, records, metered client, agents, graph); running a task."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from agents.endpoints import EndpointsConfig
+from agents.manager import ManagerAgent
+from agents.metered import MeteredClient, RetryPolicy
+from agents.worker import WorkerAgent
+from budgets import BudgetExceeded, Ledger, nanos_to_usd
+from budgets.errors import LedgerError, UnknownTask
+from budgets.keys import ROOT
+from budgets.policy import Policy, WeightedSplit
+from orchestrator.errors import TaskCancelled
+from orchestrator.flow import Flow, FlowDeps, build_graph, summarize
+from orchestrator.records import Records, Spent, Status, TaskRecord
+from orchestrator.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Runtime:
+    """Built once per process; runs tasks to a final state."""
+
+    settings: Settings
+    ledger: Ledger
+    records: Records
+    metered: MeteredClient
+    graph: Any
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        settings: Settings,
+        redis_url: str,
+        endpoints: EndpointsConfig,
+        env: Mapping[str, str],
+        policy: Policy | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> Runtime:
+        """Wire the parts together on the Redis at ``redis_url``."""
+        ledger = Ledger.from_url(redis_url, lease_s=settings.lease_s)
+        records = Records(ledger.redis)
+        metered = MeteredClient(
+            ledger=ledger, config=endpoints, env=env, retry=retry, lease_s=settings.lease_s
+        )
+        deps = FlowDeps(
+            ledger=ledger,
+            records=records,
+            manager=ManagerAgent(client=metered),
+            worker=WorkerAgent(client=metered),
+            policy=policy or WeightedSplit(),
+            max_subtasks=settings.max_subtasks,
+        )
+        return cls(settings, ledger, records, metered, build_graph(Flow(deps)))
+
+    async def aclose(self) -> None:
+        """Close HTTP clients and Redis connections."""
+        await self.metered.aclose()
+        await self.ledger.aclose()
+
+    async def execute(self, task_id: str) -> TaskRecord:
+        """Run a task to a final state (or raise to have it delivered again)."""
+        record = await self.records.get(task_id)
+        if record is None:
+            raise UnknownTask(task_id)
+        if record.status.final:
+            return record
+        delivery = await self.records.mark_running(task_id)
+        if await self.records.cancel_requested(task_id):
+            return await self._finish(task_id, Status.CANCELLED, None, None)
+        await self._close_stale_accounts(task_id)
+        try:
+            state = await self.graph.ainvoke(
+                {"task_id": task_id, "task": record.task, "delivery": delivery}
+            )
+        except TaskCancelled:
+            return await self._finish(task_id, Status.CANCELLED, None, None)
+        except (BudgetExceeded, LedgerError) as e:
+            answer = await self._best_answer(task_id)
+            return await self._finish(task_id, Status.BUDGET_EXHAUSTED, answer, str(e))
+        except Exception as e:
+            if delivery < self.settings.max_deliveries:
+                raise  # left unacknowledged: the queue delivers it again
+            log.exception("task %s failed on delivery %d", task_id, delivery)
+            return await self._finish(task_id, Status.FAILED, None, f"{type(e).__name__}: {e}")
+        done = summarize(state.get("results", {}), state.get("plan", []))
+        status = Status.SUCCEEDED if done else Status.BUDGET_EXHAUSTED
+        return await self._finish(task_id, status, state.get("answer"), None)
+
+    async def fail(self, task_id: str, error: str) -> TaskRecord:
+        """Give up on a task (too many deliveries): close its ledger and mark it failed."""
+        return await self._finish(task_id, Status.FAILED, None, error)
+
+    async def _close_stale_accounts(self, task_id: str) -> None:
+        # A delivery after a crash: accounts the dead worker left open go back
+        # to the pool (their reservations expire now; a late commit is still
+        # charged). Results already saved are not run again.
+        tree = await self.ledger.snapshot(task_id)
+        stale = [a.path for a in tree.walk() if a.path != ROOT and not a.closed]
+        for path in sorted(stale, key=lambda p: -p.count("/")):
+            await self.ledger.close_account(task_id, path, force=True)
+
+    async def _best_answer(self, task_id: str) -> str | None:
+        results = await self.records.load_results(task_id)
+        texts = [str(r.get("text", "")) for r in results.values() if r.get("text")]
+        return "\n\n".join(texts) or None
+
+    async def _finish(
+        self, task_id: str, status: Status, answer: str | None, error: str | None
+    ) -> TaskRecord:
+        spent: Spent | None = None
+        try:
+            closed = await self.ledger.close_task(task_id, force=True)
+            spent = Spent(tokens=closed.spent_tokens, usd=str(nanos_to_usd(closed.spent_nanos)))
+        except UnknownTask:
+            pass
+        retention = self.settings.retention_s
+        await self.records.finish(
+            task_id, status=status, answer=answer, error=error, spent=spent, retention_s=retention
+        )
+        with contextlib.suppress(UnknownTask):
+            await self.ledger.expire_task(task_id, retention_s=retention)
+        record = await self.records.get(task_id)
+        assert record is not None
+        return record

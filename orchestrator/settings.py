@@ -1,0 +1,46 @@
+"""Settings, read once from the environment at the edge and passed down."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Settings(BaseModel):
+    """Everything a Paymaster process needs to know; nothing deeper reads ``os.environ``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    redis_url: str | None = Field(default=None, description="REDIS_URL; None: a private Redis")
+    config_path: Path | None = Field(default=None, description="PAYMASTER_CONFIG (endpoints TOML)")
+    home: Path = Field(description="PAYMASTER_HOME: state of the embedded Redis and local model")
+    lease_s: float = Field(default=300.0, gt=0, description="lease of one call's reservation")
+    visibility_timeout_s: float = Field(default=60.0, gt=0, description="silence before takeover")
+    heartbeat_s: float = Field(default=5.0, gt=0)
+    max_deliveries: int = Field(default=3, ge=1, description="deliveries before dead-lettering")
+    retention_s: int = Field(default=7 * 86_400, gt=0, description="how long records are kept")
+    max_subtasks: int = Field(default=8, ge=1, le=64)
+    max_task_chars: int = Field(default=20_000, ge=1)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        """Build settings from an environment mapping (the caller passes ``os.environ``)."""
+        home = Path(env.get("PAYMASTER_HOME") or Path(env.get("HOME", ".")) / ".paymaster")
+        values: dict[str, object] = {
+            "redis_url": env.get("REDIS_URL") or None,
+            "config_path": Path(env["PAYMASTER_CONFIG"]) if env.get("PAYMASTER_CONFIG") else None,
+            "home": home,
+        }
+        numeric = {
+            "PAYMASTER_LEASE_S": "lease_s",
+            "PAYMASTER_VISIBILITY_TIMEOUT_S": "visibility_timeout_s",
+            "PAYMASTER_HEARTBEAT_S": "heartbeat_s",
+            "PAYMASTER_MAX_DELIVERIES": "max_deliveries",
+            "PAYMASTER_RETENTION_S": "retention_s",
+        }
+        for var, field in numeric.items():
+            if env.get(var):
+                values[field] = env[var]
+        return cls.model_validate(values)
