@@ -1,0 +1,266 @@
+"""The manager's plan: subtasks with a difficulty and dependencies, validated before use.
+
+A plan is a model's output, so it is checked at the edge: parsed tolerantly
+(:func:`parse_plan_text` finds the JSON in prose or a fenced block), validated
+into pydantic models, then checked as a whole (:func:`validate_plan`: ids,
+dependencies, cycles, size). Anything wrong raises :class:`InvalidPlan` with
+every reason, worded so it can be sent back to the model for one repair.
+
+A plan carries no budget. It has no field for tokens, prices or money, and
+fields a model adds (``"budget": 1000``, ``"max_tokens": …``) are dropped on
+parse and never stored, so nothing downstream can read them. Extra fields are
+ignored rather than refused: a plan that is otherwise good should not cost a
+repair call because a model was chatty. Budgets come from the policy and the
+ledger alone; text inside an instruction is only text for the worker.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from typing import Annotated, Any, Final
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from agents.errors import InvalidPlan
+
+MAX_INSTRUCTION_CHARS: Final = 4000
+FALLBACK_ID: Final = "task"
+FALLBACK_DIFFICULTY: Final = 3
+ID_PATTERN: Final = r"^[a-z0-9][a-z0-9_-]{0,31}$"
+
+# Keys of a JSON schema kept in what is sent as response_format: OpenAI's strict
+# mode rejects keywords it does not support (minLength, maxLength, default, ...).
+_SCHEMA_KEYS: Final = frozenset(
+    {"type", "description", "pattern", "minimum", "maximum", "minItems", "maxItems", "enum"}
+)
+# Scanning stops after this much text or this many '{' tried, so garbage stays cheap.
+_MAX_SCAN_CHARS: Final = 200_000
+_MAX_CANDIDATES: Final = 256
+
+_Tag = Annotated[str, Field(max_length=64)]
+
+
+class Subtask(BaseModel):
+    """One unit of work for a worker; labels and text only, never a budget."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    id: str = Field(pattern=ID_PATTERN, description="short unique id: lowercase, digits, _ or -")
+    instruction: str = Field(
+        min_length=1,
+        max_length=MAX_INSTRUCTION_CHARS,
+        description="what the worker must do, self-contained",
+    )
+    difficulty: int = Field(ge=1, le=5, description="1 trivial ... 5 very hard")
+    depends_on: list[str] = Field(
+        default_factory=list, description="ids of subtasks whose results this one needs"
+    )
+    tags: list[_Tag] = Field(default_factory=list, max_length=16, description="short labels")
+
+    @field_validator("instruction")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value
+
+
+class Plan(BaseModel):
+    """The subtasks of a task, in the order the manager wrote them."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    subtasks: list[Subtask]
+
+
+def validate_plan(plan: Plan, *, max_subtasks: int) -> Plan:
+    """Return ``plan`` if it can be run; else raise :class:`InvalidPlan` with every reason.
+
+    Checks: at least one and at most ``max_subtasks`` subtasks, unique ids,
+    dependencies that name other subtasks of the plan, and no cycles (each
+    cycle found is reported as ``a -> b -> a``).
+    """
+    if max_subtasks < 1:
+        raise ValueError(f"max_subtasks must be at least 1, got {max_subtasks}")
+    subs = plan.subtasks
+    reasons: list[str] = []
+    if not subs:
+        reasons.append("the plan has no subtasks; give at least one")
+    if len(subs) > max_subtasks:
+        reasons.append(
+            f"the plan has {len(subs)} subtasks; at most {max_subtasks} are allowed, merge some"
+        )
+    counts = Counter(s.id for s in subs)
+    reasons.extend(
+        f"subtask id {sid!r} is used {n} times; ids must be unique"
+        for sid, n in counts.items()
+        if n > 1
+    )
+    graph: dict[str, list[str]] = {s.id: [] for s in subs}
+    for s in subs:
+        for dep in dict.fromkeys(s.depends_on):
+            if dep == s.id:
+                reasons.append(f"subtask {s.id!r} depends on itself")
+            elif dep not in graph:
+                reasons.append(f"subtask {s.id!r} depends on unknown subtask {dep[:40]!r}")
+            else:
+                graph[s.id].append(dep)
+    reasons.extend(f"dependency cycle: {' -> '.join(c)}" for c in _cycles(graph))
+    if reasons:
+        raise InvalidPlan(reasons)
+    return plan
+
+
+def _cycles(graph: dict[str, list[str]]) -> list[list[str]]:
+    """Each distinct cycle met by an iterative depth-first search, closed (``[a, b, a]``)."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    found: list[list[str]] = []
+    seen: set[frozenset[str]] = set()
+    for start in graph:
+        if state.get(start):
+            continue
+        path: list[str] = [start]
+        stack = [iter(graph[start])]
+        state[start] = 1
+        while stack:
+            nxt = next(stack[-1], None)
+            if nxt is None:
+                state[path.pop()] = 2
+                stack.pop()
+            elif state.get(nxt) == 1:
+                cycle = path[path.index(nxt) :]
+                if frozenset(cycle) not in seen:
+                    seen.add(frozenset(cycle))
+                    found.append([*cycle, nxt])
+            elif not state.get(nxt):
+                state[nxt] = 1
+                path.append(nxt)
+                stack.append(iter(graph[nxt]))
+    return found
+
+
+def waves(plan: Plan) -> list[list[Subtask]]:
+    """Topological layers: each subtask's dependencies all sit in earlier waves.
+
+    A subtask lands in the earliest wave it can, and keeps its plan order
+    within a wave. Raises :class:`InvalidPlan` for a plan that cannot be run.
+    """
+    if not plan.subtasks:
+        return []
+    validate_plan(plan, max_subtasks=len(plan.subtasks))
+    done: set[str] = set()
+    remaining = list(plan.subtasks)
+    layers: list[list[Subtask]] = []
+    while remaining:
+        ready = [s for s in remaining if all(d in done for d in s.depends_on)]
+        layers.append(ready)
+        done.update(s.id for s in ready)
+        remaining = [s for s in remaining if s.id not in done]
+    return layers
+
+
+def single_subtask_plan(task: str) -> Plan:
+    """The fallback plan: one subtask, the task itself, difficulty 3.
+
+    A task too long (or blank) to be an instruction becomes "solve the whole
+    task as given": the worker is always shown the full task text as well.
+    """
+    text = task.strip()
+    instruction = (
+        text if 0 < len(text) <= MAX_INSTRUCTION_CHARS else "Solve the whole task as given."
+    )
+    subtask = Subtask(id=FALLBACK_ID, instruction=instruction, difficulty=FALLBACK_DIFFICULTY)
+    return Plan(subtasks=[subtask])
+
+
+def plan_json_schema(*, max_subtasks: int | None = None) -> dict[str, Any]:
+    """The ``response_format`` asking an endpoint for a plan (OpenAI structured outputs).
+
+    Built from :class:`Plan` and made strict: every object closed and every
+    field required, unsupported keywords dropped. With ``max_subtasks`` the
+    list is bounded too. Send it only where ``Endpoint.json_schema`` is true.
+    """
+    schema = _strict(Plan.model_json_schema())
+    subtasks = schema["properties"]["subtasks"]
+    subtasks["minItems"] = 1
+    if max_subtasks is not None:
+        subtasks["maxItems"] = max_subtasks
+    return {
+        "type": "json_schema",
+        "json_schema": {"name": "plan", "schema": schema, "strict": True},
+    }
+
+
+def _strict(node: Any) -> Any:
+    if isinstance(node, list):
+        return [_strict(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in ("properties", "$defs"):
+            out[key] = {name: _strict(sub) for name, sub in value.items()}
+        elif key in ("items", "anyOf"):
+            out[key] = _strict(value)
+        elif key in _SCHEMA_KEYS or key == "$ref":
+            out[key] = value
+    if out.get("type") == "object":
+        # A class docstring is for readers of the code, not for the model.
+        out.pop("description", None)
+        out["additionalProperties"] = False
+        out["required"] = list(out.get("properties", {}))
+    return out
+
+
+def first_json_object(text: str, *, key: str | None = None) -> dict[str, Any] | None:
+    """The first JSON object in ``text`` (prose, ```json fences and all), or ``None``.
+
+    With ``key``, the first object that has that key wins over earlier ones
+    without it; if none has it, the first object is returned.
+    """
+    decoder = json.JSONDecoder()
+    scan = text[:_MAX_SCAN_CHARS]
+    first: dict[str, Any] | None = None
+    for tried, match in enumerate(re.finditer(r"\{", scan)):
+        if tried >= _MAX_CANDIDATES:
+            break
+        try:
+            value, _ = decoder.raw_decode(scan, match.start())
+        except ValueError:
+            continue
+        if not isinstance(value, dict):
+            continue
+        if key is None or key in value:
+            return value
+        if first is None:
+            first = value
+    return first
+
+
+def parse_plan_text(text: str) -> Plan:
+    """A :class:`Plan` from a model's free-text reply; raises :class:`InvalidPlan` if none.
+
+    Takes the first JSON object with a ``subtasks`` key and validates its
+    structure; call :func:`validate_plan` for ids, dependencies and size.
+    Input values are never echoed in the reasons.
+    """
+    data = first_json_object(text, key="subtasks")
+    if data is None or "subtasks" not in data:
+        raise InvalidPlan(
+            [
+                'the reply holds no JSON object with "subtasks"; reply with one object '
+                '{"subtasks": [...]}'
+            ]
+        )
+    try:
+        return Plan.model_validate(data)
+    except ValidationError as e:
+        raise InvalidPlan([_describe(err) for err in e.errors()]) from None
+
+
+def _describe(err: Any) -> str:
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return f"{where}: {msg}" if where else msg
