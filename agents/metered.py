@@ -8,9 +8,12 @@ One call, one attempt at a time:
    refuse with :class:`~budgets.errors.BudgetExceeded` if not even
    ``min_output_tokens`` fit (no HTTP request is made);
 3. send the request with exactly the reserved ``max_tokens``;
-4. commit the usage the server reports (or, with none, the whole reservation,
-   flagged estimated); release the reservation if the request failed before
-   the server could have done any work.
+4. commit the usage the server reports (or, with none or unusable counts, the
+   whole reservation, flagged estimated); release the reservation if the
+   request failed before the server could have done any work (no connection,
+   an error status). A timeout, or a 200 reply that is not valid JSON, has no
+   choices or carries an error event, may have been billed: it is charged,
+   estimated, and the last three raise :class:`~agents.errors.ModelCallFailed`.
 
 Retries happen here and only here, on named transient errors (connection
 errors, timeouts, 429 honouring ``Retry-After``, 5xx), with jittered backoff.
@@ -27,7 +30,7 @@ import logging
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import openai
 from openai import AsyncOpenAI
@@ -36,6 +39,7 @@ from agents.endpoints import Endpoint, EndpointsConfig
 from agents.errors import ModelCallFailed
 from agents.tokens import TokenCounter, counter_for
 from budgets import Amount, BudgetExceeded, Ledger, Reservation
+from budgets.money import MAX_NANOS, MAX_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -228,11 +232,13 @@ class MeteredClient:
         tags: dict[str, str],
     ) -> Reservation:  # fmt: skip
         price = ep.price
+        # A caller asking for fewer tokens than the minimum gets what it asked for.
+        floor = min(self._min_output, max_tokens)
         out = min(max_tokens, ep.context_window - prompt)
-        if out < self._min_output:
+        if out < floor:
             raise BudgetExceeded(
                 task_id=task_id, account=account, unit="tokens",
-                requested=prompt + self._min_output, available=ep.context_window,
+                requested=prompt + floor, available=ep.context_window,
             )  # fmt: skip
         try:
             return await self.ledger.reserve(
@@ -248,7 +254,7 @@ class MeteredClient:
                 fit = min(fit, view.available_tokens - prompt)
             if view.available_nanos is not None:
                 fit = min(fit, _affordable_output(ep, prompt, view.available_nanos))
-            if fit < self._min_output:
+            if fit < floor:
                 raise
             return await self.ledger.reserve(
                 task_id, account, tokens=prompt + fit,
@@ -273,32 +279,43 @@ class MeteredClient:
             body["response_format"] = dict(response_format)
         try:
             async with self._gate(ep):
-                text, finish, usage = await self._send(ep, body, stream)
+                answer = await self._send(ep, body, stream)
         except openai.APITimeoutError:
             # The server may have done (and billed) the work: charge the
             # reservation, flagged estimated, rather than hide it.
             await self.ledger.commit(task_id, res.id, used=None, tags=tags)
             raise
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, openai.APIResponseValidationError) as e:
+            # The server answered 200, so it did the work: charge it, estimated.
             await self.ledger.commit(task_id, res.id, used=None, tags=tags)
             raise ModelCallFailed(ep.name, "the reply was not valid JSON", transient=False) from e
+        except (openai.APIConnectionError, openai.APIStatusError):
+            await self.ledger.release(task_id, res.id, reason="call failed")
+            raise
+        except openai.APIError as e:
+            # An error event inside a streamed 200 reply: the work was (partly) done.
+            await self.ledger.commit(task_id, res.id, used=None, tags=tags)
+            reason = f"the reply reported an error: {e.message[:200]}"
+            raise ModelCallFailed(ep.name, reason, transient=False) from e
         except BaseException:
             await self.ledger.release(task_id, res.id, reason="call failed")
             raise
+        usage = _checked_usage(ep, answer.usage)
         if usage is None:
             done = await self.ledger.commit(task_id, res.id, used=None, tags=tags)
             in_tokens, out_used, cost, estimated = prompt, out_tokens, done.nanos, True
         else:
-            in_tokens, out_used = usage
-            cost = ep.price.cost_nanos(input_tokens=in_tokens, output_tokens=out_used)
+            in_tokens, out_used, cost = usage
             await self.ledger.commit(
                 task_id, res.id, used=Amount(tokens=in_tokens + out_used, nanos=cost), tags=tags
             )
             estimated = False
+        if not answer.has_choices:
+            raise ModelCallFailed(ep.name, "the reply had no choices", transient=False)
         return CallResult(
-            text=text, finish_reason=finish, input_tokens=in_tokens, output_tokens=out_used,
-            cost_nanos=cost, estimated=estimated, endpoint=ep.name, model=ep.model,
-            attempts=attempt, max_tokens=out_tokens,
+            text=answer.text, finish_reason=answer.finish_reason, input_tokens=in_tokens,
+            output_tokens=out_used, cost_nanos=cost, estimated=estimated, endpoint=ep.name,
+            model=ep.model, attempts=attempt, max_tokens=out_tokens,
         )  # fmt: skip
 
     def _gate(self, ep: Endpoint) -> asyncio.Semaphore:
@@ -307,31 +324,66 @@ class MeteredClient:
             gate = self._gates[ep.name] = asyncio.Semaphore(ep.max_concurrency)
         return gate
 
-    async def _send(
-        self, ep: Endpoint, body: dict[str, Any], stream: bool
-    ) -> tuple[str, str, tuple[int, int] | None]:
+    async def _send(self, ep: Endpoint, body: dict[str, Any], stream: bool) -> _Answer:
         client = self.client(ep)
         if not stream:
             reply = await client.chat.completions.create(**body)
-            choice = reply.choices[0] if reply.choices else None
-            text = (choice.message.content or "") if choice else ""
-            finish = (choice.finish_reason or "stop") if choice else "stop"
             u = reply.usage
-            return text, finish, None if u is None else (u.prompt_tokens, u.completion_tokens)
+            usage = None if u is None else (u.prompt_tokens, u.completion_tokens)
+            if not reply.choices:
+                return _Answer("", "stop", usage, has_choices=False)
+            choice = reply.choices[0]
+            text, finish = choice.message.content or "", choice.finish_reason or "stop"
+            return _Answer(text, finish, usage, has_choices=True)
         chunks = await client.chat.completions.create(
             **body, stream=True, stream_options={"include_usage": True}
         )
         parts: list[str] = []
-        finish, usage = "stop", None
-        async for chunk in chunks:
-            for c in chunk.choices:
-                if c.delta.content:
-                    parts.append(c.delta.content)
-                if c.finish_reason:
-                    finish = c.finish_reason
-            if chunk.usage is not None:
-                usage = (chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
-        return "".join(parts), finish, usage
+        finish, usage, has_choices = "stop", None, False
+        async with chunks:  # closes the connection however the loop ends
+            async for chunk in chunks:
+                for c in chunk.choices or ():
+                    has_choices = True
+                    if c.delta.content:
+                        parts.append(c.delta.content)
+                    if c.finish_reason:
+                        finish = c.finish_reason
+                if chunk.usage is not None:
+                    usage = (chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+        return _Answer("".join(parts), finish, usage, has_choices=has_choices)
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """What the server sent back: text, finish reason, usage as reported (unchecked)."""
+
+    text: str
+    finish_reason: str
+    usage: tuple[object, object] | None
+    has_choices: bool
+
+
+def _checked_usage(
+    ep: Endpoint, usage: tuple[object, object] | None
+) -> tuple[int, int, int] | None:
+    """``(input, output, cost_nanos)`` if the reported usage is usable, else ``None`` (estimate).
+
+    A server may send ``null`` or negative counts; the ledger would refuse them
+    after the call, leaving the reservation open until its lease ran out.
+    """
+    if usage is None:
+        return None
+    prompt, completion = usage
+    if _is_count(prompt) and _is_count(completion) and prompt + completion <= MAX_TOKENS:
+        cost = ep.price.cost_nanos(input_tokens=prompt, output_tokens=completion)
+        if cost <= MAX_NANOS:
+            return prompt, completion, cost
+    log.warning("endpoint %s reported unusable usage %r; charging the reservation", ep.name, usage)
+    return None
+
+
+def _is_count(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _affordable_output(ep: Endpoint, prompt: int, nanos: int) -> int:
