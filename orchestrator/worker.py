@@ -20,6 +20,7 @@ import time
 
 from budgets.keys import WORKERS
 from orchestrator.queue import Delivery, TaskQueue
+from orchestrator.records import Status
 from orchestrator.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -85,8 +86,12 @@ class Worker:
                 await runtime.fail(delivery.task_id, reason)
                 await self.queue.dead_letter(delivery, reason=reason)
                 return
-            await runtime.execute(delivery.task_id)
-            await self.queue.ack(delivery.message_id)
+            final = await runtime.execute(delivery.task_id)
+            if final.status is Status.FAILED:
+                # Failed on its last delivery: keep it in the dead letter for inspection.
+                await self.queue.dead_letter(delivery, reason=final.error or "failed")
+            else:
+                await self.queue.ack(delivery.message_id)
         except asyncio.CancelledError:
             raise  # shutting down: the message stays pending for another worker
         except Exception:
