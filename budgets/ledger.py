@@ -202,7 +202,7 @@ class Ledger:
         if reply[0] == "err":
             if tenant is not None:
                 await self._settle(tenant, task_id, period, budget, (0, 0), op_id=f"undo:{op_id}")
-            self._raise(reply, task_id=task_id, account=ROOT)
+            self._raise(reply, task_id=task_id, account=ROOT, op_id=op_id)
         await self.redis.sadd(OPEN_TASKS, task_id)
 
     async def open_account(
@@ -231,7 +231,7 @@ class Ledger:
             [parent, path],
             [op_id, parent, path, _limit(budget.tokens), _limit(budget.nanos), _tags(tags)],
         )
-        self._raise(reply, task_id=task_id, account=parent, child=path)
+        self._raise(reply, task_id=task_id, account=parent, child=path, op_id=op_id)
         return _budget(reply[1], reply[2])
 
     async def reserve(
@@ -341,7 +341,7 @@ class Ledger:
         )
         if reply[0] == "err" and reply[1] == "relation":
             raise InvalidTransfer(task_id, src, dst, "the ledger's tree does not relate them")
-        self._raise(reply, task_id=task_id, account=src)
+        self._raise(reply, task_id=task_id, account=src, op_id=op_id)
         return _budget(reply[1], reply[2]), _budget(reply[3], reply[4])
 
     async def close_account(self, task_id: str, path: str, *, force: bool = False) -> Closed:
@@ -560,6 +560,7 @@ class Ledger:
         account: str = "",
         child: str = "",
         reservation_id: str = "",
+        op_id: str = "",
     ) -> None:
         if reply[0] == "ok":
             return
@@ -592,7 +593,7 @@ class Ledger:
         if code in ("released", "committed"):
             raise ReservationSettled(task_id, reservation_id, str(code))
         if code == "conflict":
-            raise OperationConflict(str(reply[2]) if len(reply) > 2 else reservation_id)
+            raise OperationConflict(str(reply[2]) if len(reply) > 2 else op_id or reservation_id)
         raise LedgerError(f"unexpected ledger reply {reply!r}")
 
 

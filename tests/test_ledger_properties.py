@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 import pytest
-from hypothesis import HealthCheck, event, settings
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -49,22 +49,26 @@ TASK = "prop"
 UNITS = ("tokens", "nanos")
 #: Sizes drawn for an unlimited unit: a fraction of this.
 BASE = {"tokens": 5_000, "nanos": 5_000_000}
-MAX_ACCOUNTS = 9
+MAX_OPEN_ACCOUNTS = 8
+MAX_ACCOUNTS = 30  # open or closed, per example
 MAX_DEPTH = 3  # root/a/b/c
 MAX_EXPIRIES = 2  # per example: each one sleeps past a lease
 #: Closing the root ends most of what an example can do: only late in one.
-ROOT_CLOSE_AFTER_STEPS = 30
+ROOT_CLOSE_AFTER_STEPS = 70
 SHORT_LEASE_S = 0.05
 
 E = TypeVar("E", bound=BaseException)
+T = TypeVar("T")
 Pair = dict[str, int]
 Relation = Literal["down", "up", "across"]
 
 SEL = st.integers(0, 2**16)
 #: Whether an operation may pick a closed account too (to see it refused).
 ANYWHERE = st.sampled_from([False] * 5 + [True])
-#: A percentage of what is available: often exactly all of it, sometimes more.
-PCT = st.one_of(st.just(100), st.integers(0, 100), st.integers(0, 160))
+#: A percentage of what is available: mostly a small part, sometimes all, or up to 160%.
+PCT = st.sampled_from(["part"] * 8 + ["all", "any"]).flatmap(
+    lambda how: {"part": st.integers(0, 20), "all": st.just(100), "any": st.integers(0, 160)}[how]
+)
 JITTER = st.integers(-2, 2)
 #: A percentage of the parent's room carved into a new child: mostly leave some.
 CARVE_PCT = st.one_of(st.integers(0, 60), st.integers(0, 60), st.integers(0, 130))
@@ -72,10 +76,10 @@ CARVE_PCT = st.one_of(st.integers(0, 60), st.integers(0, 60), st.integers(0, 130
 USE_PCT = st.one_of(st.just(100), st.integers(0, 100), st.integers(100, 400))
 #: Root limits: mostly a number, sometimes unlimited.
 LIMIT_TOKENS = st.sampled_from([True] * 4 + [False]).flatmap(
-    lambda limited: st.integers(0, 20_000) if limited else st.none()
+    lambda limited: st.integers(1_000, 20_000) if limited else st.none()
 )
 LIMIT_NANOS = st.sampled_from([True] * 4 + [False]).flatmap(
-    lambda limited: st.integers(0, 20_000_000) if limited else st.none()
+    lambda limited: st.integers(1_000_000, 20_000_000) if limited else st.none()
 )
 
 
@@ -250,11 +254,12 @@ class LedgerMachine(RuleBasedStateMachine):
         self.committed: dict[str, tuple[Amount | None, Settlement]] = {}
         self.released: set[str] = set()
         self.closes: dict[str, Closed] = {}
-        self.opens: dict[str, Budget] = {}  # path -> budget asked
+        self.opens: dict[str, tuple[Budget, Budget]] = {}  # path -> (asked, answer)
         self.transfers: dict[str, tuple[str, str, Amount, tuple[Budget, Budget]]] = {}
         self.counter = 0
         self.expiries = 0
         self.steps = 0
+        self.events = 0  # entries the audit stream should hold
 
     def teardown(self) -> None:
         try:
@@ -264,7 +269,7 @@ class LedgerMachine(RuleBasedStateMachine):
 
     # -- plumbing ----------------------------------------------------------------------
 
-    def run(self, call: Awaitable[Any]) -> Any:
+    def run(self, call: Awaitable[T]) -> T:
         return self.loop.run_until_complete(call)
 
     def new_id(self, prefix: str) -> str:
@@ -279,13 +284,12 @@ class LedgerMachine(RuleBasedStateMachine):
 
     def state(self) -> tuple[str, int, int]:
         """Everything a refusal or a retry must leave as it was."""
-        return self.run(self._state())  # type: ignore[no-any-return]
+        return self.run(self._state())
 
     def refused(self, error: type[E], call: Callable[[], Awaitable[Any]]) -> E:
         before = self.state()
         with pytest.raises(error) as info:
             self.run(call())
-        event(f"refused: {error.__name__}")
         assert self.state() == before, f"a refused operation ({error.__name__}) changed the ledger"
         return info.value
 
@@ -311,6 +315,8 @@ class LedgerMachine(RuleBasedStateMachine):
         return [p for p, a in self.accts.items() if anywhere or not a.closed]
 
     def expire_hold(self, rid: str) -> None:
+        """The lease of ``rid`` ran out (or its account was force-closed)."""
+        self.events += 1
         hold = self.live.pop(rid)
         acct = self.accts[hold.path]
         add(acct.reserved, hold.amount, -1)
@@ -322,9 +328,15 @@ class LedgerMachine(RuleBasedStateMachine):
     @initialize(tokens=LIMIT_TOKENS, nanos=LIMIT_NANOS)
     def open_task(self, tokens: int | None, nanos: int | None) -> None:
         self.run(self.ledger.open_task(TASK, Budget.from_nanos(tokens=tokens, nanos=nanos)))
+        self.events += 1
         self.accts[ROOT] = Acct(ROOT, None, {"tokens": tokens, "nanos": nanos})
 
-    @precondition(lambda self: 0 < len(self.accts) < MAX_ACCOUNTS)
+    @precondition(
+        lambda self: (
+            0 < len(self.accts) < MAX_ACCOUNTS
+            and len(self.accounts(anywhere=False)) < MAX_OPEN_ACCOUNTS
+        )
+    )
     @rule(
         sel=SEL,
         pct_t=CARVE_PCT,
@@ -374,23 +386,21 @@ class LedgerMachine(RuleBasedStateMachine):
                 self.exceeded(call, account=parent.path, unit=unit, want=asked, room=room)
                 return
         left = self.run(call())
-        event(f"open at depth {path.count('/')}")
+        self.events += 1
         for unit in UNITS:
             parent.carved[unit] += want[unit] or 0
         parent.kids += 1
         self.accts[path] = Acct(path, parent.path, want)
-        self.opens[path] = budget
+        self.opens[path] = (budget, left)
         assert left == parent.available()
 
-    @precondition(lambda self: bool(self.opens))
-    @rule(sel=SEL, how=st.sampled_from(["same", "other budget", "other op id"]))
-    def retry_open(self, sel: int, how: str) -> None:
+    def _retry_open(self, sel: int, how: str) -> None:
         path = pick(list(self.opens), sel)
-        budget = self.opens[path]
+        budget, first = self.opens[path]
         if how == "same":
             # The first answer comes back, even after the parent changed or closed.
-            self.unchanged(lambda: self.ledger.open_account(TASK, path, budget))
-        elif how == "other budget":
+            assert self.unchanged(lambda: self.ledger.open_account(TASK, path, budget)) == first
+        elif how == "other":
             other = Budget.from_nanos(tokens=(budget.tokens or 0) + 1, nanos=budget.nanos)
             self.refused(OperationConflict, lambda: self.ledger.open_account(TASK, path, other))
         else:
@@ -436,7 +446,7 @@ class LedgerMachine(RuleBasedStateMachine):
                 self.exceeded(call, account=acct.path, unit=unit, want=want[unit], room=room)
                 return None
         res = self.run(call())
-        event("reserve" if lease_s is None else "reserve briefly")
+        self.events += 1
         assert (res.account, res.id, res.tokens, res.nanos) == (
             acct.path,
             rid,
@@ -449,9 +459,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.live[rid] = self.made[rid] = hold
         return hold
 
-    @precondition(lambda self: bool(self.made))
-    @rule(sel=SEL, same=st.booleans())
-    def retry_reserve(self, sel: int, same: bool) -> None:
+    def _retry_reserve(self, sel: int, same: bool) -> None:
         hold = self.made[pick(list(self.made), sel)]
         tokens = hold.amount["tokens"] + (0 if same else 1)
 
@@ -496,15 +504,9 @@ class LedgerMachine(RuleBasedStateMachine):
                 before = acct.room(unit)
                 if before is not None:
                     over[unit] = max(0, use[unit] - before) - max(0, -before)
-        event(
-            "commit: "
-            + ("late " if late else "")
-            + ("to a closed account " if acct.closed else "")
-            + ("estimated " if used is None else "")
-            + ("with overrun" if any(over.values()) else "")
-        )
         add(acct.spent, use)
         add(acct.overrun, over)
+        self.events += 2 if any(over.values()) else 1  # commit, and overrun if any
         acct.estimated += used is None
         acct.late += late
         expected = Settlement(
@@ -537,7 +539,7 @@ class LedgerMachine(RuleBasedStateMachine):
         pct_n=USE_PCT,
         jit=JITTER,
         estimated=st.booleans(),
-        pool=st.sampled_from(["unsettled"] * 6 + ["released", "unknown"]),
+        pool=st.sampled_from(["held"] * 5 + ["expired", "expired", "released", "unknown"]),
     )
     def commit(
         self, sel: int, pct_t: int, pct_n: int, jit: int, estimated: bool, pool: str
@@ -546,8 +548,8 @@ class LedgerMachine(RuleBasedStateMachine):
             rid = self.new_id("ghost")
             self.refused(UnknownReservation, lambda: self.ledger.commit(TASK, rid, used=None))
             return
-        # Held, or let go by an expired lease or a forced close: a late commit.
-        ids = sorted(self.released) if pool == "released" else sorted({*self.live, *self.expired})
+        # Expired ones were let go by a lease or a forced close: a late commit.
+        ids = list({"held": self.live, "expired": self.expired, "released": self.released}[pool])
         if not ids:
             return
         rid = pick(ids, sel)
@@ -558,9 +560,40 @@ class LedgerMachine(RuleBasedStateMachine):
             return
         self._commit(rid, used)
 
-    @precondition(lambda self: bool(self.committed))
-    @rule(sel=SEL, same=st.booleans())
-    def retry_commit(self, sel: int, same: bool) -> None:
+    def fitting(self) -> list[str]:
+        """Open accounts where a reservation of up to their room can succeed."""
+        return [
+            a.path
+            for a in self.accts.values()
+            if not a.closed and all((a.room(u) or 0) >= 0 for u in UNITS)
+        ]
+
+    @precondition(lambda self: bool(self.accts))
+    @rule(
+        sel=SEL,
+        pct_t=st.integers(0, 100),
+        pct_n=st.integers(0, 100),
+        use_t=USE_PCT,
+        use_n=USE_PCT,
+        estimated=st.booleans(),
+    )
+    def call(
+        self, sel: int, pct_t: int, pct_n: int, use_t: int, use_n: int, estimated: bool
+    ) -> None:
+        """What a metered model call does: reserve what fits, then commit the usage."""
+        paths = self.fitting()
+        if not paths:
+            return
+        acct = self.accts[pick(paths, sel)]
+        want = pair(
+            size(acct.room("tokens"), "tokens", pct_t, 0),
+            size(acct.room("nanos"), "nanos", pct_n, 0),
+        )
+        hold = self._reserve(acct, want, lease_s=None)
+        assert hold is not None
+        self._commit(hold.rid, self._usage(hold, estimated, use_t, use_n, 0))
+
+    def _retry_commit(self, sel: int, same: bool) -> None:
         rid = pick(list(self.committed), sel)
         used, first = self.committed[rid]
         if same:
@@ -595,6 +628,7 @@ class LedgerMachine(RuleBasedStateMachine):
             assert self.unchanged(call) is False
         elif rid in self.live:
             assert self.run(call()) is False
+            self.events += 1
             hold = self.live.pop(rid)
             add(self.accts[hold.path].reserved, hold.amount, -1)
             self.accts[hold.path].holds -= 1
@@ -607,10 +641,10 @@ class LedgerMachine(RuleBasedStateMachine):
     @precondition(lambda self: len(self.accts) > 1)
     @rule(
         sel=SEL,
-        related=st.integers(0, 5),
-        pct_t=PCT,
+        kind=st.sampled_from(["down", "up", "across"] * 2 + ["unrelated"]),
+        pct_t=CARVE_PCT,
         jit_t=JITTER,
-        pct_n=PCT,
+        pct_n=CARVE_PCT,
         jit_n=JITTER,
         units=st.sampled_from(["both", "tokens", "nanos"]),
         anywhere=ANYWHERE,
@@ -618,7 +652,7 @@ class LedgerMachine(RuleBasedStateMachine):
     def transfer(
         self,
         sel: int,
-        related: int,
+        kind: str,
         pct_t: int,
         jit_t: int,
         pct_n: int,
@@ -630,8 +664,7 @@ class LedgerMachine(RuleBasedStateMachine):
         pairs = [(s, d) for s in paths for d in paths if s != d]
         if not pairs:
             return
-        near = [(s, d) for s, d in pairs if relation(s, d)]
-        pool = near if related and near else pairs
+        pool = [(s, d) for s, d in pairs if (relation(s, d) or "unrelated") == kind] or pairs
         src, dst = sorted(pool)[sel % len(pool)]
         s, d = self.accts[src], self.accts[dst]
         amount = Amount(
@@ -666,7 +699,7 @@ class LedgerMachine(RuleBasedStateMachine):
                 self.exceeded(call, account=src, unit=unit, want=move[unit], room=room)
                 return
         got = self.run(call())
-        event(f"transfer {rel}")
+        self.events += 1
         for unit in UNITS:
             amt = move[unit]
             if not amt:
@@ -683,9 +716,7 @@ class LedgerMachine(RuleBasedStateMachine):
         assert got == (s.available(), d.available())
         self.transfers[op_id] = (src, dst, amount, got)
 
-    @precondition(lambda self: bool(self.transfers))
-    @rule(sel=SEL)
-    def retry_transfer(self, sel: int) -> None:
+    def _retry_transfer(self, sel: int) -> None:
         op_id = pick(list(self.transfers), sel)
         src, dst, amount, first = self.transfers[op_id]
         again = self.unchanged(
@@ -694,13 +725,47 @@ class LedgerMachine(RuleBasedStateMachine):
         assert again == first
 
     @precondition(lambda self: bool(self.accts))
-    @rule(sel=SEL, force=st.booleans(), root=st.sampled_from([False] * 3 + [True]))
-    def close(self, sel: int, force: bool, root: bool) -> None:
-        root = root and self.steps >= ROOT_CLOSE_AFTER_STEPS
-        below = [p for p in self.accts if p != ROOT]
-        if not root and not below:
+    @rule(
+        kind=st.sampled_from(["open", "reserve", "commit", "transfer"]),
+        sel=SEL,
+        how=st.sampled_from(["same", "same", "other", "other op id"]),
+    )
+    def retry(self, kind: str, sel: int, how: str) -> None:
+        """Repeat an earlier operation under its id.
+
+        The same operation gets its first answer back and changes nothing; a
+        different one under the same id is refused.
+        """
+        if kind == "open" and self.opens:
+            self._retry_open(sel, how)
+        elif kind == "reserve" and self.made:
+            self._retry_reserve(sel, same=how != "other")
+        elif kind == "commit" and self.committed:
+            self._retry_commit(sel, same=how != "other")
+        elif kind == "transfer" and self.transfers:
+            self._retry_transfer(sel)
+
+    @precondition(lambda self: bool(self.accts))
+    @rule(
+        sel=SEL,
+        force=st.booleans(),
+        which=st.sampled_from(["leaf"] * 4 + ["any", "root"]),
+    )
+    def close(self, sel: int, force: bool, which: str) -> None:
+        """Close a subtask (mostly a leaf), or late in an example the root."""
+        if which == "root":
+            if self.steps < ROOT_CLOSE_AFTER_STEPS:
+                return
+            paths = [ROOT]
+        else:
+            paths = [
+                p
+                for p, a in self.accts.items()
+                if p != ROOT and (which == "any" or not (a.closed or a.kids))
+            ]
+        if not paths:
             return
-        acct = self.accts[ROOT if root else pick(below, sel)]
+        acct = self.accts[pick(paths, sel)]
 
         def call() -> Awaitable[Closed]:
             return self.ledger.close_account(TASK, acct.path, force=force)
@@ -712,10 +777,12 @@ class LedgerMachine(RuleBasedStateMachine):
             err = self.refused(AccountBusy, call)
             assert (err.children, err.reservations) == (acct.kids, acct.holds)
             return
-        got = self.run(call())
-        event(
-            "close root" if acct.parent is None else "close with holds" if acct.holds else "close"
-        )
+        self._close(acct, force=force)
+
+    def _close(self, acct: Acct, *, force: bool) -> None:
+        """Close ``acct`` on the ledger and in the model; check what it reports."""
+        got = self.run(self.ledger.close_account(TASK, acct.path, force=force))
+        self.events += 1
         for rid in [rid for rid, h in self.live.items() if h.path == acct.path]:
             self.expire_hold(rid)
         spent = {u: acct.spent[u] + acct.sunk[u] for u in UNITS}
@@ -749,11 +816,8 @@ class LedgerMachine(RuleBasedStateMachine):
     def expire(
         self, sel: int, pct_t: int, pct_n: int, then: str, use_pct: int, estimated: bool
     ) -> None:
-        fits = [
-            a.path
-            for a in self.accts.values()
-            if not a.closed and all((a.room(u) or 0) >= 0 for u in UNITS)
-        ]
+        """A worker reserves and dies: its lease runs out and the next operation lets it go."""
+        fits = self.fitting()
         if not fits:
             return
         acct = self.accts[pick(fits, sel)]
@@ -775,6 +839,46 @@ class LedgerMachine(RuleBasedStateMachine):
             used = self._usage(hold, estimated, use_pct, use_pct, 0)
             assert self._commit(hold.rid, used).late
 
+    @precondition(lambda self: len(self.accts) > 1)
+    @rule(
+        sel=SEL,
+        pct_t=st.integers(0, 100),
+        pct_n=st.integers(0, 100),
+        use_t=USE_PCT,
+        use_n=USE_PCT,
+        estimated=st.booleans(),
+    )
+    def cancel_in_flight(
+        self, sel: int, pct_t: int, pct_n: int, use_t: int, use_n: int, estimated: bool
+    ) -> None:
+        """A subtask is cancelled while a call deep inside it is in flight.
+
+        The subtask's whole subtree is force-closed, deepest first; the call
+        still commits, late, and its spend must climb the chain of closed
+        accounts to the root's record of what its closed children spent.
+        """
+        inside = [p for p in self.fitting() if p != ROOT]
+        if not inside:
+            return
+        # Mostly one of the deepest, so that long chains of accounts close.
+        inside.sort(key=lambda p: (-p.count("/"), p))
+        acct = self.accts[inside[sel % min(2, len(inside))]]
+        want = pair(
+            size(acct.room("tokens"), "tokens", pct_t, 0),
+            size(acct.room("nanos"), "nanos", pct_n, 0),
+        )
+        hold = self._reserve(acct, want, lease_s=None)
+        assert hold is not None
+        subtask = "/".join(acct.path.split("/")[:2])
+        subtree = [
+            p
+            for p, a in self.accts.items()
+            if not a.closed and (p == subtask or p.startswith(subtask + "/"))
+        ]
+        for path in sorted(subtree, key=lambda p: -p.count("/")):
+            self._close(self.accts[path], force=True)
+        assert self._commit(hold.rid, self._usage(hold, estimated, use_t, use_n, 0)).late
+
     # -- checks after every step ---------------------------------------------------------
 
     @invariant()
@@ -784,6 +888,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.steps += 1
         tree: TaskTree = self.run(self.ledger.snapshot(TASK))
         assert_invariants(tree)
+        assert self.run(self.ledger.redis.xlen(self.keys.events)) == self.events
         views = {a.path: a for a in tree.walk()}
         assert set(views) == set(self.accts)
         for path, acct in self.accts.items():
@@ -805,12 +910,36 @@ class LedgerMachine(RuleBasedStateMachine):
 
 
 def test_random_operation_sequences_keep_the_ledger_sound(redis_server: RedisServer) -> None:
+    """About 4,500 steps in all; each example starts from a flushed database."""
     run_state_machine_as_test(
         lambda: LedgerMachine(redis_server.url),
         settings=settings(
-            max_examples=50,
-            stateful_step_count=50,
+            max_examples=45,
+            stateful_step_count=100,
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow],
         ),
     )
+
+
+# -- bugs found while modelling the ledger ----------------------------------------------------
+
+
+async def test_a_conflicting_retry_names_its_operation_id(ledger: Ledger) -> None:
+    """Reusing an op id for a different open or transfer must say which id it was.
+
+    Fails today: ``replay`` in ``budgets/lua/_prelude.lua`` answers
+    ``{'err', 'conflict'}`` without the id, and ``Ledger._raise`` falls back to
+    ``reservation_id``, which is ``""`` for these operations.
+    """
+    await ledger.open_task("conflict", Budget(tokens=100, usd="1"))
+    await ledger.open_account("conflict", "root/a", Budget(tokens=10, usd="0"), op_id="open-a")
+    amount = Amount(tokens=1)
+    await ledger.transfer("conflict", src="root", dst="root/a", amount=amount, op_id="move-1")
+    with pytest.raises(OperationConflict) as opened:
+        await ledger.open_account("conflict", "root/a", Budget(tokens=11, usd="0"), op_id="open-a")
+    with pytest.raises(OperationConflict) as moved:
+        await ledger.transfer(
+            "conflict", src="root", dst="root/a", amount=Amount(tokens=2), op_id="move-1"
+        )
+    assert (opened.value.op_id, moved.value.op_id) == ("open-a", "move-1")

@@ -3,5 +3,6 @@
 -- returns {'ok', released, remaining_leases}
 OPS['reap'] = function(A, K)
   local n = SWEPT + sweep(tonumber(A[1]))
+  SWEPT = 0  -- counted once, by the first reap of the batch
   return {'ok', n, redis.call('ZCARD', K_LEASES)}
 end
