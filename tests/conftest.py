@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import redis
 
+from agents.stub_server import ScriptedModelServer
 from budgets import Ledger
 from orchestrator.redis_server import RedisServer
 
@@ -33,3 +34,18 @@ async def ledger(redis_url: str) -> AsyncIterator[Ledger]:
     led = Ledger.from_url(redis_url)
     yield led
     await led.aclose()
+
+
+@pytest.fixture(scope="module")
+def shared_server() -> Iterator[ScriptedModelServer]:
+    """One scripted OpenAI-compatible server per test module."""
+    with ScriptedModelServer() as srv:
+        yield srv
+
+
+@pytest.fixture
+def server(shared_server: ScriptedModelServer) -> ScriptedModelServer:
+    """The module's server with an empty script, no records and no responder."""
+    shared_server.clear()
+    shared_server.responder = None
+    return shared_server

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from decimal import Decimal
 
 import pytest
@@ -29,19 +29,6 @@ GOOD_PLAN = json.dumps(
         ]
     }
 )
-
-
-@pytest.fixture(scope="module")
-def shared_server() -> Iterator[ScriptedModelServer]:
-    with ScriptedModelServer() as srv:
-        yield srv
-
-
-@pytest.fixture
-def server(shared_server: ScriptedModelServer) -> ScriptedModelServer:
-    shared_server.clear()
-    shared_server.responder = None
-    return shared_server
 
 
 def config_for(server: ScriptedModelServer, *, json_schema: bool) -> EndpointsConfig:

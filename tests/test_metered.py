@@ -11,7 +11,7 @@ import asyncio
 import itertools
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from decimal import Decimal
 from typing import Any
 
@@ -99,20 +99,6 @@ async def assert_settled(ledger: Ledger) -> AccountView:
     acct = await root(ledger)
     assert (acct.reserved_tokens, acct.reserved_nanos, acct.open_reservations) == (0, 0, 0)
     return acct
-
-
-@pytest.fixture(scope="module")
-def shared_server() -> Iterator[ScriptedModelServer]:
-    with ScriptedModelServer() as srv:
-        yield srv
-
-
-@pytest.fixture
-def server(shared_server: ScriptedModelServer) -> ScriptedModelServer:
-    """The shared stub with an empty script, no records and no responder."""
-    shared_server.clear()
-    shared_server.responder = None
-    return shared_server
 
 
 @pytest.fixture

@@ -30,21 +30,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
 
 
-@pytest.fixture(scope="module")
-def shared_server() -> Iterator[ScriptedModelServer]:
-    """One server for the module; tests get it reset through ``server``."""
-    with ScriptedModelServer() as srv:
-        yield srv
-
-
-@pytest.fixture
-def server(shared_server: ScriptedModelServer) -> ScriptedModelServer:
-    """The shared server with an empty script, no records and no responder."""
-    shared_server.clear()
-    shared_server.responder = None
-    return shared_server
-
-
 @pytest.fixture
 def client(server: ScriptedModelServer) -> Iterator[openai.OpenAI]:
     """A sync client that does not retry, so each scripted reply is seen once."""
