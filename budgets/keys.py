@@ -173,3 +173,24 @@ DEAD_LETTER = f"{PREFIX}:queue:dead"
 WORKER_GROUP = "pm-workers"
 #: Hash: worker name -> last heartbeat (JSON), for health checks.
 WORKERS = f"{PREFIX}:workers"
+
+
+@dataclass(frozen=True, slots=True)
+class StatsKeys:
+    """The keys of one statistics scope (a tenant, or the shared scope), tag ``{s:<scope>}``."""
+
+    scope: str
+
+    @property
+    def base(self) -> str:
+        """Common prefix of every key of this scope."""
+        return f"{PREFIX}:{{s:{self.scope}}}:"
+
+    @property
+    def cells(self) -> str:
+        """Hash: ``<endpoint>|<difficulty>|<tag>|<metric>`` -> count."""
+        return self.base + "cells"
+
+    def seen(self, marker: str) -> str:
+        """String: set once an outcome (or its verdict) has been counted; expires."""
+        return self.base + "seen:" + marker

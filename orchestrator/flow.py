@@ -2,13 +2,17 @@
 
 plan -> schedule -> (subtask x N, in parallel with ``Send``) -> schedule -> ... -> synthesize
 
-``schedule`` picks what runs next: first a bigger retry of any subtask that was
-cut short (when the policy says the pool can pay), else the next wave of
-subtasks whose dependencies are done. Each subtask gets its own account,
+``schedule`` asks the policy what runs next: first another, better paid try of
+finished subtasks the policy chooses to escalate (a reply cut short, a signal
+of failure, or — for ``adaptive`` — a low chance of being right that a
+stronger endpoint would raise), else the next wave of subtasks whose
+dependencies are done, each on the endpoint and token tier the policy picks
+with the statistics of earlier calls in hand. Each subtask gets its own account,
 carved from the task's pool when it starts and closed when it ends, so its
 leftover flows straight back to the work still waiting. Finished results are
 kept in Redis: a task delivered again after a crash neither plans nor runs —
-nor pays for — them twice.
+nor pays for — them twice. Every finished try is counted once in the
+statistics of the task's scope, which feed the next decisions.
 """
 
 from __future__ import annotations
@@ -19,16 +23,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Protocol, TypedDict
 
-from agents.manager import ManagerAgent
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Send
 
+from agents.manager import ManagerAgent
 from agents.plan import Plan, Subtask
 from agents.worker import WorkerAgent, WorkerResult
 from budgets import Amount, Budget, BudgetExceeded, Ledger
 from budgets.errors import AccountClosed
 from budgets.keys import ROOT
-from budgets.policy import Grant, Need, Policy, Pool
+from budgets.policy import Grant, Menu, Need, Option, Outcome, Policy, Pool
+from budgets.stats import SHARED_SCOPE, Observation, StatsBook
 from orchestrator.errors import TaskCancelled
 from orchestrator.records import Records
 
@@ -45,6 +50,7 @@ class FlowState(TypedDict, total=False):
     task_id: str
     task: str
     delivery: int
+    scope: str
     plan: list[dict[str, Any]]
     results: Annotated[dict[str, dict[str, Any]], _merge]
     attempts: Annotated[dict[str, int], _merge]
@@ -68,25 +74,69 @@ class FlowDeps:
     manager: ManagerAgent
     worker: WorkerAgent
     policy: Policy
+    stats: StatsBook
+    options: tuple[Option, ...] = ()
+    default_endpoint: str | None = None
     max_subtasks: int = 8
+
+
+def stats_scope(tenant: str | None, mode: str) -> str:
+    """The statistics scope of a task: its tenant's own, unless statistics are shared."""
+    return f"t:{tenant}" if tenant and mode == "tenant" else SHARED_SCOPE
 
 
 def _account(name: str, delivery: int, attempt: int = 1) -> str:
     return f"{ROOT}/{name}.{delivery}.{attempt}"
 
 
-def _result_dict(result: WorkerResult, *, attempt: int, exhausted: bool = False) -> dict[str, Any]:
+def _outcome_id(task_id: str, account: str) -> str:
+    return f"{task_id}:{account.replace('/', ':')}"
+
+
+def _signals(result: WorkerResult) -> list[str]:
+    return ["empty"] if not result.text.strip() else []
+
+
+def _result_dict(
+    result: WorkerResult, *, sub: Subtask, attempt: int, asked: int, outcome: str
+) -> dict[str, Any]:
     return {
         "subtask_id": result.subtask_id,
         "text": result.text,
         "finished": result.finished,
         "cut_short": result.cut_short,
         "tokens": result.input_tokens + result.output_tokens,
+        "output_tokens": result.output_tokens,
+        "asked": asked,
         "cost_nanos": result.cost_nanos,
         "endpoint": result.endpoint,
+        "difficulty": sub.difficulty,
+        "tags": list(sub.tags),
+        "signals": _signals(result),
+        "outcome": outcome,
         "attempt": attempt,
-        "exhausted": exhausted,
+        "exhausted": False,
     }
+
+
+def _prompt_estimate(task: str, sub: Subtask, context: Mapping[str, str]) -> int:
+    # Sizing only (the metered call counts exactly): about 3 bytes a token plus framing.
+    size = len(task.encode()) + len(sub.instruction.encode())
+    size += sum(len(c.encode()) for c in context.values())
+    return size // 3 + 64
+
+
+def outcome_of(sub: Subtask, res: Mapping[str, Any], attempts: int) -> Outcome:
+    """A saved result as the policy sees it."""
+    need = Need(sub.id, sub.difficulty, tuple(sub.tags), attempt=attempts)
+    return Outcome(
+        need=need,
+        endpoint=str(res.get("endpoint", "")),
+        asked=int(res.get("asked", 0)),
+        used=int(res.get("output_tokens", res.get("tokens", 0))),
+        cut_short=bool(res.get("cut_short")),
+        signals=frozenset(str(x) for x in res.get("signals", [])),
+    )
 
 
 def _exhausted(subtask_id: str, attempt: int) -> dict[str, Any]:
@@ -148,16 +198,19 @@ class Flow:
         results, attempts = state.get("results", {}), state.get("attempts", {})
         subtasks = [Subtask.model_validate(s) for s in state["plan"]]
         pool = await self._pool(task_id)
-        work: list[dict[str, Any]] = []
-        for sub in subtasks:
-            res = results.get(sub.id)
-            if res is None or not res.get("cut_short"):
-                continue
-            need = Need(sub.id, sub.difficulty, attempt=attempts.get(sub.id, 1) + 1)
-            grant = deps.policy.escalate(pool, need, spent_tokens=int(res.get("tokens", 0)))
-            if grant is not None:
-                work.append(self._item(state, sub, grant, need.attempt))
-                pool = _less(pool, grant)
+        menu = Menu(deps.options, await deps.stats.read(state["scope"]), deps.default_endpoint)
+        by_id = {s.id: s for s in subtasks}
+        outcomes = [
+            outcome_of(sub, res, attempts.get(sub.id, 1))
+            for sub in subtasks
+            if (res := results.get(sub.id)) is not None and not res.get("exhausted")
+        ]
+        grants = deps.policy.escalate(pool, outcomes, menu=menu)
+        work = [
+            self._item(state, by_id[g.subtask_id], g, attempts.get(g.subtask_id, 1) + 1)
+            for g in grants
+            if g.subtask_id in by_id
+        ]
         if not work:
             ready = [
                 s
@@ -165,25 +218,42 @@ class Flow:
                 if s.id not in results and all(d in results for d in s.depends_on)
             ]
             later = len(subtasks) - len(results) - len(ready)
-            needs = [Need(s.id, s.difficulty) for s in ready]
-            grants = deps.policy.split(pool, needs, pending_after=later)
-            by_id = {s.id: s for s in ready}
-            work = [self._item(state, by_id[g.subtask_id], g, 1) for g in grants]
+            needs = [
+                Need(
+                    s.id,
+                    s.difficulty,
+                    tuple(s.tags),
+                    prompt_tokens=_prompt_estimate(state["task"], s, self._context(state, s)),
+                )
+                for s in ready
+            ]
+            grants = deps.policy.split(pool, needs, pending_after=later, menu=menu)
+            ready_ids = {s.id for s in ready}
+            work = [
+                self._item(state, by_id[g.subtask_id], g, 1)
+                for g in grants
+                if g.subtask_id in ready_ids
+            ]
         return {"work": work}
 
-    def _item(self, state: FlowState, sub: Subtask, grant: Grant, attempt: int) -> dict[str, Any]:
+    @staticmethod
+    def _context(state: FlowState, sub: Subtask) -> dict[str, str]:
         results = state.get("results", {})
-        context = {d: str(results[d].get("text", "")) for d in sub.depends_on if d in results}
+        return {d: str(results[d].get("text", "")) for d in sub.depends_on if d in results}
+
+    def _item(self, state: FlowState, sub: Subtask, grant: Grant, attempt: int) -> dict[str, Any]:
         return {
             "task_id": state["task_id"],
             "task": state["task"],
             "delivery": state["delivery"],
+            "scope": state["scope"],
             "subtask": sub.model_dump(),
-            "context": context,
+            "context": self._context(state, sub),
             "attempt": attempt,
             "tokens": grant.tokens,
             "nanos": grant.nanos,
             "max_output": grant.max_output_tokens,
+            "endpoint": grant.endpoint,
         }
 
     def route(self, state: FlowState) -> list[Send] | str:
@@ -206,17 +276,20 @@ class Flow:
             await deps.ledger.open_account(task_id, account, budget)
         except (BudgetExceeded, AccountClosed):
             return {"results": {sub.id: _exhausted(sub.id, attempt)}, "attempts": {sub.id: attempt}}
+        asked = max(1, int(item["max_output"]))
         try:
             result = await deps.worker.solve(
                 task_id=task_id,
                 account=account,
                 subtask=sub,
                 context=item["context"],
-                budget_tokens=max(1, int(item["max_output"])),
-                endpoint=None,
+                budget_tokens=asked,
+                endpoint=item.get("endpoint"),
                 task_text=item["task"],
             )
-            out = _result_dict(result, attempt=attempt)
+            outcome = _outcome_id(task_id, account)
+            out = _result_dict(result, sub=sub, attempt=attempt, asked=asked, outcome=outcome)
+            await self._count(item["scope"], outcome, out)
         except BudgetExceeded:
             out = _exhausted(sub.id, attempt)
         finally:
@@ -226,6 +299,22 @@ class Flow:
         if not out["exhausted"]:
             await deps.records.save_result(task_id, sub.id, out)
         return {"results": {sub.id: out}, "attempts": {sub.id: attempt}, "calls": 1}
+
+    async def _count(self, scope: str, outcome: str, out: Mapping[str, Any]) -> None:
+        if not out["endpoint"]:
+            return
+        sub_tags = [*out["tags"], *out["signals"], *(["cut_short"] if out["cut_short"] else [])]
+        seen = Observation(
+            endpoint=out["endpoint"],
+            difficulty=int(out["difficulty"]),
+            tags=tuple(sub_tags),
+            asked=int(out["asked"]),
+            used=int(out["output_tokens"]),
+            cut_short=bool(out["cut_short"]),
+            nanos=int(out["cost_nanos"]),
+            escalated=int(out["attempt"]) > 1,
+        )
+        await self.deps.stats.record(scope, outcome, seen)
 
     async def synthesize(self, state: FlowState) -> dict[str, Any]:
         """Hand everything left to the manager's account and write the final answer."""
@@ -245,13 +334,6 @@ class Flow:
             task_id=task_id, account=manager_acct, task=state["task"], results=results
         )
         return {"answer": answer}
-
-
-def _less(pool: Pool, grant: Grant) -> Pool:
-    def minus(have: int | None, take: int | None) -> int | None:
-        return None if have is None else max(0, have - (take or 0))
-
-    return Pool(tokens=minus(pool.tokens, grant.tokens), nanos=minus(pool.nanos, grant.nanos))
 
 
 def _ordered_results(state: FlowState) -> list[WorkerResult]:

@@ -15,9 +15,10 @@ from agents.worker import WorkerAgent
 from budgets import BudgetExceeded, Ledger, nanos_to_usd
 from budgets.errors import LedgerError, UnknownTask
 from budgets.keys import ROOT
-from budgets.policy import Policy, WeightedSplit
+from budgets.policy import Option, Policy, make_policy
+from budgets.stats import StatsBook
 from orchestrator.errors import TaskCancelled
-from orchestrator.flow import Flow, FlowDeps, build_graph, summarize
+from orchestrator.flow import Flow, FlowDeps, build_graph, stats_scope, summarize
 from orchestrator.records import Records, Spent, Status, TaskRecord
 from orchestrator.settings import Settings
 
@@ -32,6 +33,7 @@ class Runtime:
     ledger: Ledger
     records: Records
     metered: MeteredClient
+    stats: StatsBook
     graph: Any
 
     @classmethod
@@ -51,15 +53,19 @@ class Runtime:
         metered = MeteredClient(
             ledger=ledger, config=endpoints, env=env, retry=retry, lease_s=settings.lease_s
         )
+        stats = StatsBook(ledger.redis, retention_s=max(settings.retention_s, 30 * 86_400))
         deps = FlowDeps(
             ledger=ledger,
             records=records,
             manager=ManagerAgent(client=metered),
             worker=WorkerAgent(client=metered),
-            policy=policy or WeightedSplit(),
+            policy=policy or make_policy(settings.policy),
+            stats=stats,
+            options=options_of(endpoints),
+            default_endpoint=endpoints.worker or endpoints.default,
             max_subtasks=settings.max_subtasks,
         )
-        return cls(settings, ledger, records, metered, build_graph(Flow(deps)))
+        return cls(settings, ledger, records, metered, stats, build_graph(Flow(deps)))
 
     async def aclose(self) -> None:
         """Close HTTP clients and Redis connections."""
@@ -79,7 +85,12 @@ class Runtime:
         await self._close_stale_accounts(task_id)
         try:
             state = await self.graph.ainvoke(
-                {"task_id": task_id, "task": record.task, "delivery": delivery}
+                {
+                    "task_id": task_id,
+                    "task": record.task,
+                    "delivery": delivery,
+                    "scope": stats_scope(record.tenant, self.settings.stats_scope),
+                }
             )
         except TaskCancelled:
             return await self._finish(task_id, Status.CANCELLED, None, None)
@@ -131,3 +142,10 @@ class Runtime:
         record = await self.records.get(task_id)
         assert record is not None
         return record
+
+
+def options_of(endpoints: EndpointsConfig) -> tuple[Option, ...]:
+    """The configured endpoints as the policy sees them."""
+    return tuple(
+        Option(name=e.name, kind=e.kind, tier=e.tier, price=e.price) for e in endpoints.endpoints
+    )

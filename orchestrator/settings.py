@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from budgets.policy import DEFAULT_POLICY, policy_names
 
 
 class Settings(BaseModel):
@@ -23,6 +26,18 @@ class Settings(BaseModel):
     retention_s: int = Field(default=7 * 86_400, gt=0, description="how long records are kept")
     max_subtasks: int = Field(default=8, ge=1, le=64)
     max_task_chars: int = Field(default=20_000, ge=1)
+    policy: str = Field(default=DEFAULT_POLICY, description="PAYMASTER_POLICY: allocation policy")
+    stats_scope: Literal["tenant", "shared"] = Field(
+        default="tenant",
+        description="PAYMASTER_STATS_SCOPE: 'tenant' keeps each tenant's statistics apart",
+    )
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        if value not in policy_names():
+            raise ValueError(f"unknown policy {value!r}; choose one of {', '.join(policy_names())}")
+        return value
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -40,7 +55,8 @@ class Settings(BaseModel):
             "PAYMASTER_MAX_DELIVERIES": "max_deliveries",
             "PAYMASTER_RETENTION_S": "retention_s",
         }
-        for var, field in numeric.items():
+        named = {"PAYMASTER_POLICY": "policy", "PAYMASTER_STATS_SCOPE": "stats_scope"}
+        for var, field in (numeric | named).items():
             if env.get(var):
                 values[field] = env[var]
         return cls.model_validate(values)

@@ -911,7 +911,7 @@ class LedgerMachine(RuleBasedStateMachine):
 
 def test_random_operation_sequences_keep_the_ledger_sound(redis_server: RedisServer) -> None:
     """About 4,500 steps in all; each example starts from a flushed database."""
-    run_state_machine_as_test(
+    run_state_machine_as_test(  # type: ignore[no-untyped-call,unused-ignore]
         lambda: LedgerMachine(redis_server.url),
         settings=settings(
             max_examples=45,

@@ -27,7 +27,7 @@ from agents.stub_server import RecordedRequest, Reply, Responder, ScriptedModelS
 from budgets import Budget, TaskTree
 from budgets.errors import InvalidName, UnknownTenant
 from budgets.keys import ROOT
-from budgets.policy import Need, Pool, WeightedSplit
+from budgets.policy import Menu, Need, Pool, Tiered
 from orchestrator.api import Paymaster
 from orchestrator.errors import InvalidTask, TaskNotFound
 from orchestrator.queue import TaskQueue
@@ -275,11 +275,11 @@ async def test_leftovers_of_a_wave_go_to_the_pending_subtasks(
     a, c = tree.account(f"{ROOT}/a.1.1"), tree.account(f"{ROOT}/c.1.1")
     # The pool after the manager's synthesis reserve, split over wave 1 (a, b) with c counted
     # as still to come: what c would have got had it been split with the first wave.
-    policy = WeightedSplit()
+    policy = Tiered()
     reserve = policy.synthesis_reserve(Pool(tokens=20_000, nanos=None)).tokens
     assert reserve is not None
     pool = Pool(tokens=20_000 - reserve, nanos=None)
-    grants = policy.split(pool, [Need("a", 2), Need("b", 2)], pending_after=1)
+    grants = policy.split(pool, [Need("a", 2), Need("b", 2)], pending_after=1, menu=Menu())
     share = grants[0].tokens
     assert share is not None
     assert a.limit_tokens == share

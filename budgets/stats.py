@@ -1,0 +1,267 @@
+"""What earlier calls teach the next allocation: counts per endpoint x difficulty x tag.
+
+Every finished model call is counted once in a few **cells**: one per tag it
+carried (the subtask's tags plus run-time signals such as ``cut_short``) and
+one for all tags (``*``), each for its own difficulty and for all difficulties
+(``0``). A cell counts calls, output tokens asked for and used, replies cut
+short, escalations, money, a histogram of output tokens used (for sizing the
+next budget by a quantile), and verdicts — right or wrong — when they become
+known (a review, or feedback a user records).
+
+The counts live in one Redis hash per **scope** (a tenant, or the shared
+scope), updated by a Lua script so an outcome's cells change together, and
+exactly once: each outcome and each verdict carries an id whose marker Redis
+keeps for ``retention_s``. Reading is one ``HGETALL``; the result is a pure
+:class:`Stats` value that policies read without I/O.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from redis.asyncio import Redis
+
+from budgets.keys import StatsKeys, check_name
+
+#: Tag of the cell that counts every call of an endpoint and difficulty.
+ANY_TAG = "*"
+#: Difficulty of the cell that counts every difficulty.
+ANY_DIFFICULTY = 0
+#: Scope shared by every task when statistics are not kept per tenant.
+SHARED_SCOPE = "shared"
+
+_HIST_BASE = 16
+_HIST_BUCKETS = 32
+_TAG_CLEAN = re.compile(r"[^a-z0-9_.:\-]+")
+
+
+def bucket_of(tokens: int) -> int:
+    """Histogram bucket of an output-token count: bounds grow by sqrt(2) from 16."""
+    if tokens <= _HIST_BASE:
+        return 0
+    return min(_HIST_BUCKETS - 1, math.ceil(2 * math.log2(tokens / _HIST_BASE)))
+
+
+def bucket_bound(index: int) -> int:
+    """The largest token count bucket ``index`` holds."""
+    return math.floor(_HIST_BASE * 2 ** (index / 2))
+
+
+def clean_tag(tag: str) -> str:
+    """A tag as a cell key: lowercase, ``[a-z0-9_.:-]``, at most 64 characters."""
+    cleaned = _TAG_CLEAN.sub("-", tag.strip().lower()).strip("-")[:64]
+    return cleaned or "-"
+
+
+@dataclass(frozen=True, slots=True)
+class Cell:
+    """The counts of one endpoint x difficulty x tag."""
+
+    calls: int = 0
+    asked: int = 0
+    used: int = 0
+    cut: int = 0
+    escalated: int = 0
+    ok: int = 0
+    bad: int = 0
+    nanos: int = 0
+    hist: tuple[int, ...] = ()
+
+    @property
+    def judged(self) -> int:
+        """How many calls have a verdict."""
+        return self.ok + self.bad
+
+    def success(self, prior: float, weight: float = 2.0) -> float:
+        """Share of judged calls that were right, shrunk toward ``prior`` by ``weight`` calls."""
+        return (self.ok + prior * weight) / (self.judged + weight)
+
+    @property
+    def cut_rate(self) -> float:
+        """Share of calls whose reply was cut short by its token limit."""
+        return self.cut / self.calls if self.calls else 0.0
+
+    @property
+    def mean_nanos(self) -> float | None:
+        """Average cost of a call, or ``None`` before the first."""
+        return self.nanos / self.calls if self.calls else None
+
+    @property
+    def idle_ratio(self) -> float:
+        """Share of asked-for output tokens that went unused."""
+        return 1 - self.used / self.asked if self.asked else 0.0
+
+    def quantile(self, q: float) -> int | None:
+        """Output tokens that ``q`` of calls stayed within (a bucket bound); ``None`` if none."""
+        total = sum(self.hist)
+        if total == 0:
+            return None
+        goal, seen = q * total, 0
+        for index, count in enumerate(self.hist):
+            seen += count
+            if seen >= goal:
+                return bucket_bound(index)
+        return bucket_bound(len(self.hist) - 1)
+
+
+_EMPTY = Cell()
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """A scope's cells as read at one moment; pure, safe to share."""
+
+    cells: Mapping[tuple[str, int, str], Cell] = field(default_factory=dict)
+
+    def cell(self, endpoint: str, difficulty: int = ANY_DIFFICULTY, tag: str = ANY_TAG) -> Cell:
+        """One cell (empty when nothing was counted there yet)."""
+        return self.cells.get((endpoint, difficulty, tag), _EMPTY)
+
+    @classmethod
+    def from_fields(cls, raw: Mapping[Any, Any]) -> Stats:
+        """Parse the Redis hash (``<endpoint>|<difficulty>|<tag>|<metric>`` -> count)."""
+        counts: dict[tuple[str, int, str], dict[str, int]] = {}
+        for key, value in raw.items():
+            text = key.decode() if isinstance(key, bytes) else str(key)
+            parts = text.split("|")
+            if len(parts) != 4 or not parts[1].isdigit():
+                continue
+            endpoint, difficulty, tag, metric = parts
+            counts.setdefault((endpoint, int(difficulty), tag), {})[metric] = int(value)
+        cells = {}
+        for where, metrics in counts.items():
+            hist = [metrics.get(f"h{i}", 0) for i in range(_HIST_BUCKETS)]
+            while hist and hist[-1] == 0:
+                hist.pop()
+            cells[where] = Cell(
+                calls=metrics.get("n", 0),
+                asked=metrics.get("a", 0),
+                used=metrics.get("u", 0),
+                cut=metrics.get("c", 0),
+                escalated=metrics.get("e", 0),
+                ok=metrics.get("ok", 0),
+                bad=metrics.get("bad", 0),
+                nanos=metrics.get("nanos", 0),
+                hist=tuple(hist),
+            )
+        return cls(cells)
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """One finished call as the statistics count it."""
+
+    endpoint: str
+    difficulty: int
+    tags: tuple[str, ...]
+    asked: int
+    used: int
+    cut_short: bool
+    nanos: int
+    escalated: bool = False
+
+    def prefixes(self) -> list[str]:
+        """The ``<endpoint>|<difficulty>|<tag>|`` prefix of every cell this call counts in."""
+        return cell_prefixes(self.endpoint, self.difficulty, self.tags)
+
+    def fields(self) -> list[tuple[str, int]]:
+        """Every (field, increment) this call adds."""
+        values = {
+            "n": 1,
+            "a": self.asked,
+            "u": self.used,
+            "c": int(self.cut_short),
+            "e": int(self.escalated),
+            "nanos": self.nanos,
+        }
+        out: list[tuple[str, int]] = []
+        for prefix in self.prefixes():
+            out.extend((prefix + m, v) for m, v in values.items() if v)
+            if prefix.endswith(f"|{ANY_TAG}|"):
+                out.append((prefix + f"h{bucket_of(self.used)}", 1))
+        return out
+
+
+def cell_prefixes(endpoint: str, difficulty: int, tags: Iterable[str]) -> list[str]:
+    """Prefixes of the cells of a call: its difficulty and all difficulties, each tag and ``*``."""
+    check_name("endpoint", endpoint)
+    if not 1 <= difficulty <= 5:
+        raise ValueError(f"difficulty must be 1-5, got {difficulty}")
+    names = [ANY_TAG, *sorted({clean_tag(t) for t in tags})]
+    return [f"{endpoint}|{d}|{t}|" for d in (difficulty, ANY_DIFFICULTY) for t in names]
+
+
+def _read_lua(name: str) -> str:
+    return resources.files("budgets").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+
+
+class StatsBook:
+    """Reads and updates the statistics of each scope in Redis."""
+
+    def __init__(self, redis: Redis, *, retention_s: int = 30 * 86400) -> None:
+        if retention_s < 1:
+            raise ValueError(f"retention_s must be at least 1, got {retention_s}")
+        self.redis = redis
+        self.retention_s = retention_s
+        self._record = redis.register_script(_read_lua("stats_record"))
+        self._verdict = redis.register_script(_read_lua("stats_verdict"))
+
+    async def read(self, scope: str) -> Stats:
+        """Every cell of ``scope``."""
+        raw = await self.redis.hgetall(StatsKeys(check_name("scope", scope)).cells)
+        return Stats.from_fields(raw)
+
+    async def record(self, scope: str, outcome_id: str, seen: Observation) -> bool:
+        """Count a call once; ``False`` when ``outcome_id`` was already counted."""
+        keys = StatsKeys(check_name("scope", scope))
+        check_name("outcome id", outcome_id)
+        for name in ("asked", "used", "nanos"):
+            if getattr(seen, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(seen, name)}")
+        args: list[str | int] = [self.retention_s]
+        for name, inc in seen.fields():
+            args.extend((name, inc))
+        counted = await self._record(keys=[keys.cells, keys.seen("o:" + outcome_id)], args=args)
+        return bool(counted)
+
+    async def verdict(
+        self,
+        scope: str,
+        outcome_id: str,
+        *,
+        endpoint: str,
+        difficulty: int,
+        tags: Iterable[str],
+        ok: bool,
+    ) -> bool:
+        """Count a call as right or wrong; a repeated verdict changes nothing, a new one moves."""
+        keys = StatsKeys(check_name("scope", scope))
+        check_name("outcome id", outcome_id)
+        prefixes = cell_prefixes(endpoint, difficulty, tags)
+        args: list[str | int] = [self.retention_s, "ok" if ok else "bad", *prefixes]
+        moved = await self._verdict(keys=[keys.cells, keys.seen("v:" + outcome_id)], args=args)
+        return bool(moved)
+
+    async def clear(self, scope: str) -> None:
+        """Forget a scope's counts (its markers expire on their own)."""
+        await self.redis.delete(StatsKeys(check_name("scope", scope)).cells)
+
+
+__all__ = [
+    "ANY_DIFFICULTY",
+    "ANY_TAG",
+    "SHARED_SCOPE",
+    "Cell",
+    "Observation",
+    "Stats",
+    "StatsBook",
+    "bucket_bound",
+    "bucket_of",
+    "cell_prefixes",
+    "clean_tag",
+]
