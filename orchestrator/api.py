@@ -20,8 +20,10 @@ from agents.endpoints import DEFAULT_LOCAL_PORT, EndpointsConfig, load_config
 from budgets import Budget, Ledger, LedgerEvent, TaskTree
 from budgets.errors import UnknownTask
 from budgets.keys import TaskKeys, check_name
+from budgets.stats import Stats, StatsBook
 from orchestrator.embedded import ensure_redis
-from orchestrator.errors import InvalidTask, TaskNotFound, TaskTimeout
+from orchestrator.errors import InvalidTask, SubtaskNotFound, TaskNotFound, TaskTimeout
+from orchestrator.flow import stats_scope
 from orchestrator.queue import TaskQueue
 from orchestrator.records import Records, TaskRecord
 from orchestrator.runtime import Runtime
@@ -282,3 +284,46 @@ class Paymaster:
     def set_tenant(self, name: str, budget: Budget, *, period: str = "month") -> None:
         """Sync :meth:`aset_tenant`."""
         self._sync(self.aset_tenant(name, budget, period=period))
+
+    # -- what the policies learn from -------------------------------------
+
+    def _stats(self) -> StatsBook:
+        return StatsBook(self.books.redis)
+
+    async def afeedback(self, task_id: str, subtask_id: str, *, ok: bool) -> bool:
+        """Record whether a subtask's answer was right; the ``adaptive`` policy learns from it.
+
+        Counted once per subtask: repeating a verdict changes nothing, a new
+        verdict replaces the old. Returns ``False`` when nothing changed.
+        Raises :class:`TaskNotFound` or :class:`SubtaskNotFound`.
+        """
+        record = await self.arecord(task_id)
+        results = await Records(self.books.redis).load_results(task_id)
+        res = results.get(subtask_id)
+        if res is None or not res.get("outcome") or not res.get("endpoint"):
+            raise SubtaskNotFound(
+                task_id, subtask_id, [k for k, v in results.items() if v.get("outcome")]
+            )
+        tags = [*res.get("tags", []), *res.get("signals", [])]
+        if res.get("cut_short"):
+            tags.append("cut_short")
+        return await self._stats().verdict(
+            stats_scope(record.tenant, self.settings.stats_scope),
+            str(res["outcome"]),
+            endpoint=str(res["endpoint"]),
+            difficulty=int(res["difficulty"]),
+            tags=tags,
+            ok=bool(ok),
+        )
+
+    def feedback(self, task_id: str, subtask_id: str, *, ok: bool) -> bool:
+        """Sync :meth:`afeedback`."""
+        return self._sync(self.afeedback(task_id, subtask_id, ok=ok))
+
+    async def astats(self, tenant: str | None = None) -> Stats:
+        """The statistics the policies read for ``tenant`` (the shared scope when ``None``)."""
+        return await self._stats().read(stats_scope(tenant, self.settings.stats_scope))
+
+    def stats(self, tenant: str | None = None) -> Stats:
+        """Sync :meth:`astats`."""
+        return self._sync(self.astats(tenant))

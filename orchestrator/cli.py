@@ -8,6 +8,7 @@ model server unreachable; 124 a wait timed out.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from decimal import Decimal
@@ -21,7 +22,13 @@ from rich.tree import Tree
 from budgets import AccountView, Budget, LedgerUnavailable, TaskTree, nanos_to_usd
 from budgets.errors import InvalidAmount, InvalidName, LedgerError, PaymasterError, UnknownTenant
 from orchestrator.api import Paymaster
-from orchestrator.errors import InvalidTask, MissingRedis, TaskNotFound, TaskTimeout
+from orchestrator.errors import (
+    InvalidTask,
+    MissingRedis,
+    SubtaskNotFound,
+    TaskNotFound,
+    TaskTimeout,
+)
 from orchestrator.records import Status, TaskRecord
 
 app = typer.Typer(
@@ -43,7 +50,7 @@ def _fail(message: str, code: int) -> typer.Exit:
 
 
 def _guard(exc: BaseException) -> typer.Exit:
-    if isinstance(exc, TaskNotFound):
+    if isinstance(exc, TaskNotFound | SubtaskNotFound):
         return _fail(str(exc), 3)
     if isinstance(exc, TaskTimeout):
         return _fail(str(exc), 124)
@@ -290,6 +297,72 @@ def worker(
         asyncio.run(main())
     except Exception as e:
         raise _guard(e) from e
+
+
+@app.command()
+def feedback(
+    task_id: str,
+    subtask_id: str,
+    ok: Annotated[bool, typer.Option("--ok/--bad", help="was the subtask's answer right?")],
+) -> None:
+    """Record whether a subtask's answer was right; the adaptive policy learns from it."""
+    pm = _pm()
+    try:
+        changed = pm.feedback(task_id, subtask_id, ok=ok)
+    except Exception as e:
+        raise _guard(e) from e
+    finally:
+        pm.close()
+    verdict = "right" if ok else "wrong"
+    out.print(f"{task_id}/{subtask_id}: {verdict}" + ("" if changed else " (already recorded)"))
+
+
+@app.command()
+def stats(
+    tenant: Annotated[str | None, typer.Option("--tenant", help="whose statistics")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Show what the policies learn from: per endpoint and difficulty, all tags."""
+    pm = _pm()
+    try:
+        book = pm.stats(tenant)
+    except Exception as e:
+        raise _guard(e) from e
+    finally:
+        pm.close()
+    rows = sorted((k, c) for k, c in book.cells.items() if k[2] == "*")
+    if as_json:
+        data = [
+            {
+                "endpoint": ep,
+                "difficulty": d,
+                "calls": c.calls,
+                "asked": c.asked,
+                "used": c.used,
+                "cut_short": c.cut,
+                "escalated": c.escalated,
+                "ok": c.ok,
+                "bad": c.bad,
+                "nanos": c.nanos,
+                "p90_used": c.quantile(0.9),
+            }
+            for (ep, d, _), c in rows
+        ]
+        print(json.dumps(data, indent=2))
+        return
+    table = Table("endpoint", "difficulty", "calls", "used/asked", "cut short", "right", "p90 used")
+    for (ep, d, _), c in rows:
+        right = f"{c.ok}/{c.judged}" if c.judged else "-"
+        table.add_row(
+            ep,
+            str(d) if d else "all",
+            str(c.calls),
+            f"{c.used}/{c.asked}",
+            str(c.cut),
+            right,
+            str(c.quantile(0.9) or "-"),
+        )
+    out.print(table)
 
 
 @app.command()

@@ -47,3 +47,15 @@ class MissingRedis(OrchestratorError):
             "no Redis: set REDIS_URL, or install redis-server so Paymaster can start a private "
             "one (Debian/Ubuntu: apt-get install -y redis-server)"
         )
+
+
+class SubtaskNotFound(OrchestratorError, LookupError):
+    """The task has no finished result for this subtask, so there is nothing to judge."""
+
+    def __init__(self, task_id: str, subtask_id: str, known: list[str]) -> None:
+        self.task_id = task_id
+        self.subtask_id = subtask_id
+        choices = ", ".join(sorted(known)) or "none yet"
+        super().__init__(
+            f"task {task_id!r} has no finished subtask {subtask_id!r} (finished: {choices})"
+        )
