@@ -88,7 +88,8 @@ async def test_every_subtask_call_is_counted_in_its_cells(pm: Paymaster) -> None
     tree = await pm.aledger(rec.id)
     subtask_spend = sum(a.spent_nanos for a in tree.walk() if a.path.rsplit("/", 1)[-1][0] in "ab")
     assert every.nanos == subtask_spend
-    assert every.used > 0 and every.asked >= every.used
+    assert every.used > 0
+    assert every.asked >= every.used
     assert sum(every.hist) == 2
 
 
@@ -107,7 +108,7 @@ async def test_feedback_is_counted_once_and_a_new_verdict_moves_it(pm: Paymaster
 async def test_feedback_on_unknown_things_is_refused_and_changes_nothing(pm: Paymaster) -> None:
     rec = await pm.arun("two things", budget=Budget(tokens=20_000))
     before = await pm.astats()
-    with pytest.raises(SubtaskNotFound, match="no finished subtask 'zz'.*finished: a, b"):
+    with pytest.raises(SubtaskNotFound, match=r"no finished subtask 'zz'.*finished: a, b"):
         await pm.afeedback(rec.id, "zz", ok=True)
     with pytest.raises(TaskNotFound):
         await pm.afeedback("no-such-task", "a", ok=True)
