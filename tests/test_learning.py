@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -40,10 +40,10 @@ def endpoint(srv: ScriptedModelServer, name: str, **kw: object) -> Endpoint:
 
 
 @pytest.fixture
-def stub() -> ScriptedModelServer:
+def stub() -> Iterator[ScriptedModelServer]:
     with ScriptedModelServer() as srv:
         srv.responder = respond
-        yield srv  # type: ignore[misc]
+        yield srv
 
 
 def make_pm(redis_url: str, config: EndpointsConfig, tmp: Path, **settings: object) -> Paymaster:
