@@ -345,6 +345,7 @@ class Run:
     name: str
     budget_usd: Decimal
     decisions: dict[str, tuple[str, ...]] = field(default_factory=dict)  # qid -> endpoints tried
+    task_ids: list[str] = field(default_factory=list)
     correct: int = 0
     questions: int = 0
     nanos: int = 0
@@ -413,6 +414,7 @@ class Replay:
             group = questions[start : start + self.task_size]
             task_id = f"{scope}.{os.getpid()}.{run_no}.{start}"
             tries = await self._task(policy, group, budget_usd, scope, task_id)
+            run.task_ids.append(task_id)
             await self._reveal(group, tries, scope, task_id)  # labels only after it closed
             self._score(run, group, tries)
         run.seconds = time.perf_counter() - started
