@@ -45,7 +45,6 @@ def history(*rows: tuple[Observation, int, int]) -> Stats:
 
 
 pools = st.builds(
-    Policy,
     Pool,
     tokens=st.one_of(st.none(), st.integers(0, 200_000)),
     nanos=st.one_of(st.none(), st.integers(0, 10**9)),
