@@ -1,0 +1,318 @@
+"""StatsBook against a real redis-server: every cell counted, once, atomically, per scope."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import random
+from collections import Counter
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from budgets.errors import InvalidName
+from budgets.keys import StatsKeys
+from budgets.stats import ANY_DIFFICULTY, Observation, Stats, StatsBook, bucket_of
+
+SEEN = Observation(
+    endpoint="cheap",
+    difficulty=3,
+    tags=("math", "Code Review"),
+    asked=512,
+    used=300,
+    cut_short=True,
+    nanos=1_234,
+    escalated=True,
+)
+CELLS = {("cheap", d, t) for d in (3, ANY_DIFFICULTY) for t in ("*", "math", "code-review")}
+VERDICT = {"endpoint": "cheap", "difficulty": 3, "tags": ("math", "Code Review")}
+
+
+@pytest.fixture
+async def book(redis_url: str) -> AsyncIterator[StatsBook]:
+    client = aioredis.Redis.from_url(redis_url)
+    yield StatsBook(client)
+    await client.aclose()
+
+
+def text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+async def cells(book: StatsBook, scope: str) -> dict[str, int]:
+    """The scope's hash as field -> count."""
+    raw = await book.redis.hgetall(StatsKeys(scope).cells)
+    return {text(k): int(v) for k, v in raw.items()}
+
+
+async def everything(book: StatsBook) -> dict[bytes | str, object]:
+    """Every key on the server with its value (hashes and strings are all StatsBook writes)."""
+    out: dict[bytes | str, object] = {}
+    for key in sorted(await book.redis.keys("*")):
+        kind = await book.redis.type(key)
+        out[key] = await (book.redis.hgetall(key) if kind == b"hash" else book.redis.get(key))
+    return out
+
+
+async def judge(book: StatsBook, scope: str, outcome_id: str, *, ok: bool) -> bool:
+    return await book.verdict(
+        scope, outcome_id, endpoint="cheap", difficulty=3, tags=["math", "Code Review"], ok=ok
+    )
+
+
+# -- record ----------------------------------------------------------------------
+
+
+async def test_record_counts_every_cell_of_an_observation(book: StatsBook) -> None:
+    assert await book.record("t:a", "task1:root:s1.1", SEEN) is True
+    stats = await book.read("t:a")
+    assert set(stats.cells) == CELLS
+    for where in CELLS:
+        cell = stats.cells[where]
+        assert (cell.calls, cell.asked, cell.used, cell.cut, cell.escalated, cell.nanos) == (
+            1, 512, 300, 1, 1, 1_234,
+        )  # fmt: skip
+        assert (cell.ok, cell.bad) == (0, 0)
+    bucket = bucket_of(300)
+    for difficulty in (3, ANY_DIFFICULTY):
+        hist = stats.cell("cheap", difficulty).hist
+        assert len(hist) == bucket + 1
+        assert hist[bucket] == 1
+        assert sum(hist) == 1
+        assert stats.cell("cheap", difficulty, "math").hist == ()  # only '*' cells
+    raw = await cells(book, "t:a")
+    assert raw[f"cheap|3|*|h{bucket}"] == 1
+    assert raw["cheap|0|code-review|u"] == 300
+
+
+async def test_records_add_up_and_match_the_pure_sum(book: StatsBook) -> None:
+    rng = random.Random(7)
+    expected: Counter[str] = Counter()
+    for i in range(40):
+        asked = rng.randint(0, 3_000)
+        seen = Observation(
+            endpoint=rng.choice(["cheap", "strong"]),
+            difficulty=rng.randint(1, 5),
+            tags=tuple(rng.sample(["math", "code", "calc-bad"], rng.randint(0, 2))),
+            asked=asked,
+            used=rng.randint(0, asked),
+            cut_short=rng.random() < 0.3,
+            nanos=rng.randint(0, 10**6),
+            escalated=rng.random() < 0.2,
+        )
+        assert await book.record("shared", f"o{i}", seen) is True
+        for name, inc in seen.fields():
+            expected[name] += inc
+    assert await book.read("shared") == Stats.from_fields(dict(expected))
+    assert await cells(book, "shared") == dict(expected)
+
+
+async def test_the_same_outcome_counts_once(book: StatsBook) -> None:
+    assert await book.record("t:a", "o1", SEEN) is True
+    before = await cells(book, "t:a")
+    assert await book.record("t:a", "o1", SEEN) is False
+    other = Observation("strong", 5, ("x",), asked=9, used=9, cut_short=False, nanos=9)
+    assert await book.record("t:a", "o1", other) is False  # the id decides, not the content
+    assert await cells(book, "t:a") == before
+    assert (await book.read("t:a")).cell("cheap").calls == 1
+    assert (await book.read("t:a")).cell("strong").calls == 0
+    assert await book.record("t:a", "o2", SEEN) is True
+    assert (await book.read("t:a")).cell("cheap", 3, "math").calls == 2
+
+
+async def test_outcome_markers_expire_after_retention(book: StatsBook) -> None:
+    short = StatsBook(book.redis, retention_s=100)
+    await short.record("t:a", "o1", SEEN)
+    ttl = await book.redis.ttl(StatsKeys("t:a").seen("o:o1"))
+    assert 0 < ttl <= 100
+    with pytest.raises(ValueError, match="retention_s"):
+        StatsBook(book.redis, retention_s=0)
+
+
+# -- verdicts ----------------------------------------------------------------------
+
+
+async def test_verdict_counts_ok_in_every_cell(book: StatsBook) -> None:
+    await book.record("t:a", "o1", SEEN)
+    assert await judge(book, "t:a", "o1", ok=True) is True
+    stats = await book.read("t:a")
+    for where in CELLS:
+        assert (stats.cells[where].ok, stats.cells[where].bad) == (1, 0)
+        assert stats.cells[where].calls == 1  # a verdict is no call
+
+
+async def test_repeated_verdict_is_a_no_op(book: StatsBook) -> None:
+    assert await judge(book, "t:a", "o1", ok=True) is True
+    before = await cells(book, "t:a")
+    assert await judge(book, "t:a", "o1", ok=True) is False
+    assert await cells(book, "t:a") == before
+
+
+async def test_changed_verdict_moves_the_count(book: StatsBook) -> None:
+    await judge(book, "t:a", "o1", ok=True)
+    await judge(book, "t:a", "o2", ok=True)
+    assert await judge(book, "t:a", "o1", ok=False) is True
+    stats = await book.read("t:a")
+    for where in CELLS:
+        cell = stats.cells[where]
+        assert (cell.ok, cell.bad, cell.judged) == (1, 1, 2)
+    assert await judge(book, "t:a", "o1", ok=False) is False
+    assert await judge(book, "t:a", "o1", ok=True) is True  # and back
+    cell = (await book.read("t:a")).cell("cheap", 3, "code-review")
+    assert (cell.ok, cell.bad) == (2, 0)
+
+
+# -- concurrency -------------------------------------------------------------------
+
+WORKERS, DISTINCT, DUPLICATES = 4, 200, 50
+TOGETHER = Observation("cheap", 2, ("x",), asked=10, used=7, cut_short=False, nanos=3)
+
+
+def _record_many(url: str, worker: int) -> int:
+    """Record DISTINCT own outcomes and DUPLICATES of a shared one; how many counted."""
+
+    async def go() -> int:
+        client = aioredis.Redis.from_url(url)
+        book = StatsBook(client)
+        ids = [f"w{worker}-{i}" for i in range(DISTINCT)]
+        for at in range(0, DISTINCT + DUPLICATES, (DISTINCT + DUPLICATES) // DUPLICATES):
+            ids.insert(at, "everyone")
+        gate = asyncio.Semaphore(32)
+
+        async def one(oid: str) -> bool:
+            async with gate:
+                return await book.record("shared", oid, TOGETHER)
+
+        counted = await asyncio.gather(*(one(oid) for oid in ids))
+        await client.aclose()
+        return sum(counted)
+
+    return asyncio.run(go())
+
+
+async def test_concurrent_processes_count_each_outcome_exactly_once(
+    book: StatsBook, redis_url: str
+) -> None:
+    def run() -> list[int]:
+        with mp.get_context("spawn").Pool(WORKERS) as pool:
+            return pool.starmap(_record_many, [(redis_url, w) for w in range(WORKERS)])
+
+    counted = await asyncio.to_thread(run)
+    calls = WORKERS * DISTINCT + 1
+    assert sum(counted) == calls  # exactly one process counted the shared outcome
+    assert sorted(c - DISTINCT for c in counted) == [0] * (WORKERS - 1) + [1]
+    stats = await book.read("shared")
+    for difficulty in (2, ANY_DIFFICULTY):
+        for tag in ("*", "x"):
+            cell = stats.cell("cheap", difficulty, tag)
+            assert (cell.calls, cell.asked, cell.used, cell.nanos) == (
+                calls, 10 * calls, 7 * calls, 3 * calls,
+            )  # fmt: skip
+        assert sum(stats.cell("cheap", difficulty).hist) == calls
+
+
+# -- bad input -----------------------------------------------------------------------
+
+
+def _bad(**changes: object) -> Observation:
+    fields = {
+        "endpoint": "cheap",
+        "difficulty": 3,
+        "tags": ("math",),
+        "asked": 10,
+        "used": 5,
+        "cut_short": False,
+        "nanos": 1,
+    }
+    fields.update(changes)
+    return Observation(**fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("scope", "outcome_id", "seen", "error", "match"),
+    [
+        ("bad scope", "o2", SEEN, InvalidName, "invalid scope"),
+        ("", "o2", SEEN, InvalidName, "invalid scope"),
+        ("t/a", "o2", SEEN, InvalidName, "invalid scope"),
+        ("t:a", "bad/id", SEEN, InvalidName, "invalid outcome id"),
+        ("t:a", "", SEEN, InvalidName, "invalid outcome id"),
+        ("t:a", "o2", _bad(difficulty=0), ValueError, "difficulty must be 1-5, got 0"),
+        ("t:a", "o2", _bad(difficulty=6), ValueError, "difficulty must be 1-5, got 6"),
+        ("t:a", "o2", _bad(asked=-1), ValueError, "asked must not be negative"),
+        ("t:a", "o2", _bad(used=-5), ValueError, "used must not be negative"),
+        ("t:a", "o2", _bad(nanos=-1), ValueError, "nanos must not be negative"),
+        ("t:a", "o2", _bad(endpoint="no|pipes"), InvalidName, "invalid endpoint"),
+    ],
+)
+async def test_bad_record_is_refused_and_changes_nothing(
+    book: StatsBook,
+    scope: str,
+    outcome_id: str,
+    seen: Observation,
+    error: type[Exception],
+    match: str,
+) -> None:
+    await book.record("t:a", "o1", SEEN)
+    await judge(book, "t:a", "o1", ok=True)
+    before = await everything(book)
+    with pytest.raises(error, match=match):
+        await book.record(scope, outcome_id, seen)
+    assert await everything(book) == before
+    # nothing was marked either: the same id with good input still counts
+    assert await book.record("t:a", "o2", SEEN) is True
+
+
+async def test_bad_verdict_is_refused_and_changes_nothing(book: StatsBook) -> None:
+    await book.record("t:a", "o1", SEEN)
+    await judge(book, "t:a", "o1", ok=True)
+    before = await everything(book)
+    with pytest.raises(InvalidName, match="invalid scope"):
+        await book.verdict("bad scope", "o1", endpoint="cheap", difficulty=3, tags=[], ok=False)
+    with pytest.raises(InvalidName, match="invalid outcome id"):
+        await book.verdict("t:a", "o 1", endpoint="cheap", difficulty=3, tags=[], ok=False)
+    with pytest.raises(InvalidName, match="invalid endpoint"):
+        await book.verdict("t:a", "o1", endpoint="no|pipes", difficulty=3, tags=[], ok=False)
+    for difficulty in (0, 6):
+        with pytest.raises(ValueError, match="difficulty must be 1-5"):
+            await book.verdict(
+                "t:a", "o1", endpoint="cheap", difficulty=difficulty, tags=[], ok=False
+            )
+    assert await everything(book) == before
+
+
+async def test_bad_scope_on_read_and_clear(book: StatsBook) -> None:
+    with pytest.raises(InvalidName, match="invalid scope"):
+        await book.read("no spaces")
+    with pytest.raises(InvalidName, match="invalid scope"):
+        await book.clear("*")
+
+
+# -- scopes ------------------------------------------------------------------------
+
+
+async def test_scopes_are_isolated(book: StatsBook) -> None:
+    await book.record("t:a", "o1", SEEN)
+    await judge(book, "t:a", "o1", ok=True)
+    assert (await book.read("t:b")).cells == {}
+    assert await cells(book, "t:b") == {}
+    # the same outcome id is a different outcome in another scope
+    assert await book.record("t:b", "o1", SEEN) is True
+    assert await judge(book, "t:b", "o1", ok=False) is True
+    a, b = await book.read("t:a"), await book.read("t:b")
+    assert (a.cell("cheap").calls, a.cell("cheap").ok, a.cell("cheap").bad) == (1, 1, 0)
+    assert (b.cell("cheap").calls, b.cell("cheap").ok, b.cell("cheap").bad) == (1, 0, 1)
+
+
+async def test_clear_forgets_a_scope(book: StatsBook) -> None:
+    await book.record("t:a", "o1", SEEN)
+    await book.record("t:b", "o1", SEEN)
+    await book.clear("t:a")
+    assert (await book.read("t:a")).cells == {}
+    assert await book.redis.exists(StatsKeys("t:a").cells) == 0
+    assert (await book.read("t:b")).cell("cheap").calls == 1
+    # markers outlive a clear: an outcome already counted is not counted again
+    assert await book.record("t:a", "o1", SEEN) is False
+    assert await book.record("t:a", "o2", SEEN) is True
+    assert (await book.read("t:a")).cell("cheap").calls == 1
+    await book.clear("never-used")  # clearing an empty scope is fine
