@@ -350,7 +350,6 @@ class Run:
     questions: int = 0
     nanos: int = 0
     cut_short: int = 0
-    reserved_nanos: int = 0
     seconds: float = 0.0
 
     @property

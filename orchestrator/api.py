@@ -107,6 +107,7 @@ class Paymaster:
         self._portal: _Portal | None = None
         self._ledger: Ledger | None = None
         self._runtime: Runtime | None = None
+        self._statsbook: StatsBook | None = None
 
     @classmethod
     def from_env(cls) -> Paymaster:
@@ -288,7 +289,9 @@ class Paymaster:
     # -- what the policies learn from -------------------------------------
 
     def _stats(self) -> StatsBook:
-        return StatsBook(self.books.redis)
+        if self._statsbook is None:
+            self._statsbook = StatsBook(self.books.redis)
+        return self._statsbook
 
     async def afeedback(self, task_id: str, subtask_id: str, *, ok: bool) -> bool:
         """Record whether a subtask's answer was right; the ``adaptive`` policy learns from it.
