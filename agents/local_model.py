@@ -21,15 +21,18 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import IO, Self
 
 import httpx
 
 from agents.endpoints import LOCAL_MODEL_ALIAS
 from agents.errors import LocalModelFailed, MissingComponent
+from agents.processes import Identity, Recorded, is_ours, option
+from agents.processes import stop as stop_process
 
 log = logging.getLogger(__name__)
 
@@ -268,50 +271,66 @@ def _locked(state_dir: Path) -> Iterator[None]:
         yield
 
 
-def _read_state(state_dir: Path) -> tuple[int, int] | None:
+def recorded_server(state_dir: Path) -> Recorded | None:
+    """The server recorded in ``state_dir/local-model.json``, running or not; None if none is."""
     try:
         state = json.loads((state_dir / STATE_FILE).read_text(encoding="utf-8"))
         pid, port = state["pid"], state["port"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return (pid, port) if isinstance(pid, int) and isinstance(port, int) else None
+    return Recorded(pid=pid, port=port) if isinstance(pid, int) and isinstance(port, int) else None
 
 
-def _url(port: int) -> str:
+def _server_on(port: int) -> Identity:
+    def identity(words: Sequence[str]) -> bool:
+        return "llama_cpp.server" in words and option(words, "--port") == str(port)
+
+    return identity
+
+
+def is_our_server(pid: int, *, port: int) -> bool:
+    """True if ``pid`` is a llama.cpp server on ``port`` (not a process that reused the pid)."""
+    return is_ours(pid, identity=_server_on(port))
+
+
+def local_url(port: int) -> str:
+    """The base URL of a local model server on loopback ``port``."""
     return f"http://127.0.0.1:{port}/v1"
 
 
-def _still_serving(pid: int, port: int) -> bool:
-    # A server busy with a completion holds its model lock, and even /v1/models
-    # waits for it: a live recorded process still listening counts as serving.
-    if answers(_url(port)):
-        return True
-    return _is_our_server(pid) and port_in_use("127.0.0.1", port)
+def _still_serving(recorded: Recorded) -> bool:
+    # Only our own process counts: something else may answer on a port our
+    # server used to have. A server busy with a completion holds its model
+    # lock, and even /v1/models waits for it: still listening counts as serving.
+    if not is_our_server(recorded.pid, port=recorded.port):
+        return False
+    return answers(local_url(recorded.port)) or port_in_use("127.0.0.1", recorded.port)
 
 
 def ensure_running(
     state_dir: Path, *, port: int | None = None, env: Mapping[str, str] | None = None
 ) -> str:
-    """The base URL of a running local model server, starting a detached one if needed.
+    """The base URL of our local model server, starting a detached one if needed.
 
-    Reuses the server recorded in ``state_dir/local-model.json`` while it still
-    answers (and is on ``port``, if one is asked for); otherwise starts one that
-    outlives this process, so later runs reuse it, and records its pid and port.
+    Reuses the server recorded in ``state_dir/local-model.json`` while it is
+    still our process and serving, whatever ``port`` asks: one recorded server
+    at a time, so ``paymaster services`` sees every one. Otherwise starts one
+    on ``port`` (or a free port), detached so later runs reuse it, and records
+    its pid and port. A server on ``port`` that is not the recorded one
+    (another program, or a ``paymaster local-model serve``) is never reused:
+    ours then runs on a free port.
     """
     state_dir.mkdir(parents=True, exist_ok=True)
     with _locked(state_dir):
-        recorded = _read_state(state_dir)
-        if recorded and port in (None, recorded[1]) and _still_serving(*recorded):
-            return _url(recorded[1])
-        if port is not None and answers(_url(port)):
-            return _url(port)  # someone else's server (`paymaster local-model serve`)
+        recorded = recorded_server(state_dir)
+        if recorded and _still_serving(recorded):
+            return local_url(recorded.port)
+        taken = port is not None and port_in_use("127.0.0.1", port)
         server = LocalModelServer(
-            port=port, env=env, log_path=state_dir / LOG_FILE, detached=True
+            port=None if taken else port, env=env, log_path=state_dir / LOG_FILE, detached=True
         ).start()
-        if recorded and recorded[1] != server.port:
-            log.info(
-                "left the local model on port %d running; now using %d", *recorded, server.port
-            )
+        if taken:
+            log.info("port %d is not our server's; the local model runs on %d", port, server.port)
         state = {"pid": server.pid, "port": server.port}
         server.release()
         tmp = state_dir / f"{STATE_FILE}.tmp"
@@ -321,57 +340,48 @@ def ensure_running(
 
 
 def stop_recorded(state_dir: Path, *, grace_s: float = 10.0) -> bool:
-    """Stop the server recorded in ``state_dir``; False if none was running."""
+    """Stop the server recorded in ``state_dir`` and forget it; False if none of ours ran.
+
+    A recorded pid that is no longer our server is left alone.
+    """
     with _locked(state_dir):
-        recorded = _read_state(state_dir)
+        recorded = recorded_server(state_dir)
         (state_dir / STATE_FILE).unlink(missing_ok=True)
-    if recorded is None or not _is_our_server(recorded[0]):
+    if recorded is None:
         return False
-    pid = recorded[0]
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while _alive(pid):
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            deadline = float("inf")
-        time.sleep(0.05)
-    return True
+    return stop_process(recorded.pid, identity=_server_on(recorded.port), grace_s=grace_s)
 
 
-def _is_our_server(pid: int) -> bool:
-    # The pid may have been reused since it was recorded; /proc tells, where there is one.
-    if not Path("/proc/self").exists():
-        return _alive(pid)
-    try:
-        return b"llama_cpp.server" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
+class _Terminated(BaseException):
+    """Raised in the main thread by the SIGTERM handler of :func:`serve`; like KeyboardInterrupt."""
 
 
-def _alive(pid: int) -> bool:
-    with contextlib.suppress(ChildProcessError):
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False  # it was our child and has just been reaped
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # someone else's process, alive
-    return True
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise _Terminated()
 
 
 def serve(*, port: int, host: str = "127.0.0.1", env: Mapping[str, str] | None = None) -> int:
-    """Run the server in the foreground until it exits or Ctrl-C; returns the exit code."""
+    """Run the server in the foreground until it exits, Ctrl-C or SIGTERM; returns the exit code.
+
+    On Ctrl-C (130) or SIGTERM (143) the server is stopped first, so no
+    llama.cpp process outlives this one. Call it from the main thread.
+    """
     options = LocalModelOptions(host=host)
     command = server_command(model=gguf_path(), port=port, options=options)
     require_server()
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, env=child_env(env))
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return process.wait()
     except KeyboardInterrupt:
-        _terminate(process, grace_s=options.stop_grace_s)
         return 130
+    except _Terminated:
+        return 128 + signal.SIGTERM
+    finally:
+        # A second SIGTERM must not cut the server's shutdown short.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _terminate(process, grace_s=options.stop_grace_s)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _terminate(process: subprocess.Popen[bytes], *, grace_s: float) -> None:

