@@ -38,6 +38,16 @@ DEFAULT_LOCAL_BASE_URL = f"http://127.0.0.1:{DEFAULT_LOCAL_PORT}/v1"
 #: Key of the passed environment that moves the embedded default's local model.
 LOCAL_URL_ENV = "PAYMASTER_LOCAL_MODEL_URL"
 
+StructuredOutput = Literal["json_schema", "json_object", "none"]
+"""How an endpoint can be held to a JSON schema (the manager's plan and review use it).
+
+``json_schema``: OpenAI's structured outputs, ``response_format={"type": "json_schema",
+...}``. ``json_object``: llama.cpp's form (llama-server and llama-cpp-python),
+``response_format={"type": "json_object", "schema": ...}``, which compiles the
+schema to a grammar so even a tiny model's reply parses. ``none``: ask for JSON
+in the prompt and parse the text.
+"""
+
 
 def _check_base_url(value: str) -> str:
     parts = urlsplit(value)
@@ -79,7 +89,7 @@ class Endpoint(BaseModel):
     kind: Literal["local", "remote"]
     context_window: int = Field(default=8192, gt=0)
     max_concurrency: int = Field(default=4, ge=1)
-    json_schema: bool = False
+    structured_output: StructuredOutput = "none"
     tier: int = Field(default=1, ge=1, le=5)
     timeout_s: float = Field(default=60.0, gt=0)
     max_retries: int = Field(default=3, ge=0)
@@ -92,6 +102,11 @@ class Endpoint(BaseModel):
             raise ValueError(
                 "api_key must not be written in the configuration; put the key in an "
                 "environment variable and give that variable's name in api_key_env"
+            )
+        if isinstance(data, dict) and "json_schema" in data:
+            raise ValueError(
+                "json_schema is now structured_output: write structured_output = "
+                '"json_schema" (OpenAI), "json_object" (llama.cpp) or "none"'
             )
         return data
 
@@ -206,9 +221,10 @@ def _describe(err: Any) -> str:
 def default_local_config(base_url: str) -> EndpointsConfig:
     """The embedded default: only the bundled SmolLM2-135M served by llama.cpp at ``base_url``.
 
-    ``json_schema`` is False: llama-cpp-python's server refuses OpenAI's
-    ``response_format={"type": "json_schema", ...}`` (it accepts only ``text`` and
-    ``json_object``, the latter with a non-standard ``schema`` key).
+    ``structured_output`` is ``json_object``: llama-cpp-python's server refuses
+    OpenAI's ``response_format={"type": "json_schema", ...}`` but turns
+    ``{"type": "json_object", "schema": ...}`` into a grammar, so the 135M
+    model's plans always parse.
     """
     local = Endpoint(
         name=LOCAL_MODEL_NAME,
@@ -217,7 +233,7 @@ def default_local_config(base_url: str) -> EndpointsConfig:
         kind="local",
         max_concurrency=1,  # llama.cpp's Python server runs one completion at a time
         context_window=2048,
-        json_schema=False,
+        structured_output="json_object",
         tier=1,
         timeout_s=120.0,  # a 2-core CPU is slow; a local call costs nothing to wait for
     )

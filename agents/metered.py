@@ -153,6 +153,19 @@ class MeteredClient:
             found = self._counters[endpoint.name] = counter_for(endpoint.model)
         return found
 
+    def quote(
+        self, *, endpoint: str | None, messages: Sequence[Message], output_tokens: int
+    ) -> Amount:
+        """What a call would reserve: the counted prompt plus ``output_tokens``, priced.
+
+        No request is made and nothing is reserved; callers use it to size an
+        account before they open it.
+        """
+        ep = self.config.get(endpoint) if endpoint else self.config.default_endpoint
+        prompt = self.counter(ep).count_messages(messages)
+        nanos = ep.price.cost_nanos(input_tokens=prompt, output_tokens=output_tokens)
+        return Amount(tokens=prompt + output_tokens, nanos=nanos)
+
     async def aclose(self) -> None:
         """Close every HTTP client."""
         for client in self._clients.values():
@@ -171,14 +184,26 @@ class MeteredClient:
         tags: Mapping[str, str] | None = None,
         fallback: bool = True,
         stream: bool = False,
+        min_tokens: int | None = None,
+        temperature: float | None = None,
     ) -> CallResult:
         """Make one chat call paid from ``account``; see the module docstring for the steps.
 
+        ``min_tokens`` is the least output worth paying for when the account
+        cannot cover ``max_tokens`` (default: the client's ``min_output_tokens``).
         Raises :class:`BudgetExceeded` when the account cannot pay for an
         attempt, and :class:`ModelCallFailed` when every endpoint tried failed.
         """
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        floor = self._min_output if min_tokens is None else min_tokens
+        extra: dict[str, Any] = {}
+        if response_format is not None:
+            extra["response_format"] = dict(response_format)
+        if temperature is not None:
+            extra["temperature"] = temperature
+        if floor < 1:
+            raise ValueError(f"min_tokens must be at least 1, got {floor}")
         first = self.config.get(endpoint) if endpoint else self.config.default_endpoint
         chain = self.config.ordered_fallbacks(first.name) if fallback else [first]
         last_error: BaseException | None = None
@@ -189,13 +214,15 @@ class MeteredClient:
                 call_tags["fallback_from"] = first.name
             try:
                 return await self._with_retries(
-                    ep, task_id, account, messages, max_tokens, response_format, call_tags, stream
-                )
+                    ep, task_id, account, messages, max_tokens, extra, call_tags, stream,
+                    floor,
+                )  # fmt: skip
             except ModelCallFailed as e:
                 if not e.transient:
                     raise
                 last_error = e
-                log.warning("endpoint %s failed (%s); trying the next one", ep.name, e.reason)
+                if hop + 1 < len(chain):
+                    log.warning("endpoint %s failed (%s); trying the next one", ep.name, e.reason)
         assert last_error is not None
         raise last_error
 
@@ -206,16 +233,17 @@ class MeteredClient:
         account: str,
         messages: Sequence[Message],
         max_tokens: int,
-        response_format: Mapping[str, Any] | None,
+        extra: Mapping[str, Any],
         tags: dict[str, str],
         stream: bool,
+        floor: int,
     ) -> CallResult:
         attempts = max(1, min(self._retry.attempts, ep.max_retries + 1))
         for attempt in range(attempts):
             try:
                 return await self._attempt(
-                    ep, task_id, account, messages, max_tokens, response_format, tags, stream,
-                    attempt + 1,
+                    ep, task_id, account, messages, max_tokens, extra, tags, stream,
+                    attempt + 1, floor,
                 )  # fmt: skip
             except _TRANSIENT as e:
                 if attempt + 1 >= attempts:
@@ -229,11 +257,11 @@ class MeteredClient:
 
     async def _reserve(
         self, ep: Endpoint, task_id: str, account: str, prompt: int, max_tokens: int,
-        tags: dict[str, str],
+        tags: dict[str, str], least: int,
     ) -> Reservation:  # fmt: skip
         price = ep.price
         # A caller asking for fewer tokens than the minimum gets what it asked for.
-        floor = min(self._min_output, max_tokens)
+        floor = min(least, max_tokens)
         out = min(max_tokens, ep.context_window - prompt)
         if out < floor:
             raise BudgetExceeded(
@@ -264,19 +292,18 @@ class MeteredClient:
 
     async def _attempt(
         self, ep: Endpoint, task_id: str, account: str, messages: Sequence[Message],
-        max_tokens: int, response_format: Mapping[str, Any] | None, tags: dict[str, str],
-        stream: bool, attempt: int,
+        max_tokens: int, extra: Mapping[str, Any], tags: dict[str, str],
+        stream: bool, attempt: int, floor: int,
     ) -> CallResult:  # fmt: skip
         prompt = self.counter(ep).count_messages(messages)
-        res = await self._reserve(ep, task_id, account, prompt, max_tokens, tags)
+        res = await self._reserve(ep, task_id, account, prompt, max_tokens, tags, floor)
         out_tokens = res.tokens - prompt
         body: dict[str, Any] = {
             "model": ep.model,
             "messages": [dict(m) for m in messages],
             "max_tokens": out_tokens,
         }
-        if response_format is not None:
-            body["response_format"] = dict(response_format)
+        body.update(extra)  # response_format, temperature
         try:
             async with self._gate(ep):
                 answer = await self._send(ep, body, stream)

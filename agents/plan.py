@@ -23,9 +23,11 @@ from typing import Annotated, Any, Final
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from agents.endpoints import StructuredOutput
 from agents.errors import InvalidPlan
 
 MAX_INSTRUCTION_CHARS: Final = 4000
+_GRAMMAR_INSTRUCTION_CHARS: Final = 300
 FALLBACK_ID: Final = "task"
 FALLBACK_DIFFICULTY: Final = 3
 ID_PATTERN: Final = r"^[a-z0-9][a-z0-9_-]{0,31}$"
@@ -175,22 +177,98 @@ def single_subtask_plan(task: str) -> Plan:
     return Plan(subtasks=[subtask])
 
 
-def plan_json_schema(*, max_subtasks: int | None = None) -> dict[str, Any]:
-    """The ``response_format`` asking an endpoint for a plan (OpenAI structured outputs).
+def plan_schema(*, max_subtasks: int | None = None, grammar: bool = False) -> dict[str, Any]:
+    """The JSON schema of a plan, strict: every object closed and every field required.
 
-    Built from :class:`Plan` and made strict: every object closed and every
-    field required, unsupported keywords dropped. With ``max_subtasks`` the
-    list is bounded too. Send it only where ``Endpoint.json_schema`` is true.
+    Built from :class:`Plan` with the keywords OpenAI's strict mode refuses
+    dropped. With ``max_subtasks`` the list is bounded and ids are ``s1`` ...
+    ``s<max>``; difficulty is an enum either way. ``grammar=True`` (llama.cpp,
+    which compiles the schema to a grammar) also bounds every string and list,
+    so a small model cannot ramble past a useful plan.
     """
-    schema = _strict(Plan.model_json_schema())
+    schema: dict[str, Any] = _strict(Plan.model_json_schema())
     subtasks = schema["properties"]["subtasks"]
     subtasks["minItems"] = 1
+    fields = schema["$defs"]["Subtask"]["properties"]
+    fields["difficulty"] = {"type": "integer", "enum": [1, 2, 3, 4, 5]}
     if max_subtasks is not None:
         subtasks["maxItems"] = max_subtasks
-    return {
-        "type": "json_schema",
-        "json_schema": {"name": "plan", "schema": schema, "strict": True},
-    }
+        ids = [f"s{i}" for i in range(1, max_subtasks + 1)]
+        fields["id"] = {"type": "string", "enum": ids}
+        fields["depends_on"] = {"type": "array", "items": {"type": "string", "enum": ids}}
+    if grammar:
+        fields["instruction"] |= {"minLength": 8, "maxLength": _GRAMMAR_INSTRUCTION_CHARS}
+        fields["tags"] = {
+            "type": "array",
+            "items": {"type": "string", "maxLength": 24},
+            "maxItems": 3,
+        }
+        if max_subtasks is not None:
+            fields["depends_on"]["maxItems"] = max_subtasks
+    return schema
+
+
+def mend_plan(plan: Plan) -> Plan:
+    """Fix, for free, what has one obvious fix, so it costs no repair call.
+
+    A repeated id becomes ``s<position>`` (or the next unused ``s<n>``);
+    dependencies on the subtask itself, on unknown ids, repeated ones, and
+    those that close a cycle are dropped. What has no obvious fix (a blank
+    instruction, too many subtasks) is left for :func:`validate_plan` to refuse.
+    """
+    seen: set[str] = set()
+    renamed: list[Subtask] = []
+    for position, sub in enumerate(plan.subtasks, start=1):
+        new_id = sub.id
+        if new_id in seen:
+            n = position
+            while f"s{n}" in seen or any(s.id == f"s{n}" for s in plan.subtasks):
+                n += 1
+            new_id = f"s{n}"
+        seen.add(new_id)
+        renamed.append(sub.model_copy(update={"id": new_id}))
+    known = {s.id for s in renamed}
+    mended: list[Subtask] = []
+    graph: dict[str, list[str]] = {}
+    for sub in renamed:
+        deps: list[str] = []
+        for dep in sub.depends_on:
+            if dep == sub.id or dep not in known or dep in deps:
+                continue
+            trial: dict[str, list[str]] = {s.id: [] for s in renamed} | graph
+            trial[sub.id] = [*deps, dep]
+            if _cycles(trial):
+                continue
+            deps.append(dep)
+        graph[sub.id] = deps
+        mended.append(sub.model_copy(update={"depends_on": deps}))
+    return Plan(subtasks=mended)
+
+
+def response_format(
+    mode: StructuredOutput, *, name: str, schema: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The ``response_format`` that holds an endpoint's reply to ``schema``; ``None`` for text.
+
+    ``json_schema`` is OpenAI's structured outputs; ``json_object`` is llama.cpp's
+    form, which compiles the schema to a grammar (see
+    :data:`agents.endpoints.StructuredOutput`).
+    """
+    if mode == "json_schema":
+        return {
+            "type": "json_schema",
+            "json_schema": {"name": name, "schema": schema, "strict": True},
+        }
+    if mode == "json_object":
+        return {"type": "json_object", "schema": schema}
+    return None
+
+
+def plan_json_schema(*, max_subtasks: int | None = None) -> dict[str, Any]:
+    """The OpenAI structured-outputs ``response_format`` asking for a plan."""
+    fmt = response_format("json_schema", name="plan", schema=plan_schema(max_subtasks=max_subtasks))
+    assert fmt is not None
+    return fmt
 
 
 def _strict(node: Any) -> Any:

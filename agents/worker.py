@@ -20,6 +20,7 @@ from typing import Any, Final, Protocol
 from agents.endpoints import EndpointsConfig
 from agents.metered import CallResult, Message
 from agents.plan import Subtask
+from budgets import Amount
 
 _SYSTEM: Final = (
     "You are a worker agent. You solve one subtask of a larger task and answer it directly. "
@@ -46,8 +47,16 @@ class ChatClient(Protocol):
         endpoint: str | None = None,
         response_format: Mapping[str, Any] | None = None,
         tags: Mapping[str, str] | None = None,
+        min_tokens: int | None = None,
+        temperature: float | None = None,
     ) -> CallResult:
         """Make one chat call paid from ``account``; raises ``BudgetExceeded`` if it cannot pay."""
+        ...
+
+    def quote(
+        self, *, endpoint: str | None, messages: Sequence[Message], output_tokens: int
+    ) -> Amount:
+        """What a call would reserve (counted prompt plus ``output_tokens``), without making it."""
         ...
 
 

@@ -471,6 +471,22 @@ class Ledger:
             _event(eid, fields) for eid, fields in cast("list[tuple[str, dict[str, str]]]", rows)
         ]
 
+    async def note(
+        self, task_id: str, account: str, text: str, *, tags: Mapping[str, str] | None = None
+    ) -> str:
+        """Append a note (op ``note``, no money moved) to the task's audit stream.
+
+        For what the books alone do not say: how a plan was made, why a step was
+        skipped. ``text`` is cut at 500 characters. Returns the stream id.
+        """
+        check_name("task id", task_id)
+        check_path(account)
+        fields = {"op": "note", "acct": account, "t": 0, "n": 0, "id": "", "text": text[:500]}
+        if tags:
+            fields["tags"] = json.dumps(dict(tags), sort_keys=True)
+        eid = await self.redis.xadd(TaskKeys(task_id).events, cast(Any, fields))
+        return str(eid)
+
     # -- tenants ---------------------------------------------------------------
 
     async def set_tenant(self, name: str, budget: Budget, *, period: Period = "month") -> None:

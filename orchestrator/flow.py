@@ -26,10 +26,10 @@ from typing import Annotated, Any, Protocol, TypedDict
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Send
 
-from agents.manager import ManagerAgent
+from agents.manager import ManagerAgent, PlanOutcome
 from agents.plan import Plan, Subtask
 from agents.worker import WorkerAgent, WorkerResult
-from budgets import Amount, Budget, BudgetExceeded, Ledger
+from budgets import Amount, Budget, BudgetExceeded, Ledger, nanos_to_usd
 from budgets.errors import AccountClosed
 from budgets.keys import ROOT
 from budgets.policy import Grant, Menu, Need, Option, Outcome, Policy, Pool
@@ -164,31 +164,70 @@ class Flow:
         return Pool(tokens=root.available_tokens, nanos=root.available_nanos)
 
     async def plan(self, state: FlowState) -> dict[str, Any]:
-        """Plan once (or reuse the saved plan) and open the manager's account."""
+        """Plan once (or reuse the saved plan) in a manager account sized for the call.
+
+        The manager's account is the policy's synthesis reserve, grown for the
+        planning call to what that call reserves (at most half the pool), and
+        given back down to the reserve once the plan is made. A budget that
+        cannot pay even a short planning call runs the task as one subtask,
+        noted in the audit stream.
+        """
         deps, task_id, delivery = self.deps, state["task_id"], state["delivery"]
-        reserve = deps.policy.synthesis_reserve(await self._pool(task_id))
+        pool = await self._pool(task_id)
+        reserve = deps.policy.synthesis_reserve(pool)
         manager_acct = _account("manager", delivery)
-        await deps.ledger.open_account(
-            task_id, manager_acct, Budget.from_nanos(tokens=reserve.tokens, nanos=reserve.nanos)
-        )
         saved = await deps.records.load_plan(task_id)
         if saved is not None:
+            await deps.ledger.open_account(task_id, manager_acct, _budget_of(reserve))
             plan = Plan.model_validate_json(saved)
         else:
-            outcome = await deps.manager.plan(
-                task_id=task_id,
-                account=manager_acct,
-                task=state["task"],
-                max_subtasks=deps.max_subtasks,
-            )
+            full, least = deps.manager.plan_cost(task=state["task"], max_subtasks=deps.max_subtasks)
+            size = planning_budget(pool, reserve=reserve, full=full, least=least)
+            if size is None:
+                why = (
+                    f"the budget cannot pay for planning (a plan needs {least.tokens:,} tokens, "
+                    f"${nanos_to_usd(least.nanos):f}); running the task as one subtask"
+                )
+                await deps.ledger.open_account(task_id, manager_acct, _budget_of(reserve))
+                outcome = deps.manager.unplanned(state["task"], why)
+            else:
+                await deps.ledger.open_account(task_id, manager_acct, _budget_of(size))
+                outcome = await deps.manager.plan(
+                    task_id=task_id,
+                    account=manager_acct,
+                    task=state["task"],
+                    max_subtasks=deps.max_subtasks,
+                )
+                await self._give_back(task_id, manager_acct, keep=reserve, delivery=delivery)
             plan = outcome.plan
             await deps.records.save_plan(task_id, plan.model_dump_json())
+            await deps.ledger.note(
+                task_id, manager_acct, _plan_note(outcome), tags={"step": "plan"}
+            )
         done = await deps.records.load_results(task_id)
         return {
             "plan": [s.model_dump() for s in plan.subtasks],
             "results": done,
             "attempts": {sid: int(r.get("attempt", 1)) for sid, r in done.items()},
         }
+
+    async def _give_back(self, task_id: str, account: str, *, keep: Pool, delivery: int) -> None:
+        """Return what ``account`` holds beyond ``keep`` to the pool (the root)."""
+        view = await self.deps.ledger.account(task_id, account)
+        extra_tokens = max(0, (view.available_tokens or 0) - (keep.tokens or 0))
+        extra_nanos = max(0, (view.available_nanos or 0) - (keep.nanos or 0))
+        if view.available_tokens is None or keep.tokens is None:
+            extra_tokens = 0
+        if view.available_nanos is None or keep.nanos is None:
+            extra_nanos = 0
+        if extra_tokens or extra_nanos:
+            await self.deps.ledger.transfer(
+                task_id,
+                src=account,
+                dst=ROOT,
+                amount=Amount(tokens=extra_tokens, nanos=extra_nanos),
+                op_id=f"plan-left.{delivery}",
+            )
 
     async def schedule(self, state: FlowState) -> dict[str, Any]:
         """Choose the next batch of work: escalations first, then the next wave."""
@@ -319,6 +358,10 @@ class Flow:
     async def synthesize(self, state: FlowState) -> dict[str, Any]:
         """Hand everything left to the manager's account and write the final answer."""
         deps, task_id = self.deps, state["task_id"]
+        results = _ordered_results(state)
+        if len(state["plan"]) == 1 and len(results) == 1 and results[0].finished:
+            # One finished subtask is the answer: a synthesis call would only restate it.
+            return {"answer": results[0].text.strip()}
         manager_acct = _account("manager", state["delivery"])
         pool = await self._pool(task_id)
         if (pool.tokens or 0) > 0 or (pool.nanos or 0) > 0:
@@ -329,11 +372,48 @@ class Flow:
                 amount=Amount(tokens=pool.tokens or 0, nanos=pool.nanos or 0),
                 op_id=f"synth.{state['delivery']}",
             )
-        results = _ordered_results(state)
         answer = await deps.manager.synthesize(
             task_id=task_id, account=manager_acct, task=state["task"], results=results
         )
         return {"answer": answer}
+
+
+def _budget_of(pool: Pool) -> Budget:
+    return Budget.from_nanos(tokens=pool.tokens, nanos=pool.nanos)
+
+
+def planning_budget(pool: Pool, *, reserve: Pool, full: Amount, least: Amount) -> Pool | None:
+    """The manager's account while it plans, or ``None`` when planning is not affordable.
+
+    Per unit: what the planning call reserves at full size (``full``), capped
+    at half the pool so the workers keep the rest, and never less than the
+    synthesis ``reserve``. ``None`` when the call at its least useful size
+    (``least``) does not fit under that cap. An unlimited unit stays unlimited.
+    """
+    sizes: list[int | None] = []
+    for have, keep, most, fewest in (
+        (pool.tokens, reserve.tokens, full.tokens, least.tokens),
+        (pool.nanos, reserve.nanos, full.nanos, least.nanos),
+    ):
+        if have is None:
+            sizes.append(None)
+            continue
+        cap = have // 2
+        if fewest > cap:
+            return None
+        sizes.append(max(keep or 0, min(most, cap)))
+    return Pool(tokens=sizes[0], nanos=sizes[1])
+
+
+def _plan_note(outcome: PlanOutcome) -> str:
+    ids = ", ".join(s.id for s in outcome.plan.subtasks)
+    n = len(outcome.plan.subtasks)
+    if outcome.fell_back and outcome.calls == 0:
+        return f"one subtask ({ids}): {outcome.reasons[-1]}"
+    if outcome.fell_back:
+        return f"one subtask ({ids}): no usable plan after {outcome.calls} call(s)"
+    how = " after one repair" if outcome.repaired else ""
+    return f"{n} subtask{'s' if n != 1 else ''}{how}: {ids}"
 
 
 def _ordered_results(state: FlowState) -> list[WorkerResult]:

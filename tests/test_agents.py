@@ -38,7 +38,7 @@ def config_for(server: ScriptedModelServer, *, json_schema: bool) -> EndpointsCo
         base_url=server.base_url,
         model="stub-model",
         kind="local",
-        json_schema=json_schema,
+        structured_output="json_schema" if json_schema else "none",
         input_usd_per_mtok=Decimal(1),
         output_usd_per_mtok=Decimal(1),
     )
@@ -195,16 +195,17 @@ async def test_plan_asks_for_json_in_text_otherwise(
 async def test_a_malformed_plan_is_repaired_with_one_call(
     client: MeteredClient, server: ScriptedModelServer, ledger: Ledger
 ) -> None:
-    cyclic = {"subtasks": [{"id": "a", "instruction": "x", "difficulty": 2, "depends_on": ["a"]}]}
-    server.push_many([Reply(text=json.dumps(cyclic)), Reply(text=GOOD_PLAN)])
+    # A blank instruction has no free fix (unlike a self-dependency, which is mended).
+    blank = {"subtasks": [{"id": "a", "instruction": " ", "difficulty": 2, "depends_on": []}]}
+    server.push_many([Reply(text=json.dumps(blank)), Reply(text=GOOD_PLAN)])
     outcome = await ManagerAgent(client=client).plan(task_id=T, account=ACCT, task="Essay.")
     assert (outcome.repaired, outcome.fell_back, outcome.calls) == (True, False, 2)
     assert [s.id for s in outcome.plan.subtasks] == ["facts", "essay"]
-    assert outcome.reasons == ("plan: subtask 'a' depends on itself",)
+    assert outcome.reasons == ("plan: subtasks[0].instruction: must not be blank",)
     _, second = server.requests
     assert second.body is not None
-    assert "subtask 'a' depends on itself" in second.body["messages"][-1]["content"]
-    assert second.body["messages"][-2] == {"role": "assistant", "content": json.dumps(cyclic)}
+    assert "instruction: must not be blank" in second.body["messages"][-1]["content"]
+    assert second.body["messages"][-2] == {"role": "assistant", "content": json.dumps(blank)}
     assert (await ledger.account(T, ACCT)).spent_nanos == outcome.cost_nanos
 
 

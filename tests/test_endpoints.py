@@ -35,7 +35,7 @@ input_usd_per_mtok = "0.15"
 output_usd_per_mtok = "0.60"
 kind = "remote"
 tier = 2
-json_schema = true
+structured_output = "json_schema"
 
 [[endpoints]]
 name = "gpt4o"
@@ -90,7 +90,7 @@ def test_good_config_loads(tmp_path: Path) -> None:
     assert mini.input_usd_per_mtok == Decimal("0.15")
     assert mini.price == Price.of("0.15", "0.60")
     assert mini.price.cost_nanos(input_tokens=1_000_000, output_tokens=0) == 150_000_000
-    assert mini.json_schema is True
+    assert mini.structured_output == "json_schema"
     assert config.get("gpt4o").base_url == "https://api.openai.com/v1"  # trailing / dropped
     local = config.get("local")
     assert (local.context_window, local.max_concurrency, local.tier) == (8192, 1, 1)
@@ -229,7 +229,11 @@ def test_path_none_is_the_embedded_local_default() -> None:
     local = config.default_endpoint
     assert (local.name, local.model, local.kind) == ("smollm2", "SmolLM2-135M-Instruct", "local")
     assert local.base_url == DEFAULT_LOCAL_BASE_URL
-    assert (local.max_concurrency, local.context_window, local.json_schema) == (1, 2048, False)
+    assert (local.max_concurrency, local.context_window, local.structured_output) == (
+        1,
+        2048,
+        "json_object",
+    )
     assert local.price.is_free
     moved = load_config(None, env={LOCAL_URL_ENV: "http://127.0.0.1:9999/v1"})
     assert moved.default_endpoint.base_url == "http://127.0.0.1:9999/v1"

@@ -263,7 +263,8 @@ def test_json_schema_is_strict_and_matches_the_model() -> None:
     item = schema["$defs"]["Subtask"]
     assert item["additionalProperties"] is False
     assert item["required"] == ["id", "instruction", "difficulty", "depends_on", "tags"]
-    assert item["properties"]["difficulty"]["minimum"] == 1
+    assert item["properties"]["difficulty"]["enum"] == [1, 2, 3, 4, 5]
+    assert item["properties"]["id"]["enum"] == ["s1", "s2", "s3", "s4"]
     assert "default" not in json.dumps(schema)
     assert "maxLength" not in json.dumps(schema)  # not supported by OpenAI's strict mode
     assert "maxItems" not in plan_json_schema()["json_schema"]["schema"]["properties"]["subtasks"]
