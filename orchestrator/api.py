@@ -25,8 +25,8 @@ from orchestrator.embedded import ensure_redis
 from orchestrator.errors import InvalidTask, SubtaskNotFound, TaskNotFound, TaskTimeout
 from orchestrator.flow import stats_scope
 from orchestrator.queue import TaskQueue
-from orchestrator.records import Records, TaskRecord
-from orchestrator.runtime import Runtime
+from orchestrator.records import Records, Status, TaskRecord
+from orchestrator.runtime import Runtime, finish_task
 from orchestrator.settings import Settings
 
 T = TypeVar("T")
@@ -130,12 +130,20 @@ class Paymaster:
 
     @property
     def endpoints(self) -> EndpointsConfig:
-        """The endpoint configuration; the bundled local model when none was given."""
+        """The endpoint configuration; the bundled local model when none was given.
+
+        That model is the server at ``PAYMASTER_LOCAL_MODEL_URL`` when the
+        environment names one (none is started then), else our own server.
+        """
         if self._config is None:
+            from agents.endpoints import LOCAL_URL_ENV
             from agents.local_model import ensure_running
 
-            base = ensure_running(self.settings.home, port=DEFAULT_LOCAL_PORT, env=self._env)
-            self._config = load_config(None, env={**self._env, "PAYMASTER_LOCAL_MODEL_URL": base})
+            env = self._env
+            if not env.get(LOCAL_URL_ENV):
+                base = ensure_running(self.settings.home, port=DEFAULT_LOCAL_PORT, env=env)
+                env = {**env, LOCAL_URL_ENV: base}
+            self._config = load_config(None, env=env)
         return self._config
 
     def runtime(self) -> Runtime:
@@ -249,9 +257,25 @@ class Paymaster:
             delay = min(0.5, delay * 1.5)
 
     async def acancel(self, task_id: str) -> bool:
-        """Ask a task to stop; ``False`` if it is already final."""
+        """Ask a task to stop; ``False`` if it is already final.
+
+        A task no worker has taken yet is cancelled at once: its ledger closes
+        and its tenant gets the funding back. A running one stops at its next step.
+        """
         await self.arecord(task_id)
-        return await Records(self.books.redis).request_cancel(task_id)
+        records = Records(self.books.redis)
+        if await records.cancel_queued(task_id):
+            await finish_task(
+                self.books,
+                records,
+                task_id,
+                status=Status.CANCELLED,
+                answer=None,
+                error=None,
+                retention_s=self.settings.retention_s,
+            )
+            return True
+        return await records.request_cancel(task_id)
 
     def task(self, task_id: str) -> Task:
         """A handle on an existing task."""

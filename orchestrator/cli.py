@@ -8,20 +8,25 @@ model server unreachable; 124 a wait timed out.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Annotated, Any
 
+import redis.exceptions
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
-from rich.tree import Tree
 
-from budgets import AccountView, Budget, LedgerUnavailable, TaskTree, nanos_to_usd
+from agents.errors import ConfigError, ModelCallFailed
+from budgets import Budget, LedgerEvent, LedgerUnavailable, TaskTree
 from budgets.errors import InvalidAmount, InvalidName, LedgerError, PaymasterError, UnknownTenant
 from orchestrator.api import Paymaster
+from orchestrator.display import Moves, event_line, ledger_tree, tokens_text, usd_text
 from orchestrator.errors import (
     InvalidTask,
     MissingRedis,
@@ -29,6 +34,7 @@ from orchestrator.errors import (
     TaskNotFound,
     TaskTimeout,
 )
+from orchestrator.progress import ProgressView, follow
 from orchestrator.records import Status, TaskRecord
 
 app = typer.Typer(
@@ -36,29 +42,42 @@ app = typer.Typer(
 )
 local_model = typer.Typer(no_args_is_help=True, help="The bundled local model (SmolLM2-135M).")
 app.add_typer(local_model, name="local-model")
+services = typer.Typer(help="The background services Paymaster starts: list them, or stop them.")
+app.add_typer(services, name="services")
 out = Console()
 err = Console(stderr=True)
 
-TokensOpt = Annotated[int | None, typer.Option("--tokens", help="token limit for the task")]
+DEFAULT_TOKENS = 20_000
+TokensOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--tokens", help=f"token limit for the task (default {DEFAULT_TOKENS:,} when no --usd)"
+    ),
+]
 UsdOpt = Annotated[str | None, typer.Option("--usd", help="dollar limit, e.g. 0.20")]
 TenantOpt = Annotated[str | None, typer.Option("--tenant", help="tenant that funds the task")]
 
 
 def _fail(message: str, code: int) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}")
+    err.print(f"[red]error:[/red] {escape(message)}")
     return typer.Exit(code)
 
 
 def _guard(exc: BaseException) -> typer.Exit:
+    """The exit code and one-line message for an error; anything unknown propagates."""
     if isinstance(exc, TaskNotFound | SubtaskNotFound):
         return _fail(str(exc), 3)
     if isinstance(exc, TaskTimeout):
         return _fail(str(exc), 124)
+    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+        return _fail(f"Redis is unreachable ({exc}); check REDIS_URL or start redis-server", 4)
     if isinstance(exc, LedgerUnavailable | MissingRedis | ConnectionError):
         return _fail(str(exc), 4)
+    if isinstance(exc, ModelCallFailed) and exc.transient:
+        return _fail(f"{exc}; is the model server running? (paymaster endpoints)", 4)
     if isinstance(exc, InvalidTask | InvalidAmount | InvalidName | UnknownTenant | LedgerError):
         return _fail(str(exc), 2)
-    if isinstance(exc, PaymasterError):
+    if isinstance(exc, ConfigError | PaymasterError):
         return _fail(str(exc), 2)
     raise exc
 
@@ -72,43 +91,11 @@ def _pm() -> Paymaster:
 
 def _budget(tokens: int | None, usd: str | None) -> Budget:
     if tokens is None and usd is None:
-        tokens = 20_000
+        tokens = DEFAULT_TOKENS
     try:
         return Budget(tokens=tokens, usd=usd)
     except InvalidAmount as e:
         raise _fail(str(e), 2) from e
-
-
-def _bar(used: int, limit: int | None, width: int = 16) -> str:
-    if not limit:
-        return ""
-    filled = min(width, round(width * used / limit))
-    colour = "red" if used > limit else "green"
-    return f"[{colour}]{'█' * filled}[/{colour}]{'░' * (width - filled)}"
-
-
-def _label(acct: AccountView) -> str:
-    spent_usd = nanos_to_usd(acct.total_spent_nanos)
-    limit_t = "∞" if acct.limit_tokens is None else f"{acct.limit_tokens:,}"
-    limit_usd = "∞" if acct.limit_nanos is None else f"${nanos_to_usd(acct.limit_nanos):f}"
-    state = " [dim](closed)[/dim]" if acct.closed else ""
-    over = " [red]overrun[/red]" if acct.overrun_tokens or acct.overrun_nanos else ""
-    return (
-        f"[bold]{acct.path.rsplit('/', 1)[-1]}[/bold]{state}{over}  "
-        f"tokens {acct.total_spent_tokens:,}/{limit_t} "
-        f"{_bar(acct.total_spent_tokens, acct.limit_tokens)}  "
-        f"usd ${spent_usd:f}/{limit_usd}  reserved {acct.total_reserved_tokens:,}"
-    )
-
-
-def _tree(tree: TaskTree) -> Tree:
-    def add(node: Tree, acct: AccountView) -> None:
-        for child in acct.children:
-            add(node.add(_label(child)), child)
-
-    root = Tree(f"task {tree.task_id} [{tree.status}]  " + _label(tree.root))
-    add(root, tree.root)
-    return root
 
 
 def _show_record(record: TaskRecord) -> None:
@@ -117,7 +104,7 @@ def _show_record(record: TaskRecord) -> None:
     if record.spent:
         out.print(f"spent: {record.spent.tokens:,} tokens, ${Decimal(record.spent.usd):f}")
     if record.error:
-        out.print(f"error: {record.error}")
+        out.print(f"error: {record.error}", markup=False, highlight=False)
     if record.answer:
         out.print("answer:")
         out.print(record.answer, markup=False, highlight=False)
@@ -139,44 +126,52 @@ def run(
     pm = _pm()
     budget = _budget(tokens, usd)
     try:
-        record, tree = asyncio.run(_run(pm, task, budget, tenant))
+        record, tree, moves = asyncio.run(_run(pm, task, budget, tenant))
     except Exception as e:
         raise _guard(e) from e
     _show_record(record)
-    out.print(_tree(tree))
+    out.print(ledger_tree(tree, moves))
     _exit_for(record)
 
 
 async def _run(
     pm: Paymaster, task: str, budget: Budget, tenant: str | None
-) -> tuple[TaskRecord, TaskTree]:
+) -> tuple[TaskRecord, TaskTree, Moves]:
     import uuid
 
     task_id = uuid.uuid4().hex[:16]
-    out.print(f"task id: {task_id}")
-    watcher = asyncio.create_task(_progress(pm, task_id))
     try:
-        record = await pm.arun(task, budget=budget, tenant=tenant, task_id=task_id)
+        async with _watching(pm, task_id):
+            record = await pm.arun(task, budget=budget, tenant=tenant, task_id=task_id)
+        tree = await pm.aledger(task_id)
+        moves = Moves.of(await pm.books.events(task_id))
     finally:
-        watcher.cancel()
-    tree = await pm.aledger(task_id)
-    await pm.aclose()
-    return record, tree
+        await pm.aclose()
+    return record, tree, moves
 
 
-async def _progress(pm: Paymaster, task_id: str) -> None:
-    after = "-"
-    while True:
-        await asyncio.sleep(0.2)
+@contextlib.asynccontextmanager
+async def _watching(pm: Paymaster, task_id: str) -> AsyncIterator[None]:
+    """Show the task's progress on stderr while the body runs; its id once it exists."""
+    view = ProgressView(err)
+    done = asyncio.Event()
+
+    async def fetch(tid: str, after: str) -> list[LedgerEvent]:
+        events = await pm.books.events(tid, after=after)
+        if events and after == "-":
+            err.print(f"task id: {tid}", markup=False, highlight=False)
+        return events
+
+    watcher = asyncio.create_task(follow(fetch, task_id, view, done))
+    try:
+        yield
+    finally:
+        done.set()
         try:
-            events = await pm.books.events(task_id, after=after)
-        except PaymasterError:
-            continue
-        for ev in events:
-            after = ev.id
-            if ev.op in ("commit", "open", "close", "overrun"):
-                where = ev.tags.get("endpoint", "")
-                err.print(f"[dim]{ev.op:8} {ev.account:28} {ev.tokens:>7} tok {where}[/dim]")
+            await asyncio.wait_for(watcher, timeout=5)
+        except TimeoutError:
+            watcher.cancel()
+        view.close()
 
 
 @app.command()
@@ -185,24 +180,34 @@ def submit(
     tokens: TokensOpt = None,
     usd: UsdOpt = None,
     tenant: TenantOpt = None,
-    wait: Annotated[bool, typer.Option("--wait", help="wait for the answer")] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="wait for the answer, showing progress")
+    ] = False,
     timeout: Annotated[float, typer.Option(help="seconds to wait with --wait")] = 600.0,
 ) -> None:
-    """Queue a task for a worker; print its id (and, with --wait, its answer)."""
+    """Queue a task for a worker (see `paymaster worker`); print its id (--wait: its answer)."""
     pm = _pm()
     try:
-        handle = pm.submit(task, budget=_budget(tokens, usd), tenant=tenant)
-        out.print(handle.id)
-        if wait:
-            record = handle.wait(timeout=timeout)
-            _show_record(record)
-            _exit_for(record)
-    except typer.Exit:
-        raise
+        record = asyncio.run(_submit(pm, task, _budget(tokens, usd), tenant, wait, timeout))
     except Exception as e:
         raise _guard(e) from e
+    if record is not None:
+        _show_record(record)
+        _exit_for(record)
+
+
+async def _submit(
+    pm: Paymaster, task: str, budget: Budget, tenant: str | None, wait: bool, timeout: float
+) -> TaskRecord | None:
+    try:
+        handle = await pm.asubmit(task, budget=budget, tenant=tenant)
+        out.print(handle.id, markup=False, highlight=False)
+        if not wait:
+            return None
+        async with _watching(pm, handle.id):
+            return await handle.result(timeout=timeout)
     finally:
-        pm.close()
+        await pm.aclose()
 
 
 @app.command()
@@ -228,6 +233,7 @@ def ledger(task_id: str, as_json: Annotated[bool, typer.Option("--json")] = Fals
     pm = _pm()
     try:
         tree = pm.ledger(task_id)
+        moves = Moves.of(pm.events(task_id))
     except Exception as e:
         raise _guard(e) from e
     finally:
@@ -235,14 +241,14 @@ def ledger(task_id: str, as_json: Annotated[bool, typer.Option("--json")] = Fals
     if as_json:
         print(tree.model_dump_json(indent=2))
     else:
-        out.print(_tree(tree))
+        out.print(ledger_tree(tree, moves))
 
 
 @app.command()
 def events(
     task_id: str,
     follow: Annotated[
-        bool, typer.Option("--follow", "-f", help="keep printing new events")
+        bool, typer.Option("--follow", "-f", help="keep printing new events until the task ends")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
@@ -251,19 +257,15 @@ def events(
     after = "-"
     try:
         while True:
+            final = not follow or pm.status(task_id).status.final
             for ev in pm.events(task_id, after=after):
                 after = ev.id
                 if as_json:
                     print(ev.model_dump_json())
                 else:
-                    tags = " ".join(f"{k}={v}" for k, v in sorted(ev.tags.items()))
                     stamp = time.strftime("%H:%M:%S", time.localtime(ev.ts_ms / 1000))
-                    out.print(
-                        f"{stamp} {ev.op:8} {ev.account:28} {ev.tokens:>8} tok "
-                        f"{ev.nanos:>12} n$ {tags}",
-                        markup=False,
-                    )
-            if not follow:
+                    out.print(event_line(ev, stamp), markup=False, highlight=False)
+            if final:
                 break
             time.sleep(0.5)
     except KeyboardInterrupt:
@@ -283,7 +285,13 @@ def worker(
     """Take tasks from the queue and run them until SIGTERM."""
     from orchestrator.worker import Worker, install_signal_handlers
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # Our own lines at INFO; libraries only from WARNING (httpx's one line per
+    # request would drown what the worker says about its tasks).
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    for ours in ("orchestrator", "agents", "budgets"):
+        logging.getLogger(ours).setLevel(logging.INFO)
     pm = _pm()
 
     async def main() -> None:
@@ -425,11 +433,11 @@ def tenants(
         table.add_row(
             v.name,
             f"{v.period} {v.period_id}",
-            str(v.limit.tokens or "∞"),
-            str(v.limit.usd or "∞"),
+            tokens_text(v.limit.tokens),
+            "∞" if v.limit.usd is None else f"${v.limit.usd}",
             f"{v.funded_tokens:,}",
             f"{v.spent_tokens:,}",
-            f"{nanos_to_usd(v.spent_nanos):f}",
+            usd_text(v.spent_nanos),
         )
     out.print(table)
 
@@ -449,6 +457,66 @@ def local_model_serve(
     except PaymasterError as e:
         raise _fail(str(e), 2) from e
     raise typer.Exit(code)
+
+
+# -- paymaster services: the private Redis and the local model server ----------------------------
+
+ServicesJsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
+
+
+@services.callback(invoke_without_command=True)
+def services_main(ctx: typer.Context, as_json: ServicesJsonOpt = False) -> None:
+    """List (the default) or stop the private Redis and the local model server."""
+    if ctx.invoked_subcommand is None:
+        services_list(as_json=as_json)
+
+
+@services.command("list")
+def services_list(as_json: ServicesJsonOpt = False) -> None:
+    """Show each background service: pid, port, URL and whether it runs."""
+    import os
+
+    from orchestrator.services import list_services
+    from orchestrator.settings import Settings
+
+    try:
+        listed = list_services(Settings.from_env(os.environ).home)
+    except ValueError as e:
+        raise _fail(str(e), 2) from e
+    if as_json:
+        print(json.dumps([s.model_dump(mode="json") for s in listed], indent=2))
+        return
+    table = Table("service", "pid", "port", "url", "running")
+    for s in listed:
+        stale = " (stale record)" if s.pid is not None and not s.running else ""
+        running = "[green]yes[/green]" if s.running else f"no{stale}"
+        table.add_row(s.name, str(s.pid or "-"), str(s.port or "-"), s.url or "-", running)
+    out.print(table)
+
+
+@services.command("stop")
+def services_stop(
+    grace: Annotated[float, typer.Option(help="seconds after SIGTERM before SIGKILL")] = 10.0,
+) -> None:
+    """Stop the private Redis and the local model server; fine when neither runs."""
+    import os
+
+    from orchestrator.services import StopOutcome, stop_services
+    from orchestrator.settings import Settings
+
+    try:
+        reports = stop_services(Settings.from_env(os.environ).home, grace_s=grace)
+    except ValueError as e:
+        raise _fail(str(e), 2) from e
+    for r in reports:
+        s = r.service
+        if r.outcome is StopOutcome.STOPPED:
+            out.print(f"stopped {s.name} (pid {s.pid}, port {s.port})")
+        elif r.outcome is StopOutcome.STALE:
+            why = f"pid {s.pid} is not ours" if s.pid is not None else "it was unreadable"
+            out.print(f"{s.name} was not running; removed its record ({why})")
+    if not any(r.outcome is StopOutcome.STOPPED for r in reports):
+        out.print("nothing was running")
 
 
 def main() -> None:

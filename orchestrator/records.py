@@ -56,6 +56,24 @@ class TaskRecord(BaseModel):
     cancel_requested: bool = False
 
 
+# KEYS[1] task record   ARGV[1] now (s)
+# returns the delivery count, or -1 when the task is already final (nothing written)
+_MARK_RUNNING = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'queued' and status ~= 'running' then return -1 end
+redis.call('HSET', KEYS[1], 'status', 'running', 'started_s', ARGV[1])
+return redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
+"""
+
+# KEYS[1] task record
+# returns 1 when a queued task became cancelled, 0 when it was not queued (nothing written)
+_CANCEL_QUEUED = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'cancelled', 'cancel', '1')
+return 1
+"""
+
+
 def _opt_float(value: str | None) -> float | None:
     return float(value) if value else None
 
@@ -65,6 +83,8 @@ class Records:
 
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
+        self._mark_running = redis.register_script(_MARK_RUNNING)
+        self._cancel_queued = redis.register_script(_CANCEL_QUEUED)
 
     async def create(
         self, task_id: str, *, task: str, budget: Budget, tenant: str | None
@@ -112,16 +132,19 @@ class Records:
             cancel_requested=raw.get("cancel") == "1",
         )
 
-    async def mark_running(self, task_id: str) -> int:
-        """Record a delivery; returns how many times the task has been delivered."""
+    async def mark_running(self, task_id: str) -> int | None:
+        """Record a delivery; how many times the task has been delivered, ``None`` if final.
+
+        Atomic with the status check, so a task cancelled while queued is never
+        marked running again.
+        """
         keys = TaskKeys(task_id)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(
-            keys.record, mapping={"status": Status.RUNNING.value, "started_s": repr(time.time())}
-        )
-        pipe.hincrby(keys.record, "deliveries", 1)
-        _, deliveries = await pipe.execute()
-        return int(deliveries)
+        deliveries = int(await self._mark_running(keys=[keys.record], args=[repr(time.time())]))
+        return None if deliveries < 0 else deliveries
+
+    async def cancel_queued(self, task_id: str) -> bool:
+        """Cancel a task no worker has taken yet; ``False`` if it is not queued."""
+        return bool(await self._cancel_queued(keys=[TaskKeys(task_id).record]))
 
     async def finish(
         self,

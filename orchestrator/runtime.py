@@ -80,6 +80,8 @@ class Runtime:
         if record.status.final:
             return record
         delivery = await self.records.mark_running(task_id)
+        if delivery is None:  # cancelled (or finished) since it was read
+            return await self.records.get(task_id) or record
         if await self.records.cancel_requested(task_id):
             return await self._finish(task_id, Status.CANCELLED, None, None)
         await self._close_stale_accounts(task_id)
@@ -127,21 +129,45 @@ class Runtime:
     async def _finish(
         self, task_id: str, status: Status, answer: str | None, error: str | None
     ) -> TaskRecord:
-        spent: Spent | None = None
-        try:
-            closed = await self.ledger.close_task(task_id, force=True)
-            spent = Spent(tokens=closed.spent_tokens, usd=str(nanos_to_usd(closed.spent_nanos)))
-        except UnknownTask:
-            pass
-        retention = self.settings.retention_s
-        await self.records.finish(
-            task_id, status=status, answer=answer, error=error, spent=spent, retention_s=retention
+        return await finish_task(
+            self.ledger,
+            self.records,
+            task_id,
+            status=status,
+            answer=answer,
+            error=error,
+            retention_s=self.settings.retention_s,
         )
-        with contextlib.suppress(UnknownTask):
-            await self.ledger.expire_task(task_id, retention_s=retention)
-        record = await self.records.get(task_id)
-        assert record is not None
-        return record
+
+
+async def finish_task(
+    ledger: Ledger,
+    records: Records,
+    task_id: str,
+    *,
+    status: Status,
+    answer: str | None,
+    error: str | None,
+    retention_s: int,
+) -> TaskRecord:
+    """Close the task's ledger (leftovers back to its tenant), write its final record.
+
+    Both the ledger and the record then expire after ``retention_s``.
+    """
+    spent: Spent | None = None
+    try:
+        closed = await ledger.close_task(task_id, force=True)
+        spent = Spent(tokens=closed.spent_tokens, usd=str(nanos_to_usd(closed.spent_nanos)))
+    except UnknownTask:
+        pass
+    await records.finish(
+        task_id, status=status, answer=answer, error=error, spent=spent, retention_s=retention_s
+    )
+    with contextlib.suppress(UnknownTask):
+        await ledger.expire_task(task_id, retention_s=retention_s)
+    record = await records.get(task_id)
+    assert record is not None
+    return record
 
 
 def options_of(endpoints: EndpointsConfig) -> tuple[Option, ...]:

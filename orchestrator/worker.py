@@ -86,14 +86,27 @@ class Worker:
                 await runtime.fail(delivery.task_id, reason)
                 await self.queue.dead_letter(delivery, reason=reason)
                 return
+            log.info("took task %s (delivery %d)", delivery.task_id, record.deliveries + 1)
+            started = time.monotonic()
             final = await runtime.execute(delivery.task_id)
+            spent = final.spent
+            log.info(
+                "finished task %s: %s, spent %s tokens and $%s in %.1fs",
+                delivery.task_id,
+                final.status.value,
+                f"{spent.tokens:,}" if spent else "0",
+                spent.usd if spent else "0",
+                time.monotonic() - started,
+            )
             if final.status is Status.FAILED:
                 # Failed on its last delivery: keep it in the dead letter for inspection.
                 await self.queue.dead_letter(delivery, reason=final.error or "failed")
             else:
                 await self.queue.ack(delivery.message_id)
         except asyncio.CancelledError:
-            raise  # shutting down: the message stays pending for another worker
+            # Shutting down: the message stays pending for another worker.
+            log.info("handed back task %s: stopping before it finished", delivery.task_id)
+            raise
         except Exception:
             log.exception("task %s failed; it will be delivered again", delivery.task_id)
         finally:
