@@ -137,6 +137,22 @@ class WorkerAgent:
         )
         return result_of(subtask.id, call)
 
+    def prompt_tokens(
+        self,
+        *,
+        subtask: Subtask,
+        context: Mapping[str, str],
+        endpoint: str | None,
+        task_text: str,
+    ) -> int:
+        """The prompt of :meth:`solve` as the metered client counts it (no call is made)."""
+        # The stated budget's digits vary; 99999 is the widest a tier writes.
+        messages = worker_messages(
+            subtask=subtask, context=context, budget_tokens=99_999, task_text=task_text
+        )
+        name = endpoint or self._client.config.worker
+        return self._client.quote(endpoint=name, messages=messages, output_tokens=0).tokens
+
 
 def result_of(subtask_id: str, call: CallResult) -> WorkerResult:
     """A :class:`WorkerResult` from the metered call that answered ``subtask_id``."""

@@ -7,6 +7,7 @@ the sync methods run that body on a private event loop in a background thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from agents.endpoints import DEFAULT_LOCAL_PORT, EndpointsConfig, load_config
+from agents.plan import Plan
 from budgets import Budget, Ledger, LedgerEvent, TaskTree
 from budgets.errors import UnknownTask
 from budgets.keys import TaskKeys, check_name
@@ -223,7 +225,22 @@ class Paymaster:
     ) -> TaskRecord:
         """Run a task in this process (no worker needed) and return its final record."""
         task_id = await self._create(text, budget, tenant, task_id)
-        return await self.runtime().execute(task_id)
+        try:
+            return await self.runtime().execute(task_id)
+        except BaseException as e:
+            # No queue will deliver an in-process task again: end it now, its
+            # ledger closed and its tenant's funding back, then say why.
+            with contextlib.suppress(Exception):
+                await finish_task(
+                    self.books,
+                    Records(self.books.redis),
+                    task_id,
+                    status=Status.FAILED,
+                    answer=None,
+                    error=f"{type(e).__name__}: {e}",
+                    retention_s=self.settings.retention_s,
+                )
+            raise
 
     def run(
         self, text: str, *, budget: Budget, tenant: str | None = None, task_id: str | None = None
@@ -276,6 +293,20 @@ class Paymaster:
             )
             return True
         return await records.request_cancel(task_id)
+
+    async def asubtasks(self, task_id: str) -> list[str]:
+        """Ids of the task's finished subtasks, in plan order (what :meth:`feedback` takes)."""
+        await self.arecord(task_id)
+        records = Records(self.books.redis)
+        results = await records.load_results(task_id)
+        saved = await records.load_plan(task_id)
+        order = [s.id for s in Plan.model_validate_json(saved).subtasks] if saved else []
+        done = [sid for sid in order if results.get(sid, {}).get("outcome")]
+        return done + sorted(sid for sid in results if sid not in order)
+
+    def subtasks(self, task_id: str) -> list[str]:
+        """Sync :meth:`asubtasks`."""
+        return self._sync(self.asubtasks(task_id))
 
     def task(self, task_id: str) -> Task:
         """A handle on an existing task."""

@@ -44,8 +44,9 @@ local_model = typer.Typer(no_args_is_help=True, help="The bundled local model (S
 app.add_typer(local_model, name="local-model")
 services = typer.Typer(help="The background services Paymaster starts: list them, or stop them.")
 app.add_typer(services, name="services")
-out = Console()
-err = Console(stderr=True)
+# No emoji codes: a task id like "a:b:c" must print as itself.
+out = Console(emoji=False)
+err = Console(stderr=True, emoji=False)
 
 DEFAULT_TOKENS = 20_000
 TokensOpt = Annotated[
@@ -378,23 +379,40 @@ def endpoints() -> None:
     """List configured model endpoints, their prices, and whether they answer."""
     import httpx
 
+    from orchestrator.runtime import smallest_budgets
+
     pm = _pm()
-    table = Table("name", "kind", "model", "in $/M", "out $/M", "tier", "reachable")
+    try:
+        runtime = pm.runtime()
+    except Exception as e:
+        raise _guard(e) from e
+    table = Table(
+        "name", "kind", "model", "in $/M", "out $/M", "tier", "runs from", "plans from", "up"
+    )
     for ep in pm.endpoints.endpoints:
         try:
             ok = httpx.get(f"{ep.base_url}/models", timeout=2).status_code < 500
         except httpx.HTTPError:
             ok = False
+        runs, plans = smallest_budgets(
+            client=runtime.metered, policy=runtime.policy, endpoint=ep.name
+        )
         table.add_row(
-            ep.name,
+            escape(ep.name),
             ep.kind,
-            ep.model,
+            escape(ep.model),
             str(ep.input_usd_per_mtok),
             str(ep.output_usd_per_mtok),
             str(ep.tier),
+            f"{runs:,}",
+            f"{plans:,}",
             "yes" if ok else "[red]no[/red]",
         )
     out.print(table)
+    out.print(
+        "[dim]runs from / plans from: the fewest --tokens that run the quick start's task "
+        "at all (as one subtask) / with a plan[/dim]"
+    )
 
 
 @app.command()

@@ -119,13 +119,6 @@ def _result_dict(
     }
 
 
-def _prompt_estimate(task: str, sub: Subtask, context: Mapping[str, str]) -> int:
-    # Sizing only (the metered call counts exactly): about 3 bytes a token plus framing.
-    size = len(task.encode()) + len(sub.instruction.encode())
-    size += sum(len(c.encode()) for c in context.values())
-    return size // 3 + 64
-
-
 def outcome_of(sub: Subtask, res: Mapping[str, Any], attempts: int) -> Outcome:
     """A saved result as the policy sees it."""
     need = Need(sub.id, sub.difficulty, tuple(sub.tags), attempt=attempts)
@@ -262,7 +255,12 @@ class Flow:
                     s.id,
                     s.difficulty,
                     tuple(s.tags),
-                    prompt_tokens=_prompt_estimate(state["task"], s, self._context(state, s)),
+                    prompt_tokens=deps.worker.prompt_tokens(
+                        subtask=s,
+                        context=self._context(state, s),
+                        endpoint=deps.default_endpoint,
+                        task_text=state["task"],
+                    ),
                 )
                 for s in ready
             ]

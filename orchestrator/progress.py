@@ -13,6 +13,7 @@ import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+from redis.exceptions import RedisError
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
@@ -149,7 +150,9 @@ async def follow(
 
     async def drain() -> None:
         nonlocal after
-        with contextlib.suppress(PaymasterError):
+        # A failed poll is tried again on the next tick; the task's own errors
+        # reach the caller through the task, not through its progress.
+        with contextlib.suppress(PaymasterError, RedisError):
             events = await fetch(task_id, after)
             if events:
                 after = events[-1].id

@@ -15,7 +15,7 @@ from agents.worker import WorkerAgent
 from budgets import BudgetExceeded, Ledger, nanos_to_usd
 from budgets.errors import LedgerError, UnknownTask
 from budgets.keys import ROOT
-from budgets.policy import Option, Policy, make_policy
+from budgets.policy import Option, Policy, Pool, make_policy
 from budgets.stats import StatsBook
 from orchestrator.errors import TaskCancelled
 from orchestrator.flow import Flow, FlowDeps, build_graph, stats_scope, summarize
@@ -35,6 +35,7 @@ class Runtime:
     metered: MeteredClient
     stats: StatsBook
     graph: Any
+    policy: Policy
 
     @classmethod
     def build(
@@ -54,18 +55,19 @@ class Runtime:
             ledger=ledger, config=endpoints, env=env, retry=retry, lease_s=settings.lease_s
         )
         stats = StatsBook(ledger.redis, retention_s=max(settings.retention_s, 30 * 86_400))
+        chosen = policy or make_policy(settings.policy)
         deps = FlowDeps(
             ledger=ledger,
             records=records,
             manager=ManagerAgent(client=metered),
             worker=WorkerAgent(client=metered),
-            policy=policy or make_policy(settings.policy),
+            policy=chosen,
             stats=stats,
             options=options_of(endpoints),
             default_endpoint=endpoints.worker or endpoints.default,
             max_subtasks=settings.max_subtasks,
         )
-        return cls(settings, ledger, records, metered, stats, build_graph(Flow(deps)))
+        return cls(settings, ledger, records, metered, stats, build_graph(Flow(deps)), chosen)
 
     async def aclose(self) -> None:
         """Close HTTP clients and Redis connections."""
@@ -168,6 +170,39 @@ async def finish_task(
     record = await records.get(task_id)
     assert record is not None
     return record
+
+
+#: The task ``smallest_budgets`` sizes: the quick start's.
+SAMPLE_TASK = "Name three prime numbers, then add them up"
+#: The least worker output counted as a useful answer when sizing the smallest budget.
+SAMPLE_ANSWER_TOKENS = 64
+
+
+def smallest_budgets(
+    *, client: MeteredClient, policy: Policy, endpoint: str, task: str = SAMPLE_TASK
+) -> tuple[int, int]:
+    """``(runs, plans)``: the fewest tokens that run ``task`` on ``endpoint`` at all, and planned.
+
+    ``runs``: one unplanned subtask, after the policy's synthesis reserve, can
+    pay its prompt and :data:`SAMPLE_ANSWER_TOKENS`. ``plans``: the planning
+    call at its least useful size fits in half the pool (see
+    :func:`orchestrator.flow.planning_budget`).
+    """
+    from agents.plan import single_subtask_plan
+    from agents.worker import worker_messages
+
+    (only,) = single_subtask_plan(task).subtasks
+    messages = worker_messages(
+        subtask=only, context={}, budget_tokens=SAMPLE_ANSWER_TOKENS, task_text=task
+    )
+    need = client.quote(
+        endpoint=endpoint, messages=messages, output_tokens=SAMPLE_ANSWER_TOKENS
+    ).tokens
+    runs = need
+    while runs - (policy.synthesis_reserve(Pool(tokens=runs, nanos=None)).tokens or 0) < need:
+        runs += max(1, need // 20)
+    _, least = ManagerAgent(client=client).plan_cost(task=task, endpoint=endpoint)
+    return runs, max(runs, 2 * least.tokens)
 
 
 def options_of(endpoints: EndpointsConfig) -> tuple[Option, ...]:
