@@ -60,7 +60,7 @@ TenantOpt = Annotated[str | None, typer.Option("--tenant", help="tenant that fun
 
 
 def _fail(message: str, code: int) -> typer.Exit:
-    err.print(f"[red]error:[/red] {escape(message)}")
+    err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
     return typer.Exit(code)
 
 

@@ -96,7 +96,7 @@ def ledger_tree(tree: TaskTree, moves: Moves | None = None) -> Tree:
         for child in acct.children:
             add(node.add(account_label(child, moves)), child)
 
-    head = f"task {escape(tree.task_id)} [{escape(tree.status)}]  "
+    head = escape(f"task {tree.task_id} [{tree.status}]") + "  "
     root = Tree(head + account_label(tree.root, moves).split("  ", 1)[1])
     add(root, tree.root)
     return root

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -49,3 +51,42 @@ def server(shared_server: ScriptedModelServer) -> ScriptedModelServer:
     shared_server.clear()
     shared_server.responder = None
     return shared_server
+
+
+def write_toml(path: Path, base_url: str, *, timeout_s: float = 30.0) -> Path:
+    path.write_text(
+        "[[endpoints]]\n"
+        'name = "stub"\n'
+        f'base_url = "{base_url}"\n'
+        'model = "m"\n'
+        'kind = "remote"\n'
+        'input_usd_per_mtok = "1"\n'
+        'output_usd_per_mtok = "2"\n'
+        "max_retries = 0\n"
+        "max_concurrency = 16\n"
+        f"timeout_s = {timeout_s}\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+@pytest.fixture
+def stub() -> Iterator[ScriptedModelServer]:
+    with ScriptedModelServer() as srv:
+        yield srv
+
+
+@pytest.fixture
+def env(redis_url: str, stub: ScriptedModelServer, tmp_path: Path) -> dict[str, str]:
+    """The environment of a worker or CLI process talking to the stub and the test Redis."""
+    keep = {k: v for k, v in os.environ.items() if not k.startswith(("PAYMASTER_", "REDIS_"))}
+    return {
+        **keep,
+        "REDIS_URL": redis_url,
+        "PAYMASTER_CONFIG": str(write_toml(tmp_path / "endpoints.toml", stub.base_url)),
+        "PAYMASTER_HOME": str(tmp_path),
+        "PAYMASTER_VISIBILITY_TIMEOUT_S": "1",
+        "PAYMASTER_HEARTBEAT_S": "0.2",
+        "PAYMASTER_LEASE_S": "2",
+        "PYTHONUNBUFFERED": "1",
+    }

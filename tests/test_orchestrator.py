@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -123,29 +122,6 @@ def stub_config(srv: ScriptedModelServer) -> EndpointsConfig:
     )
 
 
-def write_toml(path: Path, base_url: str, *, timeout_s: float = 30.0) -> Path:
-    path.write_text(
-        "[[endpoints]]\n"
-        'name = "stub"\n'
-        f'base_url = "{base_url}"\n'
-        'model = "m"\n'
-        'kind = "remote"\n'
-        'input_usd_per_mtok = "1"\n'
-        'output_usd_per_mtok = "2"\n'
-        "max_retries = 0\n"
-        "max_concurrency = 16\n"
-        f"timeout_s = {timeout_s}\n",
-        encoding="utf-8",
-    )
-    return path
-
-
-@pytest.fixture
-def stub() -> Iterator[ScriptedModelServer]:
-    with ScriptedModelServer() as srv:
-        yield srv
-
-
 @pytest.fixture
 async def pm(redis_url: str, stub: ScriptedModelServer, tmp_path: Path) -> AsyncIterator[Paymaster]:
     paymaster = Paymaster(
@@ -153,22 +129,6 @@ async def pm(redis_url: str, stub: ScriptedModelServer, tmp_path: Path) -> Async
     )
     yield paymaster
     await paymaster.aclose()
-
-
-@pytest.fixture
-def env(redis_url: str, stub: ScriptedModelServer, tmp_path: Path) -> dict[str, str]:
-    """The environment of a worker or CLI process talking to the stub and the test Redis."""
-    keep = {k: v for k, v in os.environ.items() if not k.startswith(("PAYMASTER_", "REDIS_"))}
-    return {
-        **keep,
-        "REDIS_URL": redis_url,
-        "PAYMASTER_CONFIG": str(write_toml(tmp_path / "endpoints.toml", stub.base_url)),
-        "PAYMASTER_HOME": str(tmp_path),
-        "PAYMASTER_VISIBILITY_TIMEOUT_S": "1",
-        "PAYMASTER_HEARTBEAT_S": "0.2",
-        "PAYMASTER_LEASE_S": "2",
-        "PYTHONUNBUFFERED": "1",
-    }
 
 
 class WorkerProc:
