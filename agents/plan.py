@@ -184,7 +184,8 @@ def plan_schema(*, max_subtasks: int | None = None, grammar: bool = False) -> di
     dropped. With ``max_subtasks`` the list is bounded and ids are ``s1`` ...
     ``s<max>``; difficulty is an enum either way. ``grammar=True`` (llama.cpp,
     which compiles the schema to a grammar) also bounds every string and list,
-    so a small model cannot ramble past a useful plan.
+    so a small model cannot ramble past a useful plan, and asks for at least
+    two subtasks when ``max_subtasks`` allows two.
     """
     schema: dict[str, Any] = _strict(Plan.model_json_schema())
     subtasks = schema["properties"]["subtasks"]
@@ -197,6 +198,10 @@ def plan_schema(*, max_subtasks: int | None = None, grammar: bool = False) -> di
         fields["id"] = {"type": "string", "enum": ids}
         fields["depends_on"] = {"type": "array", "items": {"type": "string", "enum": ids}}
     if grammar:
+        # A small local model held by a grammar rarely splits on its own, and
+        # splitting is the manager's job: ask for two where two are allowed.
+        if max_subtasks is not None and max_subtasks >= 2:
+            subtasks["minItems"] = 2
         fields["instruction"] |= {"minLength": 8, "maxLength": _GRAMMAR_INSTRUCTION_CHARS}
         fields["tags"] = {
             "type": "array",

@@ -78,6 +78,13 @@ from orchestrator.redis_server import RedisServer
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "datasets"
+
+
+def data_dir(given: str | None = None) -> Path:
+    """Where the recorded answers are: ``given``, else ``$PAYMASTER_DATASETS``, else the default."""
+    return Path(given or os.environ.get("PAYMASTER_DATASETS") or DEFAULT_DATA)
+
+
 GSM8K_STRONG, GSM8K_WEAK = "gpt-4-1106-preview", "mistralai/Mixtral-8x7B-Instruct-v0.1"
 #: List prices from the dataset README, USD per million tokens (input, output).
 GSM8K_PRICES = {GSM8K_STRONG: ("10", "30"), GSM8K_WEAK: ("0.6", "0.6")}
@@ -615,7 +622,7 @@ def _plot(path: Path, dataset: str, points: dict[str, list[tuple[float, float]]]
 
 async def replay(args: argparse.Namespace) -> int:
     """Run every policy and baseline, print the table, plot, and the RESULT line."""
-    data = Path(args.data or os.environ.get("PAYMASTER_DATASETS") or DEFAULT_DATA)
+    data = data_dir(args.data)
     loader = load_gsm8k if args.dataset == "gsm8k" else load_routerarena
     questions, models = loader(data)
     if args.quick:

@@ -27,7 +27,7 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.types import Send
 
 from agents.manager import ManagerAgent, PlanOutcome
-from agents.plan import Plan, Subtask
+from agents.plan import Plan, Subtask, single_subtask_plan
 from agents.worker import WorkerAgent, WorkerResult
 from budgets import Amount, Budget, BudgetExceeded, Ledger, nanos_to_usd
 from budgets.errors import AccountClosed
@@ -174,7 +174,8 @@ class Flow:
             await deps.ledger.open_account(task_id, manager_acct, _budget_of(reserve))
             plan = Plan.model_validate_json(saved)
         else:
-            full, least = deps.manager.plan_cost(task=state["task"], max_subtasks=deps.max_subtasks)
+            most = self._subtasks_affordable(pool, reserve, state["task"])
+            full, least = deps.manager.plan_cost(task=state["task"], max_subtasks=most)
             size = planning_budget(pool, reserve=reserve, full=full, least=least)
             if size is None:
                 why = (
@@ -189,7 +190,7 @@ class Flow:
                     task_id=task_id,
                     account=manager_acct,
                     task=state["task"],
-                    max_subtasks=deps.max_subtasks,
+                    max_subtasks=most,
                 )
                 await self._give_back(task_id, manager_acct, keep=reserve, delivery=delivery)
             plan = outcome.plan
@@ -203,6 +204,21 @@ class Flow:
             "results": done,
             "attempts": {sid: int(r.get("attempt", 1)) for sid, r in done.items()},
         }
+
+    def _subtasks_affordable(self, pool: Pool, reserve: Pool, task: str) -> int:
+        """How many subtasks the pool can pay one useful call each for (at least one).
+
+        The plan asks for no more than that, so a small budget is not spread
+        over more subtasks than can each say something.
+        """
+        if pool.tokens is None:
+            return self.deps.max_subtasks
+        (whole,) = single_subtask_plan(task).subtasks
+        each = USEFUL_OUTPUT_TOKENS + self.deps.worker.prompt_tokens(
+            subtask=whole, context={}, endpoint=self.deps.default_endpoint, task_text=task
+        )
+        left = pool.tokens - (reserve.tokens or 0) - pool.tokens // 2
+        return max(1, min(self.deps.max_subtasks, left // max(1, each)))
 
     async def _give_back(self, task_id: str, account: str, *, keep: Pool, delivery: int) -> None:
         """Return what ``account`` holds beyond ``keep`` to the pool (the root)."""
@@ -266,11 +282,16 @@ class Flow:
             ]
             grants = deps.policy.split(pool, needs, pending_after=later, menu=menu)
             ready_ids = {s.id for s in ready}
-            work = [
-                self._item(state, by_id[g.subtask_id], g, 1)
-                for g in grants
-                if g.subtask_id in ready_ids
-            ]
+            prompts = {n.subtask_id: n.prompt_tokens for n in needs}
+            paid = [g for g in grants if g.subtask_id in ready_ids and _useful(g, prompts)]
+            if not paid and needs:
+                # No share pays a useful call: run the first subtask alone on
+                # the whole pool; the others wait for the money it gives back.
+                alone = deps.policy.split(pool, needs[:1], pending_after=0, menu=menu)
+                paid = [g for g in alone if _useful(g, prompts)]
+            # A subtask whose share cannot pay a useful call waits for a later
+            # wave, when finished subtasks have given their leftovers back.
+            work = [self._item(state, by_id[g.subtask_id], g, 1) for g in paid]
         return {"work": work}
 
     @staticmethod
@@ -374,6 +395,16 @@ class Flow:
             task_id=task_id, account=manager_acct, task=state["task"], results=results
         )
         return {"answer": answer}
+
+
+#: The least output a subtask's share must pay for besides its prompt to be worth starting.
+USEFUL_OUTPUT_TOKENS = 64
+
+
+def _useful(grant: Grant, prompts: Mapping[str, int]) -> bool:
+    if grant.tokens is None:
+        return True
+    return grant.tokens >= prompts.get(grant.subtask_id, 0) + USEFUL_OUTPUT_TOKENS
 
 
 def _budget_of(pool: Pool) -> Budget:

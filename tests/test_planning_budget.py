@@ -125,8 +125,11 @@ async def test_a_tight_budget_plans_with_a_shrunk_call_instead_of_refusing(
     asked = plan_calls[0].body["max_tokens"] if plan_calls[0].body else 0
     settings = ManagerSettings()
     assert settings.plan_min_tokens <= asked < settings.plan_max_tokens
-    assert "a" in roles(server)
-    assert "b" in roles(server)
+    # So small a pool pays for one subtask only: the manager was told so.
+    assert plan_calls[0].body is not None
+    assert "at most 1 self-contained" in plan_calls[0].body["messages"][0]["content"]
+    assert roles(server)[0] == "plan"
+    assert len(roles(server)) >= 2  # and the work ran
     tree = await pm.aledger(record.id)
     assert_books_clean(tree, budget)
 
@@ -236,3 +239,47 @@ async def test_a_self_dependency_costs_no_repair_call(
     assert record.status is Status.SUCCEEDED
     assert roles(server).count("plan") == 1
     assert sorted(r for r in roles(server) if r in ("a", "b")) == ["a", "b"]
+
+
+async def test_the_plan_asks_for_no_more_subtasks_than_the_budget_pays(
+    pm: Paymaster, server: ScriptedModelServer
+) -> None:
+    server.responder = responder([sub("a"), sub("b")])
+    await pm.arun("Two steps.", budget=Budget(tokens=4_000))
+    small = next(r for r in server.requests if r.body and role_of(r) == "plan")
+    server.clear()
+    await pm.arun("Two steps.", budget=Budget(tokens=200_000))
+    large = next(r for r in server.requests if r.body and role_of(r) == "plan")
+    assert small.body is not None
+    assert large.body is not None
+    few = int(small.body["messages"][0]["content"].split("at most ", 1)[1].split()[0])
+    many = int(large.body["messages"][0]["content"].split("at most ", 1)[1].split()[0])
+    assert 1 <= few < many == 8
+
+
+async def test_subtasks_whose_share_cannot_pay_a_call_wait_for_returned_money(
+    pm: Paymaster, server: ScriptedModelServer
+) -> None:
+    # In the second wave "easy" carries "long"'s long answer in its prompt, but
+    # tiers weight its share 512 : 2560 against "hard": the share cannot pay
+    # that prompt, so it waits until "hard" gives its leftover back.
+    plan = [
+        sub("long", difficulty=5),
+        sub("short", difficulty=1),
+        sub("easy", "long", difficulty=1),
+        sub("hard", "short", difficulty=5),
+    ]
+
+    def answers(sid: str, request: RecordedRequest) -> Reply:
+        return Reply(text="y " * 2500 if sid == "long" else f"answer of {sid}")
+
+    server.responder = responder(plan, answers)
+    budget = Budget(tokens=20_000)
+    record = await pm.arun("Four steps.", budget=budget)
+    assert record.status is Status.SUCCEEDED
+    events = await pm.aevents(record.id)
+    opened = {e.account.split("/")[-1].split(".")[0]: e.id for e in events if e.op == "open"}
+    hard_closed = next(e.id for e in events if e.op == "close" and "/hard." in e.account)
+    assert opened["easy"] > hard_closed
+    assert "easy" in roles(server)
+    assert_books_clean(await pm.aledger(record.id), budget)

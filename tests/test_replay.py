@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from benchmarks.replay import (
-    DEFAULT_DATA,
     Model,
     Question,
     Replay,
     Run,
+    data_dir,
     load_gsm8k,
     main,
     oracle,
@@ -24,9 +24,10 @@ from budgets import Ledger
 from budgets.policy import Adaptive, LocalFirst, Uniform
 from budgets.stats import StatsBook
 
+DATA = data_dir()
 pytestmark = pytest.mark.skipif(
-    not (DEFAULT_DATA / "routellm" / "gsm8k_responses.csv").is_file(),
-    reason=f"the recorded answers are not at {DEFAULT_DATA}",
+    not (DATA / "routellm" / "gsm8k_responses.csv").is_file(),
+    reason=f"the recorded answers are not at {DATA}; set PAYMASTER_DATASETS to their folder",
 )
 
 TASK = 10
@@ -34,7 +35,7 @@ TASK = 10
 
 @pytest.fixture(scope="module")
 def gsm8k() -> tuple[list[Question], list[Model]]:
-    questions, models = load_gsm8k(DEFAULT_DATA)
+    questions, models = load_gsm8k(DATA)
     return questions[:60], models
 
 
