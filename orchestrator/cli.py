@@ -18,7 +18,6 @@ from typing import Annotated, Any
 
 import redis.exceptions
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -26,7 +25,17 @@ from agents.errors import ConfigError, ModelCallFailed
 from budgets import Budget, LedgerEvent, LedgerUnavailable, TaskTree
 from budgets.errors import InvalidAmount, InvalidName, LedgerError, PaymasterError, UnknownTenant
 from orchestrator.api import Paymaster
-from orchestrator.display import Moves, event_line, ledger_tree, tokens_text, usd_text
+from orchestrator.cli_services import local_model, services
+from orchestrator.display import (
+    Moves,
+    err,
+    event_line,
+    fail,
+    ledger_tree,
+    out,
+    tokens_text,
+    usd_text,
+)
 from orchestrator.errors import (
     InvalidTask,
     MissingRedis,
@@ -40,13 +49,8 @@ from orchestrator.records import Status, TaskRecord
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Run LLM tasks under budgets that hold."
 )
-local_model = typer.Typer(no_args_is_help=True, help="The bundled local model (SmolLM2-135M).")
 app.add_typer(local_model, name="local-model")
-services = typer.Typer(help="The background services Paymaster starts: list them, or stop them.")
 app.add_typer(services, name="services")
-# No emoji codes: a task id like "a:b:c" must print as itself.
-out = Console(emoji=False)
-err = Console(stderr=True, emoji=False)
 
 DEFAULT_TOKENS = 20_000
 TokensOpt = Annotated[
@@ -59,27 +63,22 @@ UsdOpt = Annotated[str | None, typer.Option("--usd", help="dollar limit, e.g. 0.
 TenantOpt = Annotated[str | None, typer.Option("--tenant", help="tenant that funds the task")]
 
 
-def _fail(message: str, code: int) -> typer.Exit:
-    err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
-    return typer.Exit(code)
-
-
 def _guard(exc: BaseException) -> typer.Exit:
     """The exit code and one-line message for an error; anything unknown propagates."""
     if isinstance(exc, TaskNotFound | SubtaskNotFound):
-        return _fail(str(exc), 3)
+        return fail(str(exc), 3)
     if isinstance(exc, TaskTimeout):
-        return _fail(str(exc), 124)
+        return fail(str(exc), 124)
     if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
-        return _fail(f"Redis is unreachable ({exc}); check REDIS_URL or start redis-server", 4)
+        return fail(f"Redis is unreachable ({exc}); check REDIS_URL or start redis-server", 4)
     if isinstance(exc, LedgerUnavailable | MissingRedis | ConnectionError):
-        return _fail(str(exc), 4)
+        return fail(str(exc), 4)
     if isinstance(exc, ModelCallFailed) and exc.transient:
-        return _fail(f"{exc}; is the model server running? (paymaster endpoints)", 4)
+        return fail(f"{exc}; is the model server running? (paymaster endpoints)", 4)
     if isinstance(exc, InvalidTask | InvalidAmount | InvalidName | UnknownTenant | LedgerError):
-        return _fail(str(exc), 2)
+        return fail(str(exc), 2)
     if isinstance(exc, ConfigError | PaymasterError):
-        return _fail(str(exc), 2)
+        return fail(str(exc), 2)
     raise exc
 
 
@@ -96,7 +95,7 @@ def _budget(tokens: int | None, usd: str | None) -> Budget:
     try:
         return Budget(tokens=tokens, usd=usd)
     except InvalidAmount as e:
-        raise _fail(str(e), 2) from e
+        raise fail(str(e), 2) from e
 
 
 def _show_record(record: TaskRecord) -> None:
@@ -458,83 +457,6 @@ def tenants(
             usd_text(v.spent_nanos),
         )
     out.print(table)
-
-
-@local_model.command("serve")
-def local_model_serve(
-    port: Annotated[int, typer.Option(help="port to listen on")] = 8439,
-    host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
-) -> None:
-    """Serve SmolLM2-135M with llama.cpp's OpenAI-compatible server, in the foreground."""
-    import os
-
-    from agents.local_model import serve
-
-    try:
-        code = serve(port=port, host=host, env=os.environ)
-    except PaymasterError as e:
-        raise _fail(str(e), 2) from e
-    raise typer.Exit(code)
-
-
-# -- paymaster services: the private Redis and the local model server ----------------------------
-
-ServicesJsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
-
-
-@services.callback(invoke_without_command=True)
-def services_main(ctx: typer.Context, as_json: ServicesJsonOpt = False) -> None:
-    """List (the default) or stop the private Redis and the local model server."""
-    if ctx.invoked_subcommand is None:
-        services_list(as_json=as_json)
-
-
-@services.command("list")
-def services_list(as_json: ServicesJsonOpt = False) -> None:
-    """Show each background service: pid, port, URL and whether it runs."""
-    import os
-
-    from orchestrator.services import list_services
-    from orchestrator.settings import Settings
-
-    try:
-        listed = list_services(Settings.from_env(os.environ).home)
-    except ValueError as e:
-        raise _fail(str(e), 2) from e
-    if as_json:
-        print(json.dumps([s.model_dump(mode="json") for s in listed], indent=2))
-        return
-    table = Table("service", "pid", "port", "url", "running")
-    for s in listed:
-        stale = " (stale record)" if s.pid is not None and not s.running else ""
-        running = "[green]yes[/green]" if s.running else f"no{stale}"
-        table.add_row(s.name, str(s.pid or "-"), str(s.port or "-"), s.url or "-", running)
-    out.print(table)
-
-
-@services.command("stop")
-def services_stop(
-    grace: Annotated[float, typer.Option(help="seconds after SIGTERM before SIGKILL")] = 10.0,
-) -> None:
-    """Stop the private Redis and the local model server; fine when neither runs."""
-    import os
-
-    from orchestrator.services import StopOutcome, stop_services
-    from orchestrator.settings import Settings
-
-    try:
-        reports = stop_services(Settings.from_env(os.environ).home, grace_s=grace)
-    except ValueError as e:
-        raise _fail(str(e), 2) from e
-    for r in reports:
-        s = r.service
-        if r.outcome is StopOutcome.STOPPED:
-            out.print(f"stopped {s.name} (pid {s.pid}, port {s.port})")
-        elif r.outcome is StopOutcome.STALE:
-            why = f"pid {s.pid} is not ours" if s.pid is not None else "it was unreadable"
-            out.print(f"{s.name} was not running; removed its record ({why})")
-    if not any(r.outcome is StopOutcome.STOPPED for r in reports):
-        out.print("nothing was running")
 
 
 def main() -> None:

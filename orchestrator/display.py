@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+import typer
+from rich.console import Console
 from rich.markup import escape
 from rich.tree import Tree
 
@@ -17,6 +19,16 @@ from budgets import AccountView, LedgerEvent, TaskTree, nanos_to_usd
 
 UNLIMITED = "∞"
 _BAR_WIDTH = 10
+
+# No emoji codes: a task id like "a:b:c" must print as itself.
+out = Console(emoji=False)
+err = Console(stderr=True, emoji=False)
+
+
+def fail(message: str, code: int) -> typer.Exit:
+    """Print ``error: <message>`` as one line on stderr; the exit to raise with ``code``."""
+    err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
+    return typer.Exit(code)
 
 
 def tokens_text(value: int | None) -> str:

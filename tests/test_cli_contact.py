@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,18 @@ from orchestrator.records import Status
 from orchestrator.redis_server import free_port
 from tests.conftest import write_toml
 from tests.test_orchestrator import cli, responder, sub
+
+
+@pytest.fixture
+async def pm(redis_url: str, stub: ScriptedModelServer, tmp_path: Path) -> AsyncIterator[Paymaster]:
+    """The API on the test Redis and the scripted server, configured as a user would."""
+    config = write_toml(tmp_path / "e.toml", stub.base_url)
+    paymaster = Paymaster(
+        redis_url=redis_url, env={"HOME": str(tmp_path), "PAYMASTER_CONFIG": str(config)}
+    )
+    yield paymaster
+    await paymaster.aclose()
+
 
 COMMANDS = [
     ("status", "t1"),
@@ -138,59 +151,38 @@ def test_events_follow_ends_when_the_task_is_final(
 
 
 async def test_a_queued_task_cancelled_with_no_worker_ends_at_once_and_funds_come_back(
-    redis_url: str, stub: ScriptedModelServer, tmp_path: Path
+    pm: Paymaster, stub: ScriptedModelServer
 ) -> None:
-    config = write_toml(tmp_path / "e.toml", stub.base_url)
-    pm = Paymaster(
-        redis_url=redis_url, env={"HOME": str(tmp_path), "PAYMASTER_CONFIG": str(config)}
-    )
-    try:
-        await pm.aset_tenant("acme", Budget(tokens=10_000))
-        task = await pm.asubmit("Never taken.", budget=Budget(tokens=4_000), tenant="acme")
-        assert (await pm.books.tenant("acme")).funded_tokens == 4_000
-        assert await pm.acancel(task.id) is True
-        record = await task.result(timeout=1)
-        assert record.status is Status.CANCELLED
-        assert (await pm.books.tenant("acme")).funded_tokens == 0
-        assert (await pm.aledger(task.id)).root.closed
-        assert await pm.acancel(task.id) is False  # already final
-        assert stub.requests == []
-    finally:
-        await pm.aclose()
+    await pm.aset_tenant("acme", Budget(tokens=10_000))
+    task = await pm.asubmit("Never taken.", budget=Budget(tokens=4_000), tenant="acme")
+    assert (await pm.books.tenant("acme")).funded_tokens == 4_000
+    assert await pm.acancel(task.id) is True
+    record = await task.result(timeout=1)
+    assert record.status is Status.CANCELLED
+    assert (await pm.books.tenant("acme")).funded_tokens == 0
+    assert (await pm.aledger(task.id)).root.closed
+    assert await pm.acancel(task.id) is False  # already final
+    assert stub.requests == []
 
 
 async def test_a_worker_never_runs_a_task_cancelled_while_queued(
-    redis_url: str, stub: ScriptedModelServer, tmp_path: Path
+    pm: Paymaster, stub: ScriptedModelServer
 ) -> None:
     stub.responder = responder([sub("a")])
-    config = write_toml(tmp_path / "e.toml", stub.base_url)
-    pm = Paymaster(
-        redis_url=redis_url, env={"HOME": str(tmp_path), "PAYMASTER_CONFIG": str(config)}
-    )
-    try:
-        task = await pm.asubmit("Cancelled first.", budget=Budget(tokens=4_000))
-        await pm.acancel(task.id)
-        record = await pm.runtime().execute(task.id)
-        assert record.status is Status.CANCELLED
-        assert record.deliveries == 0
-        assert stub.requests == []
-    finally:
-        await pm.aclose()
+    task = await pm.asubmit("Cancelled first.", budget=Budget(tokens=4_000))
+    await pm.acancel(task.id)
+    record = await pm.runtime().execute(task.id)
+    assert record.status is Status.CANCELLED
+    assert record.deliveries == 0
+    assert stub.requests == []
 
 
 async def test_the_tree_escapes_markup_and_emoji_codes_in_ids(
-    redis_url: str, stub: ScriptedModelServer, tmp_path: Path
+    pm: Paymaster, stub: ScriptedModelServer
 ) -> None:
     stub.responder = responder([sub("a")])
-    config = write_toml(tmp_path / "e.toml", stub.base_url)
-    pm = Paymaster(
-        redis_url=redis_url, env={"HOME": str(tmp_path), "PAYMASTER_CONFIG": str(config)}
-    )
-    try:
-        record = await pm.arun("One.", budget=Budget(tokens=9_000), task_id="x:b:y")
-        tree = await pm.aledger(record.id)
-    finally:
-        await pm.aclose()
+    record = await pm.arun("One.", budget=Budget(tokens=9_000), task_id="x:b:y")
+    tree = await pm.aledger(record.id)
     buffer = io.StringIO()
     Console(file=buffer, width=80, emoji=False).print(ledger_tree(tree))
     assert buffer.getvalue().startswith("task x:b:y [closed]")  # no emoji, no markup eaten
