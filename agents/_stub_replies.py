@@ -6,9 +6,10 @@ plain value or a pure function, so the server's per-request work stays a few dic
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol
 
@@ -26,6 +27,23 @@ PER_MESSAGE_TOKENS: Final = 4
 MALFORMED_BODY: Final = b'{"id": "chatcmpl-stub", "object": "chat.completion", "choices": [{'
 """A body cut off mid-object: not valid JSON, but it starts like a completion."""
 
+WrongShape = Literal["choice-without-message", "choices-string", "content-not-text"]
+"""Valid JSON of the wrong shape, sent with status 200 (see :attr:`Reply.wrong_shape`)."""
+
+Cut = Literal["drop", "stall"]
+"""How a reply is cut off mid-body: the connection dropped, or no more bytes sent."""
+
+STALL_S: Final = 60.0
+"""How long a stalled reply waits before dropping the connection (the server's stop cuts it
+short; a client that gives up first closes it)."""
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+class DroppedOnPurpose(Exception):
+    """Raised inside a response body to make the server drop the connection mid-reply."""
+
+
 _JSON: Final = "application/json"
 _SSE: Final = "text/event-stream"
 
@@ -40,18 +58,30 @@ class Usage:
 
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int | None = None
+    reasoning_tokens: int | None = None
 
     def __post_init__(self) -> None:
-        if self.prompt_tokens < 0 or self.completion_tokens < 0:
+        counts = (self.prompt_tokens, self.completion_tokens, self.cached_tokens or 0)
+        if min(*counts, self.reasoning_tokens or 0) < 0:
             raise ValueError(f"token counts must be >= 0, got {self}")
 
-    def to_json(self) -> dict[str, int]:
-        """The ``usage`` object as OpenAI sends it."""
-        return {
+    def to_json(self) -> dict[str, Any]:
+        """The ``usage`` object as OpenAI sends it, with its details where they are set.
+
+        ``cached_tokens`` goes in ``prompt_tokens_details`` and ``reasoning_tokens`` in
+        ``completion_tokens_details``, as sent verbatim: both are part of their totals.
+        """
+        payload: dict[str, Any] = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
         }
+        if self.cached_tokens is not None:
+            payload["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+        if self.reasoning_tokens is not None:
+            payload["completion_tokens_details"] = {"reasoning_tokens": self.reasoning_tokens}
+        return payload
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,12 +98,21 @@ class Reply:
         status: HTTP status. Anything but 200 sends an OpenAI-style ``{"error": {...}}`` body.
         retry_after_s: If set, sent as the ``Retry-After`` header (seconds, may be fractional,
             which the OpenAI client accepts), with whatever status the reply has.
-        delay_s: Seconds to wait before answering, to run into a client's timeout. Cut short
-            when the server stops, so a long delay never holds up ``stop()``.
+        delay_s: Seconds to stall before the first byte (no status line, no headers), to run
+            into a client's timeout. Cut short when the server stops, so a long delay never
+            holds up ``stop()``.
         malformed: Send a body that is not valid JSON, with ``status`` and a JSON content type
             (or, for a streaming request, one SSE event whose data is not valid JSON).
         json_body: Send exactly this JSON object with ``status``, streaming or not; nothing
             else of the reply is used but ``retry_after_s`` and ``delay_s``.
+        wrong_shape: Answer 200 with valid JSON of the wrong shape: a choice without its
+            ``message`` (a stream: a chunk's choice without ``delta``), ``choices`` a string,
+            or a ``content`` that is a number. Usage is sent as ``usage`` says.
+        cut_after_chunks: Cut the reply off mid-body: a stream sends its first
+            ``cut_after_chunks`` chunks (the role chunk counts), a plain reply its headers and
+            the first half of its body; then :attr:`cut` happens.
+        cut: ``"drop"`` closes the connection; ``"stall"`` sends nothing more (for up to
+            :data:`STALL_S`, until the client gives up or the server stops), then drops it.
     """
 
     text: str = ""
@@ -84,6 +123,9 @@ class Reply:
     delay_s: float = 0.0
     malformed: bool = False
     json_body: dict[str, Any] | None = None
+    wrong_shape: WrongShape | None = None
+    cut_after_chunks: int | None = None
+    cut: Cut = "drop"
 
     def __post_init__(self) -> None:
         if not 100 <= self.status <= 599:
@@ -92,8 +134,11 @@ class Reply:
             raise ValueError(f"delay_s must be >= 0, got {self.delay_s}")
         if self.retry_after_s is not None and self.retry_after_s < 0:
             raise ValueError(f"retry_after_s must be >= 0, got {self.retry_after_s}")
-        if self.malformed and self.json_body is not None:
-            raise ValueError("a reply is either malformed or has a json_body, not both")
+        kinds = [self.malformed, self.json_body is not None, self.wrong_shape is not None]
+        if sum(kinds) > 1:
+            raise ValueError("a reply is either malformed, a json_body or a wrong_shape, not two")
+        if self.cut_after_chunks is not None and self.cut_after_chunks < 0:
+            raise ValueError(f"cut_after_chunks must be >= 0, got {self.cut_after_chunks}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,9 +310,58 @@ def error_json(*, status: int, message: str) -> dict[str, Any]:
     }
 
 
-async def _iterate(events: list[bytes]) -> AsyncIterator[bytes]:
-    for event in events:
+def wrong_shape_json(
+    *, shape: WrongShape, outcome: Outcome, model: str, completion_id: str, created: int
+) -> dict[str, Any]:
+    """A ``chat.completion`` with one field of the wrong shape; the rest as OpenAI sends it."""
+    payload = completion_json(
+        outcome=outcome, model=model, completion_id=completion_id, created=created
+    )
+    choice = payload["choices"][0]
+    if shape == "choice-without-message":
+        del choice["message"]
+    elif shape == "choices-string":
+        payload["choices"] = outcome.text or "not a list"
+    else:
+        choice["message"]["content"] = 42
+    return payload
+
+
+def wrong_shape_events(
+    *, shape: WrongShape, outcome: Outcome, model: str, completion_id: str, created: int
+) -> list[bytes]:
+    """A stream whose second chunk has the wrong shape; usage (if any) and ``[DONE]`` follow."""
+    base: dict[str, Any] = {
+        "id": completion_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+    }
+    role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+    if shape == "choice-without-message":
+        bad: Any = [{"index": 0, "finish_reason": None}]
+    elif shape == "choices-string":
+        bad = outcome.text or "not a list"
+    else:
+        bad = [{"index": 0, "delta": {"content": 42}, "finish_reason": None}]
+    chunks = [{**base, "choices": [role]}, {**base, "choices": bad}]
+    if outcome.usage is not None:
+        chunks.append({**base, "choices": [], "usage": outcome.usage.to_json()})
+    return [b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks] + [b"data: [DONE]\n\n"]
+
+
+async def _iterate(
+    events: list[bytes], *, cut_after: int | None = None, cut: Cut = "drop", sleep: Sleep
+) -> AsyncIterator[bytes]:
+    for sent, event in enumerate(events):
+        if sent == cut_after:
+            break
         yield event
+    else:
+        return
+    if cut == "stall":
+        await sleep(STALL_S)
+    raise DroppedOnPurpose(f"cut off after {cut_after} chunks")
 
 
 def json_response(
@@ -282,8 +376,18 @@ def error_response(*, status: int, message: str, headers: dict[str, str] | None 
     return json_response(error_json(status=status, message=message), status=status, headers=headers)
 
 
-def respond(*, reply: Reply, body: dict[str, Any], completion_id: str, created: int) -> Response:
-    """The HTTP response that sends ``reply`` to the chat completion request ``body``."""
+def respond(
+    *,
+    reply: Reply,
+    body: dict[str, Any],
+    completion_id: str,
+    created: int,
+    sleep: Sleep = asyncio.sleep,
+) -> Response:
+    """The HTTP response that sends ``reply`` to the chat completion request ``body``.
+
+    ``sleep`` waits out a stalled reply (the server passes one that its stop cuts short).
+    """
     headers: dict[str, str] = {}
     if reply.retry_after_s is not None:
         headers["retry-after"] = format(reply.retry_after_s, "g")
@@ -292,25 +396,36 @@ def respond(*, reply: Reply, body: dict[str, Any], completion_id: str, created: 
         return json_response(reply.json_body, status=reply.status, headers=headers)
     if reply.malformed and stream:
         events = [b"data: " + MALFORMED_BODY + b"\n\n"]
-        return StreamingResponse(_iterate(events), reply.status, headers, _SSE)
+        return StreamingResponse(_iterate(events, sleep=sleep), reply.status, headers, _SSE)
     if reply.malformed:
         return Response(MALFORMED_BODY, reply.status, headers, _JSON)
     if reply.status != 200:
         return error_response(status=reply.status, message=reply.text, headers=headers)
     outcome = shape(reply, body)
     requested_model = body.get("model")
-    model = requested_model if isinstance(requested_model, str) else DEFAULT_MODEL
+    ids: dict[str, Any] = {
+        "model": requested_model if isinstance(requested_model, str) else DEFAULT_MODEL,
+        "completion_id": completion_id,
+        "created": created,
+    }
     if not stream:
-        payload = completion_json(
-            outcome=outcome, model=model, completion_id=completion_id, created=created
-        )
-        return json_response(payload, headers=headers)
-    options = body.get("stream_options")
-    events = stream_events(
-        outcome=outcome,
-        model=model,
-        completion_id=completion_id,
-        created=created,
-        include_usage=isinstance(options, dict) and options.get("include_usage") is True,
+        if reply.wrong_shape is not None:
+            payload = wrong_shape_json(shape=reply.wrong_shape, outcome=outcome, **ids)
+        else:
+            payload = completion_json(outcome=outcome, **ids)
+        if reply.cut_after_chunks is None:
+            return json_response(payload, headers=headers)
+        raw = json.dumps(payload).encode()
+        halves = [raw[: len(raw) // 2], raw[len(raw) // 2 :]]
+        cut_off = _iterate(halves, cut_after=1, cut=reply.cut, sleep=sleep)
+        return StreamingResponse(cut_off, 200, headers, _JSON)
+    if reply.wrong_shape is not None:
+        events = wrong_shape_events(shape=reply.wrong_shape, outcome=outcome, **ids)
+    else:
+        options = body.get("stream_options")
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        events = stream_events(outcome=outcome, include_usage=include_usage, **ids)
+    cut_after = reply.cut_after_chunks
+    return StreamingResponse(
+        _iterate(events, cut_after=cut_after, cut=reply.cut, sleep=sleep), 200, headers, _SSE
     )
-    return StreamingResponse(_iterate(events), 200, headers, _SSE)

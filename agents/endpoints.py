@@ -27,7 +27,7 @@ from pydantic import (
 )
 
 from agents.errors import ConfigError, UnknownEndpoint
-from budgets.money import Price, usd_to_nanos
+from budgets.money import Price, check_tokens, usd_to_nanos
 
 #: The name and model alias of the bundled local model.
 LOCAL_MODEL_NAME = "smollm2"
@@ -47,6 +47,12 @@ StructuredOutput = Literal["json_schema", "json_object", "none"]
 schema to a grammar so even a tiny model's reply parses. ``none``: ask for JSON
 in the prompt and parse the text.
 """
+
+MaxTokensParam = Literal["max_tokens", "max_completion_tokens"]
+"""The request field that caps the reply: OpenAI's reasoning models (o1, o3, o4, gpt-5) refuse
+``max_tokens`` and require ``max_completion_tokens``; most other servers read ``max_tokens``."""
+
+_TOKENIZER = r"^(bytes|server|tiktoken:[A-Za-z0-9_.\-]{1,64})$"
 
 
 def _check_base_url(value: str) -> str:
@@ -86,6 +92,7 @@ class Endpoint(BaseModel):
     api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     input_usd_per_mtok: _Usd = Decimal(0)
     output_usd_per_mtok: _Usd = Decimal(0)
+    cached_input_usd_per_mtok: _Usd | None = None
     kind: Literal["local", "remote"]
     context_window: int = Field(default=8192, gt=0)
     max_concurrency: int = Field(default=4, ge=1)
@@ -93,6 +100,24 @@ class Endpoint(BaseModel):
     tier: int = Field(default=1, ge=1, le=5)
     timeout_s: float = Field(default=60.0, gt=0)
     max_retries: int = Field(default=3, ge=0)
+    max_tokens_param: MaxTokensParam = "max_tokens"
+    tokenizer: str | None = Field(default=None, pattern=_TOKENIZER)
+    """How prompts are counted before a call: ``"bytes"`` (an upper bound for any byte-level
+    tokenizer), ``"server"`` (the server's own tokenizer through llama-cpp-python's
+    ``/extras/tokenize/count``), ``"tiktoken:<encoding>"`` (an offline tiktoken encoding), or
+    ``None``: tiktoken's cl100k for a remote OpenAI model, the byte bound for anything else."""
+
+    @model_validator(mode="after")
+    def _cached_price_bounded(self) -> Endpoint:
+        # The prompt is reserved at the input price before the call, when nobody knows what
+        # will be cached: a dearer cached price would let the bill exceed the reservation.
+        cached = self.cached_input_usd_per_mtok
+        if cached is not None and cached > self.input_usd_per_mtok:
+            raise ValueError(
+                "cached_input_usd_per_mtok must not exceed input_usd_per_mtok (the prompt "
+                "is reserved at the input price)"
+            )
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -112,8 +137,31 @@ class Endpoint(BaseModel):
 
     @property
     def price(self) -> Price:
-        """What a call costs, for the ledger."""
+        """What a call costs, for the ledger (every prompt token at the input price)."""
         return Price.of(self.input_usd_per_mtok, self.output_usd_per_mtok)
+
+    def cost_nanos(self, *, input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> int:
+        """Exact cost in nano-dollars, rounded up once, with ``cached_tokens`` of the prompt
+        at ``cached_input_usd_per_mtok`` (the input price when unset).
+
+        With no cached tokens it equals ``price.cost_nanos``. Reasoning tokens are part of
+        ``output_tokens`` (OpenAI counts them in ``completion_tokens``) and cost the same.
+        """
+        check_tokens(input_tokens, field="input_tokens")
+        check_tokens(output_tokens, field="output_tokens")
+        check_tokens(cached_tokens, field="cached_tokens")
+        if cached_tokens > input_tokens:
+            raise ValueError(f"cached_tokens {cached_tokens} exceed input_tokens {input_tokens}")
+        cached_price = self.cached_input_usd_per_mtok
+        in_rate = usd_to_nanos(self.input_usd_per_mtok)
+        cached_rate = in_rate if cached_price is None else usd_to_nanos(cached_price)
+        out_rate = usd_to_nanos(self.output_usd_per_mtok)
+        numerator = (
+            in_rate * (input_tokens - cached_tokens)
+            + cached_rate * cached_tokens
+            + out_rate * output_tokens
+        )
+        return -(-numerator // 1_000_000)
 
     def api_key(self, env: Mapping[str, str]) -> str | None:
         """The API key from ``env`` (the caller passes ``os.environ``); ``None`` if none is needed.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from agents.redact import redact
 from budgets.errors import PaymasterError
 
 
@@ -55,15 +56,30 @@ class MissingComponent(AgentError):
 class ModelCallFailed(AgentError):
     """A model call failed after the retries it was allowed; what it cost is in the ledger.
 
-    ``transient`` says whether the failure looked temporary (connection,
-    timeout, 429, 5xx): the caller may fall back to another endpoint.
+    ``transient`` says whether the failure looked temporary (no connection, a
+    timeout before any reply, 429, 5xx): it may be retried, and the caller may
+    fall back to another endpoint. A reply that arrived wrong-shaped, or a
+    stream cut off mid-reply, is not transient: the server did the work, and a
+    retry would pay for it again. ``status`` is the HTTP status of an error
+    reply, ``retry_after_s`` its ``Retry-After``. ``reason`` is short, and
+    anything in it that looks like a credential is redacted.
     """
 
-    def __init__(self, endpoint: str, reason: str, *, transient: bool) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        reason: str,
+        *,
+        transient: bool,
+        status: int | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
         self.endpoint = endpoint
-        self.reason = reason
+        self.reason = redact(reason)
         self.transient = transient
-        super().__init__(f"call to endpoint {endpoint!r} failed: {reason}")
+        self.status = status
+        self.retry_after_s = retry_after_s
+        super().__init__(f"call to endpoint {endpoint!r} failed: {self.reason}")
 
 
 class InvalidPlan(AgentError, ValueError):

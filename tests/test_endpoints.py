@@ -99,6 +99,35 @@ def test_good_config_loads(tmp_path: Path) -> None:
     assert (config.manager, config.worker) == ("gpt4o", "local")
 
 
+def test_cached_tokenizer_and_output_cap_settings_load(tmp_path: Path) -> None:
+    text = endpoint_toml(
+        input_usd_per_mtok='"2.50"',
+        output_usd_per_mtok='"10"',
+        cached_input_usd_per_mtok='"1.25"',
+        tokenizer='"tiktoken:cl100k_base"',
+        max_tokens_param='"max_completion_tokens"',
+    )
+    e = load_config(write(tmp_path, text), env={}).endpoints[0]
+    assert (e.tokenizer, e.max_tokens_param) == ("tiktoken:cl100k_base", "max_completion_tokens")
+    # 400k uncached at 2.50, 600k cached at 1.25, 1k out at 10: exact nano-dollars.
+    assert e.cost_nanos(input_tokens=10**6, output_tokens=1000, cached_tokens=600_000) == (
+        1_000_000_000 + 750_000_000 + 10_000_000
+    )
+    plain = load_config(write(tmp_path, endpoint_toml(input_usd_per_mtok='"0.1234567"')), env={})
+    cheap = plain.endpoints[0]
+    assert (cheap.tokenizer, cheap.max_tokens_param, cheap.cached_input_usd_per_mtok) == (
+        None,
+        "max_tokens",
+        None,
+    )
+    for tokens in (0, 1, 7, 999_999):  # unset: cached tokens cost the input price
+        assert cheap.cost_nanos(input_tokens=tokens, output_tokens=3, cached_tokens=tokens) == (
+            cheap.price.cost_nanos(input_tokens=tokens, output_tokens=3)
+        )
+    with pytest.raises(ValueError, match="exceed"):
+        cheap.cost_nanos(input_tokens=1, output_tokens=0, cached_tokens=2)
+
+
 def test_float_prices_are_exact(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, endpoint_toml(input_usd_per_mtok="0.15")), env={})
     assert config.endpoints[0].input_usd_per_mtok == Decimal("0.15")
@@ -129,6 +158,14 @@ def test_unknown_endpoint_name(tmp_path: Path) -> None:
         (endpoint_toml(max_concurrency="0"), "endpoints[0].max_concurrency", ""),
         (endpoint_toml(name='"has space"'), "endpoints[0].name", "pattern"),
         (endpoint_toml(colour='"red"'), "endpoints[0].colour", "not permitted"),
+        (
+            endpoint_toml(input_usd_per_mtok='"1"', cached_input_usd_per_mtok='"2"'),
+            "endpoints[0]",
+            "must not exceed input_usd_per_mtok",
+        ),
+        (endpoint_toml(tokenizer='"sentencepiece"'), "endpoints[0].tokenizer", "pattern"),
+        (endpoint_toml(tokenizer='"tiktoken:"'), "endpoints[0].tokenizer", "pattern"),
+        (endpoint_toml(max_tokens_param='"max_new_tokens"'), "endpoints[0].max_tokens_param", ""),
         ("endpoints = []\n", "endpoints", "at least 1"),
         ('default = "x"\n', "endpoints", "required"),
     ],

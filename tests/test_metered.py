@@ -438,7 +438,8 @@ async def test_500_on_every_attempt_fails_transient_and_releases_everything(
         await chat(build(endpoint(server.base_url)), max_tokens=50, fallback=False)
 
     assert info.value.transient is True
-    assert info.value.reason == "HTTP 500"
+    # The status and the provider's short reason (the stub's default error message).
+    assert (info.value.status, info.value.reason) == (500, "HTTP 500: scripted error (HTTP 500)")
     assert len(server.requests) == FAST.attempts
     acct = await assert_settled(ledger)
     assert (acct.spent_tokens, acct.spent_nanos) == (0, 0)
@@ -481,7 +482,8 @@ async def test_400_is_not_retried_nor_falls_back_and_releases_the_reservation(
         await chat(client, max_tokens=50)
 
     assert info.value.transient is False
-    assert (info.value.endpoint, info.value.reason) == ("stub", "HTTP 400")
+    assert (info.value.endpoint, info.value.reason) == ("stub", "HTTP 400: bad request")
+    assert info.value.status == 400
     assert len(server.requests) == 1
     acct = await assert_settled(ledger)
     assert (acct.spent_tokens, acct.spent_nanos) == (0, 0)

@@ -333,6 +333,142 @@ def test_invalid_reply_is_refused(kwargs: dict[str, Any]) -> None:
         Reply(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"wrong_shape": "choices-string", "json_body": {}},
+        {"wrong_shape": "choices-string", "malformed": True},
+        {"cut_after_chunks": -1},
+    ],
+)
+def test_invalid_fault_is_refused(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match=r"must|not two"):
+        Reply(**kwargs)
+
+
+# -- faults ------------------------------------------------------------------------------------
+
+CHAT: dict[str, Any] = {"model": "m", "messages": HELLO}
+
+
+def post(server: ScriptedModelServer, **body: Any) -> httpx.Response:
+    return httpx.post(server.base_url + "/chat/completions", json={**CHAT, **body})
+
+
+def sse(text: str) -> list[dict[str, Any]]:
+    """The JSON payloads of a text/event-stream body, ``[DONE]`` left out."""
+    data = [line.removeprefix("data: ") for line in text.splitlines() if line.startswith("data:")]
+    return [json.loads(d) for d in data if d != "[DONE]"]
+
+
+def test_wrong_shapes_are_valid_json_of_the_wrong_shape(server: ScriptedModelServer) -> None:
+    server.push_many(
+        [
+            Reply(text="a b", wrong_shape="choice-without-message"),
+            Reply(text="a b", wrong_shape="choices-string"),
+            Reply(text="a b", wrong_shape="content-not-text"),
+        ]
+    )
+    bodies = [post(server).json() for _ in range(3)]
+    assert "message" not in bodies[0]["choices"][0]
+    assert bodies[0]["usage"]["completion_tokens"] == 2  # the rest is as usual
+    assert bodies[1]["choices"] == "a b"
+    assert bodies[2]["choices"][0]["message"]["content"] == 42
+
+
+def test_wrong_shaped_stream_has_a_bad_second_chunk(server: ScriptedModelServer) -> None:
+    server.push(Reply(text="a b", wrong_shape="choice-without-message", usage=None))
+    response = post(server, stream=True)
+    assert response.status_code == 200
+    role, bad = sse(response.text)
+    assert role["choices"][0]["delta"]["role"] == "assistant"
+    assert "delta" not in bad["choices"][0]
+    assert response.text.endswith("data: [DONE]\n\n")
+
+
+def test_usage_details_are_sent_inside_their_totals(server: ScriptedModelServer) -> None:
+    usage = Usage(prompt_tokens=10, completion_tokens=4, cached_tokens=6, reasoning_tokens=3)
+    server.push(Reply(text="x", usage=usage))
+    sent = post(server).json()["usage"]
+    assert sent["prompt_tokens_details"] == {"cached_tokens": 6}
+    assert sent["completion_tokens_details"] == {"reasoning_tokens": 3}
+    assert sent["total_tokens"] == 14
+
+
+def test_max_completion_tokens_truncates_like_max_tokens(server: ScriptedModelServer) -> None:
+    server.push(Reply(text="one two three four"))
+    body = post(server, max_completion_tokens=2).json()
+    assert body["choices"][0]["message"]["content"] == "one two"
+    assert body["choices"][0]["finish_reason"] == "length"
+
+
+def read_stream(url: str, into: list[bytes], *, timeout_s: float = 5.0) -> None:
+    """Read a streamed chat completion's bytes into ``into`` until it ends or fails."""
+    body = {**CHAT, "stream": True}
+    with httpx.stream("POST", url + "/chat/completions", json=body, timeout=timeout_s) as r:
+        for chunk in r.iter_bytes():
+            into.append(chunk)
+
+
+def test_a_dropped_stream_sends_its_first_chunks_then_closes(
+    server: ScriptedModelServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    server.push(Reply(text="one two three four five", cut_after_chunks=3))
+    received: list[bytes] = []
+    with pytest.raises(httpx.RemoteProtocolError):
+        read_stream(server.base_url, received)
+    events = sse(b"".join(received).decode())
+    assert len(events) == 3
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == "one two "
+    time.sleep(0.1)
+    assert "Exception in ASGI application" not in caplog.text  # dropped on purpose: no traceback
+
+
+def test_a_dropped_plain_reply_sends_half_its_body(server: ScriptedModelServer) -> None:
+    server.push(Reply(text="one two three", cut_after_chunks=1))
+    with pytest.raises(httpx.RemoteProtocolError):
+        post(server)
+
+
+def test_a_stalled_stream_runs_into_the_client_timeout(server: ScriptedModelServer) -> None:
+    server.push(Reply(text="one two three", cut_after_chunks=2, cut="stall"))
+    received: list[bytes] = []
+    started = time.monotonic()
+    with pytest.raises(httpx.ReadTimeout):
+        read_stream(server.base_url, received, timeout_s=0.3)
+    assert time.monotonic() - started >= 0.3
+    assert len(sse(b"".join(received).decode())) == 2
+
+
+def test_stop_cuts_a_stall_short() -> None:
+    srv = ScriptedModelServer().start()
+    srv.push(Reply(text="one two three", cut_after_chunks=1, cut="stall"))
+    failures: list[BaseException] = []
+
+    def ask() -> None:
+        try:
+            read_stream(srv.base_url, [], timeout_s=30)
+        except httpx.HTTPError as e:
+            failures.append(e)
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    while not srv.requests:
+        time.sleep(0.01)
+    started = time.monotonic()
+    srv.stop()
+    asker.join(10)
+    assert time.monotonic() - started < 5  # not STALL_S
+    assert len(failures) == 1  # the stall ended in a dropped connection
+
+
+def test_tokenize_count_counts_words(server: ScriptedModelServer) -> None:
+    root = server.base_url.removesuffix("/v1")
+    response = httpx.post(root + "/extras/tokenize/count", json={"input": "one two  three\n"})
+    assert response.json() == {"count": 3}
+    assert httpx.post(root + "/extras/tokenize/count", json={"x": 1}).status_code == 400
+
+
 def test_negative_usage_is_refused() -> None:
     with pytest.raises(ValueError, match=">= 0"):
         Usage(prompt_tokens=-1, completion_tokens=0)

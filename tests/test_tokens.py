@@ -17,6 +17,7 @@ from agents.tokens import (
     TiktokenCounter,
     chatml,
     counter_for,
+    is_openai_model,
     load_encoding,
 )
 
@@ -118,6 +119,41 @@ def test_counter_for_openai_models_uses_tiktoken(no_network: None, model: str) -
 )
 def test_counter_for_other_models_is_the_byte_bound(no_network: None, model: str) -> None:
     assert isinstance(counter_for(model), ByteBoundCounter)
+
+
+@pytest.mark.parametrize("model", ["gpt-4o-mini", "o3-mini"])
+def test_an_openai_name_at_a_local_endpoint_is_counted_by_bytes(
+    no_network: None, model: str
+) -> None:
+    # A local server that calls its model "gpt-4o-mini" does not use OpenAI's tokenizer.
+    assert isinstance(counter_for(model, remote=False), ByteBoundCounter)
+
+
+def test_open_weight_gpt_oss_is_not_an_openai_api_model(no_network: None) -> None:
+    assert not is_openai_model("gpt-oss-20b")
+    assert not is_openai_model("openai/gpt-oss-120b")
+    assert isinstance(counter_for("gpt-oss-20b"), ByteBoundCounter)
+
+
+@pytest.mark.parametrize(
+    ("tokenizer", "expected"),
+    [("bytes", ByteBoundCounter), ("server", ByteBoundCounter)],
+)
+def test_a_declared_tokenizer_wins_over_the_model_name(
+    no_network: None, tokenizer: str, expected: type
+) -> None:
+    assert isinstance(counter_for("gpt-4o", tokenizer=tokenizer), expected)
+
+
+def test_a_declared_tiktoken_encoding_is_loaded_offline_or_not_at_all(
+    tiktoken_counter: TiktokenCounter,
+) -> None:
+    # cl100k_base is served by its offline twin; o200k_base would be downloaded: bytes instead.
+    twin = counter_for("llama3", tokenizer="tiktoken:cl100k_base", remote=False)
+    assert isinstance(twin, TiktokenCounter)
+    assert twin.encoding.name == OFFLINE_ENCODING
+    assert isinstance(counter_for("m", tokenizer="tiktoken:o200k_base"), ByteBoundCounter)
+    assert isinstance(counter_for("m", tokenizer="tiktoken:no_such_encoding"), ByteBoundCounter)
 
 
 def test_counter_for_falls_back_when_the_encoding_cannot_load(
