@@ -80,11 +80,28 @@ class UnknownTenant(LedgerError):
 
 
 class TaskExists(LedgerError):
-    """A task with this id is already open (under another operation id)."""
+    """A task with this id already exists and the call was not a retry of its creation.
+
+    Nothing was changed: not the task, not its tenant's funding.
+    """
 
     def __init__(self, task_id: str) -> None:
         self.task_id = task_id
-        super().__init__(f"task {task_id!r} already exists; use a new task id")
+        super().__init__(f"task {task_id!r} already exists with other arguments; use a new task id")
+
+
+class OpenAborted(LedgerError):
+    """``open_task`` was undone part way by a concurrent call with the same op id.
+
+    Any funding it had taken from the tenant was given back; call it again.
+    """
+
+    def __init__(self, task_id: str) -> None:
+        self.task_id = task_id
+        super().__init__(
+            f"opening task {task_id!r} was undone by a concurrent call with the same op id; "
+            "its funding went back to the tenant. Call open_task again."
+        )
 
 
 class AccountExists(LedgerError):

@@ -1,15 +1,26 @@
-"""Every Redis key Paymaster uses, built in one place.
+"""Every Redis key, op id and marker Paymaster uses, built here and nowhere else.
 
-All keys of one task share the hash tag ``{<task_id>}`` so they live on one
-Redis Cluster slot and the ledger's scripts stay atomic when Redis is sharded.
-Tenant keys carry their own tag, ``{t:<tenant>}``; funding a task from a tenant
-is therefore two idempotent steps (see ``docs/ledger.md``), never one script
-across slots.
+Keys that belong to a name carry it in a hash tag whose first letter says whose it is:
+``pm:{k:<task_id>}:…`` for a task, ``pm:{t:<tenant>}:…`` for a tenant and
+``pm:{s:<scope>}:…`` for a statistics scope. Names never hold ``{`` or ``}``, so the tag
+ends at the first ``}`` and its letter alone decides the family: no valid name of one
+family can make a key of another (``tests/test_identity.py`` proves it over random
+names). Keys without a name (the queue, the index of open tasks) have no tag at all.
+
+All keys of one task share its tag and so one Redis Cluster slot, and the ledger's
+scripts stay atomic when Redis is sharded. A tenant's keys live on the tenant's slot;
+funding a task from a tenant is therefore a saga of idempotent steps (see
+``docs/ledger.md``), never one script across slots.
+
+Names are validated here too, with limits that leave room for every name derived from
+them: a 64-character task id or tenant still makes valid op ids, scopes and outcome ids.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
+import uuid
 from dataclasses import dataclass
 
 from budgets.errors import InvalidName
@@ -17,18 +28,51 @@ from budgets.errors import InvalidName
 PREFIX = "pm"
 ROOT = "root"
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")
+#: Longest task id and tenant name: names derived from them must stay within MAX_OP_ID.
+MAX_TASK_ID = 64
+MAX_TENANT = 64
+#: Longest op id, reservation id, outcome id or statistics scope.
+MAX_OP_ID = 128
+MAX_SCOPE = 128
+
+_TAIL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]*$")
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+_INCARNATION = re.compile(r"^[0-9a-f]{32}$")
 _MAX_DEPTH = 8
 
+# Hash-tag letters of the named families.
+_TASK, _TENANT, _STATS = "k", "t", "s"
 
-def check_name(kind: str, value: object) -> str:
-    """Validate a task id, tenant name or operation id: 1-128 of ``[A-Za-z0-9_.:-]``."""
-    if not isinstance(value, str) or not _NAME.match(value):
+
+def check_name(kind: str, value: object, *, max_len: int = MAX_OP_ID) -> str:
+    """Validate a name: 1 to ``max_len`` of ``[A-Za-z0-9_.:-]``, starting alphanumeric."""
+    if not isinstance(value, str) or not 0 < len(value) <= max_len or not _TAIL.match(value):
         raise InvalidName(
-            kind, value, "use 1-128 letters, digits, '_', '.', ':' or '-', starting alphanumeric"
+            kind,
+            value,
+            f"use 1-{max_len} letters, digits, '_', '.', ':' or '-', starting alphanumeric",
         )
     return value
+
+
+def check_task_id(value: object) -> str:
+    """Validate a task id (at most :data:`MAX_TASK_ID` characters)."""
+    return check_name("task id", value, max_len=MAX_TASK_ID)
+
+
+def check_tenant(value: object) -> str:
+    """Validate a tenant name (at most :data:`MAX_TENANT` characters)."""
+    return check_name("tenant", value, max_len=MAX_TENANT)
+
+
+def check_op_id(value: object, kind: str = "op id") -> str:
+    """Validate an op id or reservation id (at most :data:`MAX_OP_ID` characters)."""
+    return check_name(kind, value, max_len=MAX_OP_ID)
+
+
+def check_scope(value: object) -> str:
+    """Validate a statistics scope (at most :data:`MAX_SCOPE` characters)."""
+    return check_name("scope", value, max_len=MAX_SCOPE)
 
 
 def check_path(value: object) -> str:
@@ -60,35 +104,127 @@ def child_path(parent: str, name: str) -> str:
     return check_path(f"{parent}/{name}")
 
 
+# -- incarnations and derived ids -----------------------------------------------------------
+
+
+def new_incarnation() -> str:
+    """A fresh incarnation id: what tells a task from an earlier one under the same id."""
+    return uuid.uuid4().hex
+
+
+def check_incarnation(value: object) -> str:
+    """Validate an incarnation id (32 lowercase hex digits)."""
+    if not isinstance(value, str) or not _INCARNATION.match(value):
+        raise InvalidName("incarnation", value, "expected 32 lowercase hex digits")
+    return value
+
+
+def new_op_id() -> str:
+    """A fresh op or reservation id, for calls that are not retried by id."""
+    return uuid.uuid4().hex
+
+
+def open_op_id(path: str) -> str:
+    """Default op id of opening the account at ``path`` (``open:<path>``)."""
+    return f"open:{path}"
+
+
+def open_task_op_id(*, tokens: int, nanos: int, tenant: str) -> str:
+    """Default op id of ``open_task``: the same arguments are a retry, others a new task."""
+    return f"{open_op_id(ROOT)}:{tokens}:{nanos}:{tenant}"
+
+
+def submit_op_id(incarnation: str) -> str:
+    """Op id the API opens a submitted task's ledger with: one per task record."""
+    return f"submit.{check_incarnation(incarnation)}"
+
+
+def synthesis_op_id(delivery: int) -> str:
+    """Op id of the transfer that hands what is left to the synthesis, per delivery."""
+    return f"synth.{int(delivery)}"
+
+
+def plan_leftover_op_id(delivery: int) -> str:
+    """Op id of the transfer that gives back what planning did not use, per delivery."""
+    return f"plan-left.{int(delivery)}"
+
+
+def outcome_id(task_id: str, account: str) -> str:
+    """The id statistics count a subtask's outcome under: ``<task>:<path with ':'>``.
+
+    Longer than :data:`MAX_OP_ID` (deep paths), the path part becomes a digest, so the
+    id stays valid and distinct.
+    """
+    plain = f"{task_id}:{account.replace('/', ':')}"
+    if len(plain) <= MAX_OP_ID:
+        return plain
+    digest = hashlib.sha256(account.encode("utf-8")).hexdigest()[:32]
+    return f"{task_id}:h:{digest}"
+
+
+#: The scope statistics are kept in when they are shared by every tenant.
+SHARED_SCOPE = "shared"
+
+
+def tenant_scope(tenant: str) -> str:
+    """The statistics scope of one tenant's own statistics."""
+    return f"t:{check_tenant(tenant)}"
+
+
+# -- markers in a task's ops hash -------------------------------------------------------------
+
+
+def open_marker(op_id: str) -> str:
+    """Field of an ``open`` op's kept reply in the task's ops hash."""
+    return f"o:{op_id}"
+
+
+def transfer_marker(op_id: str) -> str:
+    """Field of a ``transfer`` op's kept reply in the task's ops hash."""
+    return f"t:{op_id}"
+
+
+def close_marker(path: str) -> str:
+    """Field of a ``close`` op's kept reply in the task's ops hash (also its event id)."""
+    return f"z:{path}"
+
+
+# -- the families ------------------------------------------------------------------------------
+
+
+def _tagged(family: str, name: str) -> str:
+    return f"{PREFIX}:{{{family}:{name}}}:"
+
+
 @dataclass(frozen=True, slots=True)
 class TaskKeys:
-    """The keys of one task, all under the hash tag ``{task_id}``."""
+    """The keys of one task, all under the hash tag ``{k:<task_id>}``."""
 
     task_id: str
 
     @property
     def base(self) -> str:
         """Common prefix of every key of this task."""
-        return f"{PREFIX}:{{{self.task_id}}}:"
+        return _tagged(_TASK, self.task_id)
 
     @property
     def meta(self) -> str:
-        """Hash: tenant, funding period, funded amounts, status, timestamps."""
+        """Hash: tenant, incarnation, funding period, root limits, status, timestamps."""
         return self.base + "meta"
 
     @property
     def reservations(self) -> str:
-        """Hash: reservation id -> packed (account, tokens, nanos, deadline, tags)."""
+        """Hash: reservation id -> its one record (state, hold, usage, flags, tags)."""
         return self.base + "res"
 
     @property
     def leases(self) -> str:
-        """Sorted set: reservation id scored by its lease deadline (ms, Redis clock)."""
+        """Sorted set: held reservation ids scored by lease deadline (ms, Redis clock)."""
         return self.base + "leases"
 
     @property
     def ops(self) -> str:
-        """Hash: operation id -> first reply, for idempotency."""
+        """Hash: marker of an open, transfer or close -> its first reply, for idempotency."""
         return self.base + "ops"
 
     @property
@@ -139,26 +275,60 @@ class TenantKeys:
     @property
     def base(self) -> str:
         """Common prefix of every key of this tenant."""
-        return f"{PREFIX}:{{t:{self.tenant}}}:"
+        return _tagged(_TENANT, self.tenant)
 
     @property
     def config(self) -> str:
-        """Hash: per-period limits and the period kind."""
+        """Hash: per-period limits, the period kind and the latest funded period."""
         return self.base + "cfg"
 
     @property
-    def ops(self) -> str:
-        """Hash: operation id -> first reply."""
-        return self.base + "ops"
+    def events(self) -> str:
+        """Stream: funding and settlement of tasks, capped in length."""
+        return self.base + "events"
 
     @property
-    def events(self) -> str:
-        """Stream: funding and settlement of tasks."""
-        return self.base + "events"
+    def period_prefix(self) -> str:
+        """Prefix of period hashes; the funding script appends the period id to it."""
+        return self.base + "p:"
 
     def period(self, period_id: str) -> str:
         """Hash: what was handed out and spent in one period (e.g. ``2026-11``)."""
-        return self.base + "p:" + period_id
+        return self.period_prefix + period_id
+
+    def funding(self, task_id: str, incarnation: str) -> str:
+        """Hash: one task incarnation's funding, settlement and reported spend."""
+        return f"{self.base}f:{check_incarnation(incarnation)}:{task_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class StatsKeys:
+    """The keys of one statistics scope (a tenant, or the shared scope), tag ``{s:<scope>}``."""
+
+    scope: str
+
+    @property
+    def base(self) -> str:
+        """Common prefix of every key of this scope."""
+        return _tagged(_STATS, self.scope)
+
+    @property
+    def cells(self) -> str:
+        """Hash: ``<endpoint>|<difficulty>|<tag>|<metric>`` -> count."""
+        return self.base + "cells"
+
+    def outcome_seen(self, outcome: str) -> str:
+        """String: set once an outcome has been counted; expires."""
+        return self.base + "seen:o:" + outcome
+
+    def verdict_seen(self, outcome: str) -> str:
+        """String: the verdict counted for an outcome; expires."""
+        return self.base + "seen:v:" + outcome
+
+    def seen(self, marker: str) -> str:
+        """The older spelling: ``seen("o:" + id)`` is :meth:`outcome_seen`, ``"v:"`` a verdict."""
+        kind, _, outcome = marker.partition(":")
+        return self.verdict_seen(outcome) if kind == "v" else self.outcome_seen(outcome)
 
 
 #: Set of every tenant name.
@@ -173,24 +343,3 @@ DEAD_LETTER = f"{PREFIX}:queue:dead"
 WORKER_GROUP = "pm-workers"
 #: Hash: worker name -> last heartbeat (JSON), for health checks.
 WORKERS = f"{PREFIX}:workers"
-
-
-@dataclass(frozen=True, slots=True)
-class StatsKeys:
-    """The keys of one statistics scope (a tenant, or the shared scope), tag ``{s:<scope>}``."""
-
-    scope: str
-
-    @property
-    def base(self) -> str:
-        """Common prefix of every key of this scope."""
-        return f"{PREFIX}:{{s:{self.scope}}}:"
-
-    @property
-    def cells(self) -> str:
-        """Hash: ``<endpoint>|<difficulty>|<tag>|<metric>`` -> count."""
-        return self.base + "cells"
-
-    def seen(self, marker: str) -> str:
-        """String: set once an outcome (or its verdict) has been counted; expires."""
-        return self.base + "seen:" + marker

@@ -2,61 +2,83 @@
 
 Each operation is one atomic, idempotent Lua script (see ``budgets/lua/`` and
 ``docs/ledger.md``). This module turns Python calls into script calls and
-script replies into values or typed errors.
+script replies into values; ``budgets/replies.py`` turns refusals into typed
+errors, ``budgets/keys.py`` builds every key, op id and marker, and
+``budgets/tenants.py`` keeps the tenant's side of each task's funding.
 """
 
 from __future__ import annotations
 
 import json
-import uuid
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 from redis.asyncio import Redis
 
 from budgets._runner import ScriptRunner
 from budgets.errors import (
-    AccountBusy,
-    AccountClosed,
-    AccountExists,
-    BudgetExceeded,
     InvalidAmount,
     InvalidTransfer,
     LedgerError,
-    OperationConflict,
-    ReservationSettled,
-    TaskExists,
     UnknownAccount,
     UnknownReservation,
     UnknownTask,
-    UnknownTenant,
-    UnlimitedChild,
 )
 from budgets.keys import (
     OPEN_TASKS,
     ROOT,
-    TENANTS,
     TaskKeys,
     TenantKeys,
-    check_name,
+    check_op_id,
     check_path,
+    check_task_id,
+    check_tenant,
+    close_marker,
+    new_incarnation,
+    new_op_id,
+    open_marker,
+    open_op_id,
+    open_task_op_id,
     parent_of,
+    transfer_marker,
 )
 from budgets.money import UNLIMITED, Amount, Budget, check_nanos, check_tokens
-from budgets.scripts import Op, TenantOp
+from budgets.replies import Context, check
+from budgets.scripts import Op
+from budgets.tenants import (
+    FUNDING_GRACE_S,
+    TENANT_EVENTS_MAX,
+    Period,
+    TenantBooks,
+    TenantView,
+)
 from budgets.tree import (
     AccountView,
     LedgerEvent,
+    ReservationRecord,
+    ReservationState,
     ReservationView,
     TaskTree,
     account_from_hash,
     assemble,
     parse_tags,
+    reservation_from_record,
 )
 
-Period = Literal["day", "month", "none"]
+log = logging.getLogger(__name__)
+
 Tags = Mapping[str, str]
+
+__all__ = [
+    "Closed",
+    "Ledger",
+    "Period",
+    "Reservation",
+    "Settlement",
+    "TenantView",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,20 +116,6 @@ class Closed:
     spent_nanos: int
 
 
-@dataclass(frozen=True, slots=True)
-class TenantView:
-    """A tenant's limits and what its current period has handed out and spent."""
-
-    name: str
-    period: Period
-    period_id: str
-    limit: Budget
-    funded_tokens: int
-    funded_nanos: int
-    spent_tokens: int
-    spent_nanos: int
-
-
 async def _members(redis: Redis, key: str) -> set[str]:
     # The client is built with decode_responses=True: replies are str.
     return cast("set[str]", await redis.smembers(key))
@@ -127,10 +135,6 @@ def _tags(tags: Tags | None) -> str:
     return json.dumps({str(k): str(v) for k, v in tags.items()}, sort_keys=True)
 
 
-def _new_id() -> str:
-    return uuid.uuid4().hex
-
-
 class Ledger:
     """Hierarchical budgets of tasks in Redis.
 
@@ -140,17 +144,33 @@ class Ledger:
     """
 
     def __init__(
-        self, redis: Redis, *, url: str = "redis://", batch: bool = True, lease_s: float = 120.0
+        self,
+        redis: Redis,
+        *,
+        url: str = "redis://",
+        batch: bool = True,
+        lease_s: float = 120.0,
+        tenant_events_max: int = TENANT_EVENTS_MAX,
     ) -> None:
         self.redis = redis
         self._runner = ScriptRunner(redis, url=url, batch=batch)
         self._lease_ms = self._lease(lease_s)
+        self._tenants = TenantBooks(redis, self._runner, events_max=tenant_events_max)
 
     @classmethod
-    def from_url(cls, url: str, *, batch: bool = True, lease_s: float = 120.0) -> Ledger:
+    def from_url(
+        cls,
+        url: str,
+        *,
+        batch: bool = True,
+        lease_s: float = 120.0,
+        tenant_events_max: int = TENANT_EVENTS_MAX,
+    ) -> Ledger:
         """A ledger on the Redis at ``url`` (``redis://host:port/db``)."""
         redis = Redis.from_url(url, decode_responses=True)
-        return cls(redis, url=url, batch=batch, lease_s=lease_s)
+        return cls(
+            redis, url=url, batch=batch, lease_s=lease_s, tenant_events_max=tenant_events_max
+        )
 
     @property
     def url(self) -> str:
@@ -172,9 +192,16 @@ class Ledger:
         return max(1, int(lease_s * 1000))
 
     async def _run(
-        self, op: Op, keys: TaskKeys, accounts: Sequence[str], args: Sequence[str | int]
+        self,
+        op: Op,
+        task_id: str,
+        accounts: Sequence[str],
+        args: Sequence[str | int],
+        ctx: Context | None = None,
     ) -> list[Any]:
-        return await self._runner.task_op(keys, op, accounts, args)
+        """Run one operation of the task script; its reply, or the error its refusal means."""
+        reply = await self._runner.task_op(TaskKeys(task_id), op, accounts, args)
+        return check(op.value, reply, ctx or Context(task_id=task_id))
 
     # -- tasks and accounts ---------------------------------------------------
 
@@ -185,25 +212,43 @@ class Ledger:
 
         With ``tenant``, the budget is first taken out of the tenant's current
         period (refused with :class:`BudgetExceeded` if it cannot pay) and goes
-        back when the task closes. Retrying with the same ``op_id`` is safe.
+        back when the task closes. Retrying with the same ``op_id`` (or, by
+        default, the same arguments) is safe at any point: nothing is funded twice.
+        A task id reused after its keys expired is a new task, funded afresh.
         """
-        check_name("task id", task_id)
-        op_id = check_name("op id", op_id) if op_id is not None else _new_id()
-        keys = TaskKeys(task_id)
-        period = ""
+        check_task_id(task_id)
         if tenant is not None:
-            period = await self._fund(tenant, task_id, budget, op_id=op_id)
-        reply = await self._run(
-            Op.OPEN_TASK,
-            keys,
-            [ROOT],
-            [op_id, _limit(budget.tokens), _limit(budget.nanos), tenant or "", period, task_id],
-        )
-        if reply[0] == "err":
+            check_tenant(tenant)
+        lt, ln = _limit(budget.tokens), _limit(budget.nanos)
+        if op_id is None:
+            op_id = open_task_op_id(tokens=lt, nanos=ln, tenant=tenant or "")
+        else:
+            check_op_id(op_id)
+        ctx = Context(task_id=task_id, op_id=op_id, tenant=tenant or "")
+        incarnation, period = new_incarnation(), ""
+        if tenant is not None:
+            # The saga: claim the id for one incarnation, fund that incarnation,
+            # open it. A retry finds the claim and funds the same incarnation.
+            claim: list[str | int] = [op_id, incarnation, lt, ln, tenant, task_id]
+            status, incarnation = (await self._run(Op.CLAIM, task_id, [], claim, ctx))[1:3]
+            if status != "claimed":
+                if status == "open":
+                    await self.redis.sadd(OPEN_TASKS, task_id)
+                return
+            try:
+                period = await self._tenants.fund(tenant, task_id, incarnation, budget)
+            except LedgerError:
+                await self._run(Op.UNCLAIM, task_id, [], [incarnation])
+                raise
+        args: list[str | int] = [op_id, incarnation, lt, ln, tenant or "", period, task_id]
+        try:
+            reply = await self._run(Op.OPEN_TASK, task_id, [ROOT], args, ctx)
+        except LedgerError:
             if tenant is not None:
-                await self._settle(tenant, task_id, period, budget, (0, 0), op_id=f"undo:{op_id}")
-            self._raise(reply, task_id=task_id, account=ROOT, op_id=op_id)
-        await self.redis.sadd(OPEN_TASKS, task_id)
+                await self._tenants.settle(tenant, task_id, incarnation, mode="undo")
+            raise
+        if reply[3] == "open":
+            await self.redis.sadd(OPEN_TASKS, task_id)
 
     async def open_account(
         self,
@@ -219,19 +264,27 @@ class Ledger:
         Returns what the parent has left. A child may be unlimited only in a unit
         its parent does not limit.
         """
-        check_name("task id", task_id)
+        check_task_id(task_id)
         check_path(path)
         parent = parent_of(path)
         if parent is None:
             raise InvalidAmount("path", path, "the root is opened with open_task()")
-        op_id = check_name("op id", op_id) if op_id is not None else f"open:{path}"
+        op_id = check_op_id(op_id) if op_id is not None else open_op_id(path)
         reply = await self._run(
             Op.OPEN,
-            TaskKeys(task_id),
+            task_id,
             [parent, path],
-            [op_id, parent, path, _limit(budget.tokens), _limit(budget.nanos), _tags(tags)],
+            [
+                open_marker(op_id),
+                parent,
+                path,
+                _limit(budget.tokens),
+                _limit(budget.nanos),
+                _tags(tags),
+                op_id,
+            ],
+            Context(task_id=task_id, op_id=op_id),
         )
-        self._raise(reply, task_id=task_id, account=parent, child=path, op_id=op_id)
         return _budget(reply[1], reply[2])
 
     async def reserve(
@@ -251,19 +304,19 @@ class Ledger:
         The hold expires after ``lease_s`` (default: the ledger's) if it is
         neither committed nor released.
         """
-        check_name("task id", task_id)
+        check_task_id(task_id)
         check_path(account)
         check_tokens(tokens)
         check_nanos(nanos)
         lease_ms = self._lease_ms if lease_s is None else self._lease(lease_s)
-        rid = check_name("reservation id", reservation_id) if reservation_id else _new_id()
+        rid = check_op_id(reservation_id, "reservation id") if reservation_id else new_op_id()
         reply = await self._run(
             Op.RESERVE,
-            TaskKeys(task_id),
+            task_id,
             [account],
             [account, rid, tokens, nanos, lease_ms, _tags(tags)],
+            Context(task_id=task_id, reservation_id=rid),
         )
-        self._raise(reply, task_id=task_id, account=account, reservation_id=rid)
         return Reservation(
             task_id=task_id,
             account=account,
@@ -284,15 +337,25 @@ class Ledger:
         """Record what a call really used; ``used=None`` charges the whole reservation.
 
         A retry returns the first answer and changes nothing. A commit after the
-        lease expired is still recorded, flagged ``late``.
+        lease expired is still recorded, flagged ``late``; after the task was
+        closed, its spend still reaches the task's tenant.
         """
-        check_name("task id", task_id)
-        check_name("reservation id", reservation_id)
+        check_task_id(task_id)
+        check_op_id(reservation_id, "reservation id")
         tokens, nanos = (-1, -1) if used is None else (used.tokens, used.nanos)
         reply = await self._run(
-            Op.COMMIT, TaskKeys(task_id), [], [reservation_id, tokens, nanos, _tags(tags)]
+            Op.COMMIT,
+            task_id,
+            [],
+            [reservation_id, tokens, nanos, _tags(tags)],
+            Context(task_id=task_id, reservation_id=reservation_id),
         )
-        self._raise(reply, task_id=task_id, reservation_id=reservation_id)
+        tenant, incarnation = str(reply[8]), str(reply[9])
+        if tenant:
+            # Late, after the task's close settled its tenant: report the root's
+            # spend now (a total, so a repeat counts nothing twice).
+            spent = (int(reply[10]), int(reply[11]))
+            await self._tenants.settle(tenant, task_id, incarnation, mode="spend", spent=spent)
         return Settlement(
             account=str(reply[1]),
             tokens=int(reply[2]),
@@ -304,11 +367,20 @@ class Ledger:
         )
 
     async def release(self, task_id: str, reservation_id: str, *, reason: str = "") -> bool:
-        """Drop a reservation unspent. Returns ``True`` if its lease had already run out."""
-        check_name("task id", task_id)
-        check_name("reservation id", reservation_id)
-        reply = await self._run(Op.RELEASE, TaskKeys(task_id), [], [reservation_id, reason[:200]])
-        self._raise(reply, task_id=task_id, reservation_id=reservation_id)
+        """Drop a reservation unspent. Returns ``True`` if its lease had already run out.
+
+        After an expiry the hold is already gone, so nothing changes and a late
+        commit stays possible: money a provider did bill is never refused.
+        """
+        check_task_id(task_id)
+        check_op_id(reservation_id, "reservation id")
+        reply = await self._run(
+            Op.RELEASE,
+            task_id,
+            [],
+            [reservation_id, reason[:200]],
+            Context(task_id=task_id, reservation_id=reservation_id),
+        )
         return bool(reply[4])
 
     async def transfer(
@@ -319,7 +391,7 @@ class Ledger:
         ``src`` and ``dst`` must be parent and child, or siblings (the money then
         passes through their parent in the same atomic step).
         """
-        check_name("task id", task_id)
+        check_task_id(task_id)
         check_path(src)
         check_path(dst)
         if amount.tokens == 0 and amount.nanos == 0:
@@ -332,16 +404,14 @@ class Ledger:
             direction, mid = "across", parent_of(src) or ROOT
         else:
             raise InvalidTransfer(task_id, src, dst, "they are not parent and child or siblings")
-        op_id = check_name("op id", op_id) if op_id is not None else _new_id()
+        op_id = check_op_id(op_id) if op_id is not None else new_op_id()
         reply = await self._run(
             Op.TRANSFER,
-            TaskKeys(task_id),
+            task_id,
             [src, dst, mid],
-            [op_id, src, dst, amount.tokens, amount.nanos, direction],
+            [transfer_marker(op_id), src, dst, amount.tokens, amount.nanos, direction, op_id],
+            Context(task_id=task_id, op_id=op_id),
         )
-        if reply[0] == "err" and reply[1] == "relation":
-            raise InvalidTransfer(task_id, src, dst, "the ledger's tree does not relate them")
-        self._raise(reply, task_id=task_id, account=src, op_id=op_id)
         return _budget(reply[1], reply[2]), _budget(reply[3], reply[4])
 
     async def close_account(self, task_id: str, path: str, *, force: bool = False) -> Closed:
@@ -351,14 +421,13 @@ class Ledger:
         reservations unless ``force`` (which expires them: a call still in
         flight may commit late and is still charged).
         """
-        check_name("task id", task_id)
+        check_task_id(task_id)
         check_path(path)
         parent = parent_of(path)
         accounts = [path] if parent is None else [path, parent]
         reply = await self._run(
-            Op.CLOSE, TaskKeys(task_id), accounts, [path, "1" if force else "0"]
+            Op.CLOSE, task_id, accounts, [path, "1" if force else "0", close_marker(path)]
         )
-        self._raise(reply, task_id=task_id, account=path)
         return Closed(
             returned_tokens=_opt(reply[1]),
             returned_nanos=_opt(reply[2]),
@@ -369,44 +438,65 @@ class Ledger:
     async def close_task(self, task_id: str, *, force: bool = False) -> Closed:
         """Close every open account of the task, deepest first, then the root.
 
-        The root's leftover goes back to the tenant, if the task had one. Safe
-        to call again after a crash part way through.
+        The root's leftover goes back to the tenant, if the task had one, and its
+        spend counts for the tenant. Safe to call again after a crash part way
+        through; each call reports the task's spend as it is then. A task only
+        claimed (its open never completed) is given up: any funding goes back,
+        and :class:`UnknownTask` is raised.
         """
-        check_name("task id", task_id)
+        check_task_id(task_id)
         keys = TaskKeys(task_id)
         meta = await _hash(self.redis, keys.meta)
         if not meta:
+            raise UnknownTask(task_id)
+        tenant, incarnation = meta.get("tenant") or "", meta.get("inc") or ""
+        if meta.get("status") == "claimed":
+            await self._tenants.settle(tenant, task_id, incarnation, mode="undo")
+            await self._run(Op.UNCLAIM, task_id, [], [incarnation])
             raise UnknownTask(task_id)
         paths = await _members(self.redis, keys.accounts)
         for path in sorted(paths, key=lambda p: (-p.count("/"), p)):
             if path != ROOT:
                 await self.close_account(task_id, path, force=force)
         closed = await self.close_account(task_id, ROOT, force=force)
-        tenant = meta.get("tenant") or ""
-        if tenant:
-            funded = Budget.from_nanos(tokens=_opt(meta["lt"]), nanos=_opt(meta["ln"]))
-            spent = (closed.spent_tokens, closed.spent_nanos)
-            await self._settle(
-                tenant, task_id, meta["period"], funded, spent, op_id=f"close:{task_id}"
+        if tenant and incarnation:
+            # The root's spend now, late commits included, not the first close's.
+            root = await _hash(self.redis, keys.account(ROOT))
+            spent = (
+                int(root["st"]) + int(root["ct"]),
+                int(root["sn"]) + int(root["cn"]),
             )
+            await self._tenants.settle(tenant, task_id, incarnation, mode="close", spent=spent)
+        elif tenant:
+            log.warning("task %s has no incarnation; its tenant %s is not settled", task_id, tenant)
         await self.redis.srem(OPEN_TASKS, task_id)
         return closed
 
     async def expire_task(self, task_id: str, *, retention_s: int) -> None:
-        """Let Redis delete a closed task's keys after ``retention_s`` seconds."""
+        """Let Redis delete a closed task's keys after ``retention_s`` seconds.
+
+        The tenant's record of the task's funding expires a day later, so late
+        spend reported while the task's keys exist still finds it.
+        """
+        check_task_id(task_id)
         keys = TaskKeys(task_id)
+        meta = await _hash(self.redis, keys.meta)
         paths = await _members(self.redis, keys.accounts)
         pipe = self.redis.pipeline(transaction=False)
         for key in [*keys.script_keys(), *(keys.account(p) for p in paths)]:
             pipe.expire(key, retention_s)
+        tenant, incarnation = meta.get("tenant") or "", meta.get("inc") or ""
+        if tenant and incarnation:
+            funding = TenantKeys(tenant).funding(task_id, incarnation)
+            pipe.expire(funding, retention_s + FUNDING_GRACE_S)
         await pipe.execute()
 
     async def reap(self, task_id: str, *, batch: int = 256) -> int:
         """Release every reservation of the task whose lease ran out; returns how many."""
-        check_name("task id", task_id)
+        check_task_id(task_id)
         total = 0
         while True:
-            reply = await self._run(Op.REAP, TaskKeys(task_id), [], [batch])
+            reply = await self._run(Op.REAP, task_id, [], [batch])
             total += int(reply[1])
             if int(reply[1]) < batch:
                 return total
@@ -423,7 +513,7 @@ class Ledger:
 
     async def snapshot(self, task_id: str) -> TaskTree:
         """The task's account tree with open reservations, in one round trip after the index."""
-        check_name("task id", task_id)
+        check_task_id(task_id)
         keys = TaskKeys(task_id)
         paths = await _members(self.redis, keys.accounts)
         if not paths:
@@ -436,9 +526,10 @@ class Ledger:
             pipe.hgetall(keys.account(path))
         meta, raw_res, *hashes = cast("list[dict[str, str]]", await pipe.execute())
         holds: dict[str, list[ReservationView]] = {}
-        for rid, packed in raw_res.items():
-            view = _reservation(rid, packed)
-            holds.setdefault(view.account, []).append(view)
+        for rid, packed in sorted(raw_res.items()):
+            record = reservation_from_record(rid, packed)
+            if record.state is ReservationState.HELD:
+                holds.setdefault(record.account, []).append(record.view())
         flat = {
             path: account_from_hash(path, fields, holds.get(path, []))
             for path, fields in zip(ordered, hashes, strict=True)
@@ -453,18 +544,27 @@ class Ledger:
 
     async def account(self, task_id: str, path: str) -> AccountView:
         """One account (without children), read directly."""
-        check_name("task id", task_id)
+        check_task_id(task_id)
         check_path(path)
         fields = await _hash(self.redis, TaskKeys(task_id).account(path))
         if not fields:
             raise UnknownAccount(task_id, path)
         return account_from_hash(path, fields, [])
 
+    async def reservation(self, task_id: str, reservation_id: str) -> ReservationRecord:
+        """A reservation's one record, in whatever state it is."""
+        check_task_id(task_id)
+        check_op_id(reservation_id, "reservation id")
+        packed = await self.redis.hget(TaskKeys(task_id).reservations, reservation_id)
+        if packed is None:
+            raise UnknownReservation(task_id, reservation_id)
+        return reservation_from_record(reservation_id, cast(str, packed))
+
     async def events(
         self, task_id: str, *, after: str = "-", count: int | None = None
     ) -> list[LedgerEvent]:
         """The task's audit events, oldest first, strictly after stream id ``after``."""
-        check_name("task id", task_id)
+        check_task_id(task_id)
         start = after if after == "-" else f"({after}"
         rows = await self.redis.xrange(TaskKeys(task_id).events, min=start, count=count)
         return [
@@ -479,7 +579,7 @@ class Ledger:
         For what the books alone do not say: how a plan was made, why a step was
         skipped. ``text`` is cut at 500 characters. Returns the stream id.
         """
-        check_name("task id", task_id)
+        check_task_id(task_id)
         check_path(account)
         fields = {"op": "note", "acct": account, "t": 0, "n": 0, "id": "", "text": text[:500]}
         if tags:
@@ -491,126 +591,15 @@ class Ledger:
 
     async def set_tenant(self, name: str, budget: Budget, *, period: Period = "month") -> None:
         """Create or update a tenant: ``budget`` per ``period`` (day, month, or none)."""
-        check_name("tenant", name)
-        if period not in ("day", "month", "none"):
-            raise InvalidAmount("period", period, "use 'day', 'month' or 'none'")
-        keys = TenantKeys(name)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(
-            keys.config,
-            mapping={"lt": _limit(budget.tokens), "ln": _limit(budget.nanos), "period": period},
-        )
-        pipe.sadd(TENANTS, name)
-        await pipe.execute()
+        await self._tenants.set(name, budget, period=period)
 
     async def tenants(self) -> list[str]:
         """Every configured tenant's name, sorted."""
-        return sorted(await _members(self.redis, TENANTS))
+        return await self._tenants.names()
 
     async def tenant(self, name: str, *, period_id: str | None = None) -> TenantView:
         """A tenant's limits and one period's use (default: the latest funded period)."""
-        check_name("tenant", name)
-        keys = TenantKeys(name)
-        cfg = await _hash(self.redis, keys.config)
-        if not cfg:
-            raise UnknownTenant(name)
-        if period_id is None:
-            last = await self.redis.xrevrange(keys.events, count=1)
-            rows = cast("list[tuple[str, dict[str, str]]]", last)
-            period_id = rows[0][1].get("period", "all") if rows else "all"
-        used = await _hash(self.redis, keys.period(period_id))
-        return TenantView(
-            name=name,
-            period=cast(Period, cfg["period"]),
-            period_id=period_id,
-            limit=Budget.from_nanos(tokens=_opt(cfg["lt"]), nanos=_opt(cfg["ln"])),
-            funded_tokens=int(used.get("ft", 0)),
-            funded_nanos=int(used.get("fn", 0)),
-            spent_tokens=int(used.get("st", 0)),
-            spent_nanos=int(used.get("sn", 0)),
-        )
-
-    async def _fund(self, tenant: str, task_id: str, budget: Budget, *, op_id: str) -> str:
-        check_name("tenant", tenant)
-        keys = TenantKeys(tenant)
-        reply = await self._runner.tenant_op(
-            TenantOp.FUND,
-            [keys.config, keys.ops, keys.events],
-            [
-                keys.period(""),
-                f"{task_id}:{op_id}",
-                task_id,
-                _limit(budget.tokens),
-                _limit(budget.nanos),
-            ],
-        )
-        if reply[0] == "err" and reply[1] == "no_tenant":
-            raise UnknownTenant(tenant)
-        self._raise(reply, task_id=task_id, account=f"tenant:{tenant}")
-        return str(reply[1])
-
-    async def _settle(
-        self,
-        tenant: str,
-        task_id: str,
-        period: str,
-        funded: Budget,
-        spent: tuple[int, int],
-        *,
-        op_id: str,
-    ) -> None:
-        keys = TenantKeys(tenant)
-        await self._runner.tenant_op(
-            TenantOp.SETTLE,
-            [keys.period(period), keys.ops, keys.events],
-            [op_id, task_id, _limit(funded.tokens), _limit(funded.nanos), *spent, period],
-        )
-
-    # -- replies -----------------------------------------------------------------
-
-    @staticmethod
-    def _raise(
-        reply: list[Any],
-        *,
-        task_id: str,
-        account: str = "",
-        child: str = "",
-        reservation_id: str = "",
-        op_id: str = "",
-    ) -> None:
-        if reply[0] == "ok":
-            return
-        code = reply[1]
-        if code == "insufficient":
-            raise BudgetExceeded(
-                task_id=task_id,
-                account=account,
-                unit=str(reply[2]),
-                requested=int(reply[3]),
-                available=int(reply[4]),
-            )
-        if code == "no_account":
-            missing = str(reply[2]) if len(reply) > 2 else account
-            if missing == ROOT:
-                raise UnknownTask(task_id)
-            raise UnknownAccount(task_id, missing)
-        if code == "closed":
-            raise AccountClosed(task_id, account)
-        if code == "exists":
-            if child:
-                raise AccountExists(task_id, child)
-            raise TaskExists(task_id)
-        if code == "unlimited":
-            raise UnlimitedChild(task_id, child or account, str(reply[2]))
-        if code == "busy":
-            raise AccountBusy(task_id, account, children=int(reply[2]), reservations=int(reply[3]))
-        if code == "unknown":
-            raise UnknownReservation(task_id, reservation_id)
-        if code in ("released", "committed"):
-            raise ReservationSettled(task_id, reservation_id, str(code))
-        if code == "conflict":
-            raise OperationConflict(str(reply[2]) if len(reply) > 2 else op_id or reservation_id)
-        raise LedgerError(f"unexpected ledger reply {reply!r}")
+        return await self._tenants.view(name, period_id=period_id)
 
 
 def _opt(value: Any) -> int | None:
@@ -620,19 +609,6 @@ def _opt(value: Any) -> int | None:
 
 def _budget(tokens: Any, nanos: Any) -> Budget:
     return Budget.from_nanos(tokens=_opt(tokens), nanos=_opt(nanos))
-
-
-def _reservation(rid: str, packed: str) -> ReservationView:
-    # Written by pack_res in budgets/lua/_prelude.lua.
-    account, tokens, nanos, deadline, tags = packed.split("|", 4)
-    return ReservationView(
-        id=rid,
-        account=account,
-        tokens=int(tokens),
-        nanos=int(nanos),
-        deadline_ms=int(deadline),
-        tags=parse_tags(tags),
-    )
 
 
 def _event(eid: str, fields: Mapping[str, str]) -> LedgerEvent:

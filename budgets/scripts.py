@@ -10,7 +10,7 @@ amortises Redis's per-script cost over every operation in flight. The two
 
 Scripts are sent with ``EVALSHA``; a ``NOSCRIPT`` reply (a restarted or flushed
 server) loads them and retries, which is safe because every operation is
-idempotent.
+idempotent. What each refusal code of a script raises is in ``budgets/replies.py``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from importlib import resources
 class Op(StrEnum):
     """The operations of the task script."""
 
+    CLAIM = "claim"
+    UNCLAIM = "unclaim"
     OPEN_TASK = "open_task"
     OPEN = "open"
     RESERVE = "reserve"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Mapping
 from decimal import Decimal
+from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
@@ -23,6 +24,69 @@ class ReservationView(BaseModel):
     nanos: int
     deadline_ms: int
     tags: dict[str, str] = Field(default_factory=dict)
+
+
+class ReservationState(StrEnum):
+    """Where a reservation is: ``held`` -> ``committed`` | ``released`` | ``expired``.
+
+    An expired reservation may still be committed (late); the others are final.
+    """
+
+    HELD = "held"
+    COMMITTED = "committed"
+    RELEASED = "released"
+    EXPIRED = "expired"
+
+
+class ReservationRecord(BaseModel):
+    """A reservation's one record: its hold, its state, and what its commit recorded."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    account: str
+    state: ReservationState
+    tokens: int
+    nanos: int
+    deadline_ms: int
+    used_tokens: int
+    used_nanos: int
+    overrun_tokens: int
+    overrun_nanos: int
+    late: bool
+    estimated: bool
+    tags: dict[str, str] = Field(default_factory=dict)
+
+    def view(self) -> ReservationView:
+        """The record as an open reservation of a snapshot."""
+        return ReservationView(
+            id=self.id,
+            account=self.account,
+            tokens=self.tokens,
+            nanos=self.nanos,
+            deadline_ms=self.deadline_ms,
+            tags=self.tags,
+        )
+
+
+def reservation_from_record(rid: str, packed: str) -> ReservationRecord:
+    """Read a record written by ``save_res`` in ``budgets/lua/_prelude.lua``."""
+    state, account, t, n, deadline, ut, un, ot, on, flags, tags = packed.split("|", 10)
+    return ReservationRecord(
+        id=rid,
+        account=account,
+        state=ReservationState(state),
+        tokens=int(t),
+        nanos=int(n),
+        deadline_ms=int(deadline),
+        used_tokens=int(ut),
+        used_nanos=int(un),
+        overrun_tokens=int(ot),
+        overrun_nanos=int(on),
+        late=flags[:1] == "1",
+        estimated=flags[1:2] == "1",
+        tags=parse_tags(tags),
+    )
 
 
 class AccountView(BaseModel):

@@ -11,7 +11,6 @@ import contextlib
 import os
 import threading
 import time
-import uuid
 from collections.abc import Coroutine, Mapping
 from concurrent.futures import Future
 from pathlib import Path
@@ -20,8 +19,8 @@ from typing import Any, TypeVar
 from agents.endpoints import DEFAULT_LOCAL_PORT, EndpointsConfig, load_config
 from agents.plan import Plan
 from budgets import Budget, Ledger, LedgerEvent, TaskTree
-from budgets.errors import UnknownTask
-from budgets.keys import TaskKeys, check_name
+from budgets.errors import LedgerError, TaskExists, UnknownTask
+from budgets.keys import TaskKeys, check_task_id, check_tenant, new_op_id, submit_op_id
 from budgets.stats import Stats, StatsBook
 from orchestrator.embedded import ensure_redis
 from orchestrator.errors import InvalidTask, SubtaskNotFound, TaskNotFound, TaskTimeout
@@ -177,7 +176,16 @@ class Paymaster:
 
     async def _create(
         self, text: str, budget: Budget, tenant: str | None, task_id: str | None
-    ) -> str:
+    ) -> tuple[str, bool]:
+        """The task's id, and whether this call created it (``False``: a retry's).
+
+        The record first, in one atomic step that either writes it or finds the
+        one there: a different task under the id raises :class:`TaskExists` with
+        nothing touched. The record's incarnation then names the ledger's open,
+        so a retry completes the same open and a reused id (after its retention)
+        is a new task its tenant must fund. If the ledger refuses, the record
+        goes again and the id stays free.
+        """
         if not isinstance(text, str) or not text.strip():
             raise InvalidTask("the task is empty; give it some text")
         if len(text) > self.settings.max_task_chars:
@@ -190,28 +198,37 @@ class Paymaster:
             )
         if budget.is_unlimited:
             raise InvalidTask("give the task a limit in tokens or dollars (or both)")
-        task_id = check_name("task id", task_id or uuid.uuid4().hex[:16])
+        task_id = check_task_id(task_id or new_op_id()[:16])
         if tenant is not None:
-            check_name("tenant", tenant)
+            check_tenant(tenant)
         records = Records(self.books.redis)
-        # The ledger first: a tenant that cannot pay refuses the task before
-        # anything else is written.
-        await self.books.open_task(task_id, budget, tenant=tenant, op_id=f"open.{task_id}")
-        try:
-            await records.create(task_id, task=text, budget=budget, tenant=tenant)
-        except Exception:
-            await self.books.close_task(task_id, force=True)
-            raise
-        return task_id
+        found = await records.create(task_id, task=text, budget=budget, tenant=tenant)
+        if not found.created and not found.same(task=text, budget=budget, tenant=tenant):
+            raise TaskExists(task_id)
+        if found.created or found.status is Status.QUEUED:
+            try:
+                await self.books.open_task(
+                    task_id, budget, tenant=tenant, op_id=submit_op_id(found.incarnation)
+                )
+            except LedgerError:
+                await records.discard(task_id, found.incarnation)
+                raise
+        return task_id, found.created
 
     async def asubmit(
         self, text: str, *, budget: Budget, tenant: str | None = None, task_id: str | None = None
     ) -> Task:
-        """Queue a task for a worker; raises on bad input and stores nothing then."""
-        task_id = await self._create(text, budget, tenant, task_id)
-        queue = TaskQueue(self.books.redis)
-        await queue.ensure_group()
-        await queue.enqueue(task_id)
+        """Queue a task for a worker; raises on bad input and stores nothing then.
+
+        Submitting again with the same text, budget and tenant (a client's retry)
+        returns the same task and queues nothing more; anything else under a used
+        id raises :class:`~budgets.errors.TaskExists` and changes nothing.
+        """
+        task_id, created = await self._create(text, budget, tenant, task_id)
+        if created:
+            queue = TaskQueue(self.books.redis)
+            await queue.ensure_group()
+            await queue.enqueue(task_id)
         return Task(self, task_id)
 
     def submit(
@@ -223,8 +240,14 @@ class Paymaster:
     async def arun(
         self, text: str, *, budget: Budget, tenant: str | None = None, task_id: str | None = None
     ) -> TaskRecord:
-        """Run a task in this process (no worker needed) and return its final record."""
-        task_id = await self._create(text, budget, tenant, task_id)
+        """Run a task in this process (no worker needed) and return its final record.
+
+        The same arguments under an id already in use wait for that task instead
+        of running it twice; other arguments raise :class:`~budgets.errors.TaskExists`.
+        """
+        task_id, created = await self._create(text, budget, tenant, task_id)
+        if not created:
+            return await self.await_final(task_id)
         try:
             return await self.runtime().execute(task_id)
         except BaseException as e:
@@ -250,7 +273,7 @@ class Paymaster:
 
     async def arecord(self, task_id: str) -> TaskRecord:
         """A task's record; :class:`TaskNotFound` if there is none."""
-        check_name("task id", task_id)
+        check_task_id(task_id)
         record = await Records(self.books.redis).get(task_id)
         if record is None:
             raise TaskNotFound(task_id)
@@ -310,7 +333,7 @@ class Paymaster:
 
     def task(self, task_id: str) -> Task:
         """A handle on an existing task."""
-        return Task(self, check_name("task id", task_id))
+        return Task(self, check_task_id(task_id))
 
     async def aledger(self, task_id: str) -> TaskTree:
         """The task's account tree."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, cast
 
@@ -12,7 +13,7 @@ from pydantic import BaseModel
 from redis.asyncio import Redis
 
 from budgets import Budget
-from budgets.keys import TaskKeys
+from budgets.keys import TaskKeys, new_incarnation
 
 
 class Status(StrEnum):
@@ -74,8 +75,57 @@ return 1
 """
 
 
+# KEYS[1] task record
+# ARGV[1] task text  ARGV[2] budget (JSON)  ARGV[3] tenant ('' none)  ARGV[4] now (s)
+# ARGV[5] incarnation (kept if this call creates the record)
+# returns {1, incarnation, 'queued', text, budget, tenant} when it wrote the record, or
+#   {0, incarnation, status, text, budget, tenant} of the record already there (nothing written)
+_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local r = redis.call('HMGET', KEYS[1], 'inc', 'status', 'task', 'budget', 'tenant')
+  return {0, r[1] or '', r[2] or '', r[3] or '', r[4] or '', r[5] or ''}
+end
+redis.call('HSET', KEYS[1], 'status', 'queued', 'task', ARGV[1], 'budget', ARGV[2],
+  'tenant', ARGV[3], 'created_s', ARGV[4], 'inc', ARGV[5])
+return {1, ARGV[5], 'queued', ARGV[1], ARGV[2], ARGV[3]}
+"""
+
+# KEYS[1] task record   ARGV[1] incarnation
+# returns 1 when the record of that incarnation, still queued, was removed; else 0
+_DISCARD = """
+local r = redis.call('HMGET', KEYS[1], 'inc', 'status')
+if r[1] ~= ARGV[1] or r[2] ~= 'queued' then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Created:
+    """What :meth:`Records.create` wrote, or found under the id.
+
+    ``incarnation`` tells this record from any earlier task under the same id;
+    the API opens the task's ledger with an op id made from it.
+    """
+
+    created: bool
+    incarnation: str
+    status: Status | None
+    task: str
+    budget: Budget | None
+    tenant: str | None
+
+    def same(self, *, task: str, budget: Budget, tenant: str | None) -> bool:
+        """Whether a submit with these arguments is a retry of this record's."""
+        return (self.task, self.budget, self.tenant) == (task, budget, tenant)
+
+
 def _opt_float(value: str | None) -> float | None:
     return float(value) if value else None
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 class Records:
@@ -83,29 +133,44 @@ class Records:
 
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
+        self._create = redis.register_script(_CREATE)
+        self._discard = redis.register_script(_DISCARD)
         self._mark_running = redis.register_script(_MARK_RUNNING)
         self._cancel_queued = redis.register_script(_CANCEL_QUEUED)
 
     async def create(
         self, task_id: str, *, task: str, budget: Budget, tenant: str | None
-    ) -> TaskRecord:
-        """Write a new record in state ``queued``; refuses an id already used."""
+    ) -> Created:
+        """Write a new record in state ``queued``, unless the id is in use.
+
+        One atomic step: either this call wrote the record (``created``), or it
+        found the one already there and changed nothing; :meth:`Created.same`
+        then tells a client's retry from a clash.
+        """
         now = time.time()
-        fields = {
-            "status": Status.QUEUED.value,
-            "task": task,
-            "budget": budget.model_dump_json(),
-            "tenant": tenant or "",
-            "created_s": repr(now),
-        }
-        keys = TaskKeys(task_id)
-        created = await self.redis.hsetnx(keys.record, "status", Status.QUEUED.value)
-        if not created:
-            raise ValueError(f"task id {task_id!r} is already in use")
-        await self.redis.hset(keys.record, mapping=cast(Any, fields))
-        return TaskRecord(
-            id=task_id, status=Status.QUEUED, task=task, budget=budget, tenant=tenant, created_s=now
+        reply = await self._create(
+            keys=[TaskKeys(task_id).record],
+            args=[task, budget.model_dump_json(), tenant or "", repr(now), new_incarnation()],
         )
+        created, incarnation, status, text, raw_budget, raw_tenant = (
+            _text(v) for v in cast("list[Any]", reply)
+        )
+        return Created(
+            created=created == "1",
+            incarnation=incarnation,
+            status=Status(status) if status in {s.value for s in Status} else None,
+            task=text,
+            budget=Budget.model_validate_json(raw_budget) if raw_budget else None,
+            tenant=raw_tenant or None,
+        )
+
+    async def discard(self, task_id: str, incarnation: str) -> bool:
+        """Remove a record :meth:`create` wrote whose task could not be opened.
+
+        Only that incarnation's, and only while still ``queued``; ``False`` otherwise.
+        """
+        removed = await self._discard(keys=[TaskKeys(task_id).record], args=[incarnation])
+        return bool(removed)
 
     async def get(self, task_id: str) -> TaskRecord | None:
         """The record, or ``None`` if there is no such task."""

@@ -276,13 +276,15 @@ class LedgerMachine(RuleBasedStateMachine):
         self.counter += 1
         return f"{prefix}{self.counter}"
 
-    async def _state(self) -> tuple[str, int, int]:
+    async def _state(self) -> tuple[str, int, int, dict[str, str]]:
         tree = await self.ledger.snapshot(TASK)
         events = await self.ledger.redis.xlen(self.keys.events)
         ops = await self.ledger.redis.hlen(self.keys.ops)
-        return tree.model_dump_json(), events, ops
+        # Every reservation's one record, in whatever state: a refusal writes none.
+        records = await self.ledger.redis.hgetall(self.keys.reservations)
+        return tree.model_dump_json(), events, ops, records
 
-    def state(self) -> tuple[str, int, int]:
+    def state(self) -> tuple[str, int, int, dict[str, str]]:
         """Everything a refusal or a retry must leave as it was."""
         return self.run(self._state())
 

@@ -2,6 +2,8 @@
 -- ARGV[2] how many operations; then for each:
 --   name, number of accounts, account paths..., number of arguments, arguments...
 -- returns one reply per operation, in order.
+-- errors (budgets/replies.py DispatchError):
+--   'bad_op' -> LedgerError        no operation of that name
 -- Leases that ran out are released once, before the batch, by the same clock.
 SWEPT = sweep(256)
 local out, i = {}, 3

@@ -2,31 +2,39 @@
 -- With force, open reservations are expired first: a call still in flight can
 -- commit late and its spend is still recorded (and charged upward).
 -- K[1] account hash  K[2] parent hash (absent for the root)
--- A[1] account path  A[2] '1' to force
+-- A[1] account path  A[2] '1' to force  A[3] marker (the close's ops field and event id)
 -- returns {'ok', returned_tokens, returned_nanos, spent_tokens, spent_nanos}
---      (returned is -1 in a unit the account did not limit)
---      or {'err', 'no_account', path} | {'err', 'busy', open_children, open_reservations}
+--      (returned is -1 in a unit the account did not limit); a repeat returns the first
+-- errors (budgets/replies.py CloseError):
+--   'no_task' -> UnknownTask              the account is the root and there is none
+--   'no_account' -> UnknownAccount        {.., path}
+--   'busy' -> AccountBusy                 {.., path, open children, open reservations}
 OPS['close'] = function(A, K)
   local path = A[1]
-  local prior = recall('z:' .. path, '')
-  if prior then return prior end
+  local prior = kept(A[3])
+  if prior then return prior[2] end
   local a = load(K[1])
-  if not a then return {'err', 'no_account', path} end
+  if not a then
+    if path == ROOT then return {'err', 'no_task'} end
+    return {'err', 'no_account', path}
+  end
   if a.nkids > 0 or (a.nres > 0 and A[2] ~= '1') then
-    return {'err', 'busy', a.nkids, a.nres}
+    return {'err', 'busy', path, a.nkids, a.nres}
   end
   if a.nres > 0 then
-    local all = redis.call('HGETALL', K_RES)
-    for i = 1, #all, 2 do
-      local r = unpack_res(all[i + 1])
-      if r[1] == path then
-        drop_hold(r[1], r[2], r[3])
-        redis.call('HDEL', K_RES, all[i])
-        redis.call('ZREM', K_LEASES, all[i])
-        redis.call('HSET', K_OPS, 'x:' .. all[i], all[i + 1])
-        event('expire', r[1], r[2], r[3], all[i], {'tags', r[5], 'reason', 'closed'})
+    local ids = redis.call('ZRANGE', K_LEASES, 0, -1)
+    local recs = redis.call('HMGET', K_RES, unpack(ids))
+    local gone = {}
+    for i, id in ipairs(ids) do
+      if recs[i] then
+        local r = unpack_res(recs[i])
+        if r.path == path and r.state == 'held' then
+          expire_res(id, r, {'tags', r.tags, 'reason', 'closed'})
+          gone[#gone + 1] = id
+        end
       end
     end
+    if #gone > 0 then redis.call('ZREM', K_LEASES, unpack(gone)) end
     a = load(K[1])
   end
   local spent = {t = a.st + a.ct, n = a.sn + a.cn}
@@ -44,6 +52,6 @@ OPS['close'] = function(A, K)
   else
     redis.call('HSET', K_META, 'status', 'closed', 'closed_ms', NOW)
   end
-  event('close', path, back.t, back.n, 'z:' .. path, {'spent_t', spent.t, 'spent_n', spent.n})
-  return remember('z:' .. path, '', {'ok', back.t, back.n, spent.t, spent.n})
+  event('close', path, back.t, back.n, A[3], {'spent_t', spent.t, 'spent_n', spent.n})
+  return remember(A[3], '', {'ok', back.t, back.n, spent.t, spent.n})
 end

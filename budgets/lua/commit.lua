@@ -5,31 +5,54 @@
 -- A[1] reservation id  A[2] used tokens  A[3] used nanos
 -- (both -1: no usage was reported; charge the whole reservation, flagged estimated)
 -- A[4] tags ('' none)
--- returns {'ok', path, used_tokens, used_nanos, overrun_tokens, overrun_nanos, late, estimated}
---      or {'err', 'unknown'} | {'err', 'released'} | {'err', 'conflict', op}
+-- returns {'ok', path, used_tokens, used_nanos, overrun_tokens, overrun_nanos, late,
+--   estimated, tenant, incarnation, root_spent_tokens, root_spent_nanos}; the last
+--   four are '', '', -1, -1 unless the commit is late and the task's root is closed:
+--   its tenant was settled already, and the caller reports the root's spend to it.
+-- errors (budgets/replies.py CommitError):
+--   'unknown' -> UnknownReservation      the id was never reserved
+--   'released' -> ReservationSettled     it was released
+--   'conflict' -> OperationConflict      committed already, with other usage
+local function committed(r)
+  local tenant, inc, tt, tn = '', '', -1, -1
+  if r.late then
+    local m = redis.call('HMGET', K_META, 'status', 'tenant', 'inc')
+    if m[1] == 'closed' and m[2] ~= '' then
+      local root = redis.call('HMGET', ACCT_PREFIX .. ROOT, 'st', 'sn', 'ct', 'cn')
+      tenant, inc = m[2], m[3]
+      tt, tn = tonumber(root[1]) + tonumber(root[3]), tonumber(root[2]) + tonumber(root[4])
+    end
+  end
+  return {'ok', r.path, r.uts, r.uns, r.ots, r.ons, r.late and 1 or 0, r.est and 1 or 0,
+    tenant, inc, tt, tn}
+end
+
 OPS['commit'] = function(A, K)
   local rid = A[1]
-  local used = {t = tonumber(A[2]), n = tonumber(A[3])}
-  local fp = A[2] .. '|' .. A[3]
-  local estimated = used.t < 0
-  local seen = redis.call('HMGET', K_OPS, 'c:' .. rid, 'r:' .. rid, 'x:' .. rid)
-  if seen[1] then return replay(seen[1], fp) end
-  if seen[2] then return {'err', 'released'} end
+  local estimated = A[2] == '-1'
   local rec = redis.call('HGET', K_RES, rid)
-  local late = 0
-  if not rec then
-    rec = seen[3]
-    if not rec then return {'err', 'unknown'} end
-    late = 1
-  end
+  if not rec then return {'err', 'unknown'} end
   local r = unpack_res(rec)
-  local path, held = r[1], {t = r[2], n = r[3]}
+  if r.state == 'committed' then
+    if r.est ~= estimated or (not estimated and (r.uts ~= A[2] or r.uns ~= A[3])) then
+      return {'err', 'conflict'}
+    end
+    return committed(r)
+  end
+  if r.state == 'released' then return {'err', 'released'} end
+  local late = r.state == 'expired'
+  local path = r.path
   local key = ACCT_PREFIX .. path
-  if estimated then used.t, used.n = held.t, held.n end
+  local used = {t = r.t, n = r.n}
+  if estimated then
+    r.uts, r.uns = r.ts, r.ns
+  else
+    used.t, used.n = tonumber(A[2]), tonumber(A[3])
+    r.uts, r.uns = A[2], A[3]
+  end
   local a = load(key)
-  if late == 0 then
-    a.rt, a.rn, a.nres = a.rt - held.t, a.rn - held.n, a.nres - 1
-    redis.call('HDEL', K_RES, rid)
+  if not late then
+    a.rt, a.rn, a.nres = a.rt - r.t, a.rn - r.n, a.nres - 1
     redis.call('ZREM', K_LEASES, rid)
   end
   local over = {t = 0, n = 0}
@@ -56,22 +79,26 @@ OPS['commit'] = function(A, K)
     end
   end
   redis.call('HSET', key, 'rt', a.rt, 'rn', a.rn, 'nres', a.nres, 'st', a.st + used.t, 'sn', a.sn + used.n)
+  r.state, r.late, r.est = 'committed', late, estimated
+  r.ots = over.t == 0 and '0' or int(over.t)
+  r.ons = over.n == 0 and '0' or int(over.n)
+  save_res(rid, r)
   local tags = A[4]
-  if tags == '' then tags = r[5] end
-  local extra = {'tags', tags, 'held_t', held.t, 'held_n', held.n}
+  if tags == '' then tags = r.tags end
+  local extra = {'tags', tags, 'held_t', r.ts, 'held_n', r.ns}
   if estimated then
     extra[#extra + 1] = 'estimated'; extra[#extra + 1] = 1
     redis.call('HINCRBY', key, 'nest', 1)
   end
-  if late == 1 then
+  if late then
     extra[#extra + 1] = 'late'; extra[#extra + 1] = 1
     redis.call('HINCRBY', key, 'nlate', 1)
   end
-  event('commit', path, used.t, used.n, rid, extra)
+  event('commit', path, r.uts, r.uns, rid, extra)
   if over.t > 0 or over.n > 0 then
     redis.call('HINCRBY', key, 'ot', over.t)
     redis.call('HINCRBY', key, 'on', over.n)
     event('overrun', path, over.t, over.n, rid, {'tags', tags})
   end
-  return remember('c:' .. rid, fp, {'ok', path, used.t, used.n, over.t, over.n, late, estimated and 1 or 0})
+  return committed(r)
 end

@@ -1,16 +1,27 @@
--- tenant_fund: hand a task its root budget out of the tenant's current period.
--- KEYS[1] tenant config hash  KEYS[2] tenant ops hash  KEYS[3] tenant events stream
--- ARGV[1] prefix of period hashes  ARGV[2] op id  ARGV[3] task id
+-- tenant_fund: hand one task incarnation its root budget out of the tenant's
+-- current period (the funding saga's middle step; see claim.lua, open_task.lua).
+-- KEYS[1] tenant config hash  KEYS[2] the incarnation's funding hash
+-- KEYS[3] tenant events stream
+-- ARGV[1] prefix of period hashes  ARGV[2] task id  ARGV[3] incarnation
 -- ARGV[4] tokens (-1 unlimited)  ARGV[5] nanos (-1 unlimited)
+-- ARGV[6] most events kept in the stream (XADD MAXLEN ~)
+-- ARGV[7] the tenant as an account, for refusals ('tenant:<name>')
+-- The funding hash is the incarnation's whole record on the tenant's side:
+-- state ('funded' -> 'settled' | 'undone'), period, lt/ln asked, ft/fn counted
+-- (0 where unlimited), st/sn spend reported so far, avail_t/avail_n (the reply).
+-- A repeat for the same incarnation returns the first reply and writes nothing.
 -- returns {'ok', period_id, available_tokens, available_nanos} (before funding; -1 = unlimited)
---      or {'err', 'no_tenant'} | {'err', 'unlimited', unit}
---      | {'err', 'insufficient', unit, requested, available} | {'err', 'conflict', op}
-local fp = ARGV[3] .. '|' .. ARGV[4] .. '|' .. ARGV[5]
-local c = redis.call('HGET', KEYS[2], 'f:' .. ARGV[2])
-if c then
-  local r = cmsgpack.unpack(c)
-  if r[1] ~= fp then return {'err', 'conflict', ARGV[2]} end
-  return r[2]
+-- errors (budgets/replies.py FundError):
+--   'no_tenant' -> UnknownTenant          no configuration for this tenant
+--   'unlimited' -> UnlimitedChild         {.., tenant, unit}: unlimited under a limit
+--   'insufficient' -> BudgetExceeded      {.., tenant, unit, requested, available}
+--   'conflict' -> OperationConflict       this incarnation was funded with other amounts
+--   'undone' -> OpenAborted               this incarnation's funding was given back
+local f = redis.call('HMGET', KEYS[2], 'state', 'lt', 'ln', 'period', 'avail_t', 'avail_n')
+if f[1] then
+  if f[2] ~= ARGV[4] or f[3] ~= ARGV[5] then return {'err', 'conflict'} end
+  if f[1] == 'undone' then return {'err', 'undone'} end
+  return {'ok', f[4], tonumber(f[5]), tonumber(f[6])}
 end
 local cfg = redis.call('HMGET', KEYS[1], 'lt', 'ln', 'period')
 if not cfg[1] then return {'err', 'no_tenant'} end
@@ -41,16 +52,19 @@ local avail = {t = -1, n = -1}
 for _, u in ipairs({'t', 'n'}) do
   local name = u == 't' and 'tokens' or 'nanos'
   if limit[u] >= 0 then
-    if want[u] < 0 then return {'err', 'unlimited', name} end
+    if want[u] < 0 then return {'err', 'unlimited', ARGV[7], name} end
     avail[u] = math.max(0, room[u])
-    if want[u] > room[u] then return {'err', 'insufficient', name, want[u], avail[u]} end
+    if want[u] > room[u] then return {'err', 'insufficient', ARGV[7], name, want[u], avail[u]} end
   end
 end
-redis.call('HINCRBY', pkey, 'ft', math.max(0, want.t))
-redis.call('HINCRBY', pkey, 'fn', math.max(0, want.n))
+local fund = {t = math.max(0, want.t), n = math.max(0, want.n)}
+redis.call('HINCRBY', pkey, 'ft', fund.t)
+redis.call('HINCRBY', pkey, 'fn', fund.n)
 redis.call('HINCRBY', pkey, 'tasks', 1)
-redis.call('XADD', KEYS[3], '*', 'op', 'fund', 'task', ARGV[3], 'period', pid,
-  't', ARGV[4], 'n', ARGV[5], 'id', ARGV[2])
-local reply = {'ok', pid, avail.t, avail.n}
-redis.call('HSET', KEYS[2], 'f:' .. ARGV[2], cmsgpack.pack({fp, reply}))
-return reply
+redis.call('HSET', KEYS[2], 'state', 'funded', 'task', ARGV[2], 'inc', ARGV[3], 'period', pid,
+  'lt', ARGV[4], 'ln', ARGV[5], 'ft', fund.t, 'fn', fund.n, 'st', 0, 'sn', 0,
+  'avail_t', avail.t, 'avail_n', avail.n, 'funded_s', secs)
+redis.call('HSET', KEYS[1], 'last', pid)
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'op', 'fund', 'task', ARGV[2],
+  'inc', ARGV[3], 'period', pid, 't', ARGV[4], 'n', ARGV[5])
+return {'ok', pid, avail.t, avail.n}

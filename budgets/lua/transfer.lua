@@ -3,40 +3,53 @@
 -- available (so never below what it has spent, reserved or carved).
 -- K[1] source account hash  K[2] destination account hash
 -- K[3] the common parent hash (siblings only)
--- A[1] op id  A[2] source path  A[3] destination path
--- A[4] tokens  A[5] nanos  A[6] 'down' | 'up' | 'across'
+-- A[1] marker (the op id's ops field)  A[2] source path  A[3] destination path
+-- A[4] tokens  A[5] nanos  A[6] 'down' | 'up' | 'across'  A[7] op id (for the event)
 -- returns {'ok', src_available_tokens, src_available_nanos, dst_available_tokens, dst_available_nanos}
---      or {'err', 'no_account', path} | {'err', 'closed'} | {'err', 'relation'}
---      | {'err', 'unlimited', unit} | {'err', 'insufficient', unit, requested, available}
+-- errors (budgets/replies.py TransferError):
+--   'no_task' -> UnknownTask              the root is named and there is none
+--   'no_account' -> UnknownAccount        {.., path}
+--   'closed' -> AccountClosed             {.., source path}
+--   'relation' -> InvalidTransfer         {.., source, destination}: not parent/child or siblings
+--   'unlimited' -> UnlimitedChild         {.., source path, unit}
+--   'insufficient' -> BudgetExceeded      {.., source path, unit, requested, available}
+--   'conflict' -> OperationConflict       the op id was used with other arguments
 OPS['transfer'] = function(A, K)
   local spath, dpath, dir = A[2], A[3], A[6]
   local amt = {t = tonumber(A[4]), n = tonumber(A[5])}
   local fp = spath .. '|' .. dpath .. '|' .. A[4] .. '|' .. A[5]
-  local prior = recall('t:' .. A[1], fp)
-  if prior then return prior end
+  local prior = kept(A[1])
+  if prior then
+    if prior[1] ~= fp then return {'err', 'conflict'} end
+    return prior[2]
+  end
   local s, d = load(K[1]), load(K[2])
-  if not s then return {'err', 'no_account', spath} end
-  if not d then return {'err', 'no_account', dpath} end
-  if s.closed or d.closed then return {'err', 'closed'} end
+  for _, pair in ipairs({{s, spath}, {d, dpath}}) do
+    if not pair[1] then
+      if pair[2] == ROOT then return {'err', 'no_task'} end
+      return {'err', 'no_account', pair[2]}
+    end
+  end
+  if s.closed or d.closed then return {'err', 'closed', spath} end
   local mid = nil
   if dir == 'down' then
-    if d.parent ~= spath then return {'err', 'relation'} end
+    if d.parent ~= spath then return {'err', 'relation', spath, dpath} end
   elseif dir == 'up' then
-    if s.parent ~= dpath then return {'err', 'relation'} end
+    if s.parent ~= dpath then return {'err', 'relation', spath, dpath} end
   else
-    if s.parent ~= d.parent or s.parent == '' then return {'err', 'relation'} end
+    if s.parent ~= d.parent or s.parent == '' then return {'err', 'relation', spath, dpath} end
     mid = load(K[3])
-    if not mid or mid.closed then return {'err', 'closed'} end
+    if not mid or mid.closed then return {'err', 'closed', spath} end
   end
   for _, u in ipairs(UNITS) do
     if amt[u] > 0 then
       -- The receiving limit must be a number to grow, and an upward move must
       -- come out of a limit (a child of a limited parent is always limited).
       if not limited(d, u) or not limited(s, u) and dir ~= 'down' then
-        return {'err', 'unlimited', UNIT_NAME[u]}
+        return {'err', 'unlimited', spath, UNIT_NAME[u]}
       end
       if limited(s, u) and amt[u] > room(s, u) then
-        return {'err', 'insufficient', UNIT_NAME[u], amt[u], math.max(0, room(s, u))}
+        return {'err', 'insufficient', spath, UNIT_NAME[u], amt[u], math.max(0, room(s, u))}
       end
     end
   end
@@ -59,7 +72,7 @@ OPS['transfer'] = function(A, K)
       end
     end
   end
-  event('transfer', spath, A[4], A[5], A[1], {'to', dpath, 'dir', dir})
+  event('transfer', spath, A[4], A[5], A[7], {'to', dpath, 'dir', dir})
   s, d = load(K[1]), load(K[2])
-  return remember('t:' .. A[1], fp, {'ok', shown(s, 't'), shown(s, 'n'), shown(d, 't'), shown(d, 'n')})
+  return remember(A[1], fp, {'ok', shown(s, 't'), shown(s, 'n'), shown(d, 't'), shown(d, 'n')})
 end
