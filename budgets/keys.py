@@ -325,11 +325,6 @@ class StatsKeys:
         """String: the verdict counted for an outcome; expires."""
         return self.base + "seen:v:" + outcome
 
-    def seen(self, marker: str) -> str:
-        """The older spelling: ``seen("o:" + id)`` is :meth:`outcome_seen`, ``"v:"`` a verdict."""
-        kind, _, outcome = marker.partition(":")
-        return self.verdict_seen(outcome) if kind == "v" else self.outcome_seen(outcome)
-
 
 #: Set of every tenant name.
 TENANTS = f"{PREFIX}:tenants"

@@ -26,14 +26,13 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from budgets.keys import StatsKeys, check_name
+from budgets.keys import SHARED_SCOPE, StatsKeys, check_name, check_scope
 
 #: Tag of the cell that counts every call of an endpoint and difficulty.
 ANY_TAG = "*"
 #: Difficulty of the cell that counts every difficulty.
 ANY_DIFFICULTY = 0
 #: Scope shared by every task when statistics are not kept per tenant.
-SHARED_SCOPE = "shared"
 
 _HIST_BASE = 16
 _HIST_BUCKETS = 32
@@ -213,12 +212,12 @@ class StatsBook:
 
     async def read(self, scope: str) -> Stats:
         """Every cell of ``scope``."""
-        raw = await self.redis.hgetall(StatsKeys(check_name("scope", scope)).cells)
+        raw = await self.redis.hgetall(StatsKeys(check_scope(scope)).cells)
         return Stats.from_fields(raw)
 
     async def record(self, scope: str, outcome_id: str, seen: Observation) -> bool:
         """Count a call once; ``False`` when ``outcome_id`` was already counted."""
-        keys = StatsKeys(check_name("scope", scope))
+        keys = StatsKeys(check_scope(scope))
         check_name("outcome id", outcome_id)
         for name in ("asked", "used", "nanos"):
             if getattr(seen, name) < 0:
@@ -226,7 +225,7 @@ class StatsBook:
         args: list[str | int] = [self.retention_s]
         for name, inc in seen.fields():
             args.extend((name, inc))
-        counted = await self._record(keys=[keys.cells, keys.seen("o:" + outcome_id)], args=args)
+        counted = await self._record(keys=[keys.cells, keys.outcome_seen(outcome_id)], args=args)
         return bool(counted)
 
     async def verdict(
@@ -240,16 +239,16 @@ class StatsBook:
         ok: bool,
     ) -> bool:
         """Count a call as right or wrong; a repeated verdict changes nothing, a new one moves."""
-        keys = StatsKeys(check_name("scope", scope))
+        keys = StatsKeys(check_scope(scope))
         check_name("outcome id", outcome_id)
         prefixes = cell_prefixes(endpoint, difficulty, tags)
         args: list[str | int] = [self.retention_s, "ok" if ok else "bad", *prefixes]
-        moved = await self._verdict(keys=[keys.cells, keys.seen("v:" + outcome_id)], args=args)
+        moved = await self._verdict(keys=[keys.cells, keys.verdict_seen(outcome_id)], args=args)
         return bool(moved)
 
     async def clear(self, scope: str) -> None:
         """Forget a scope's counts (its markers expire on their own)."""
-        await self.redis.delete(StatsKeys(check_name("scope", scope)).cells)
+        await self.redis.delete(StatsKeys(check_scope(scope)).cells)
 
 
 __all__ = [

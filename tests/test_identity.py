@@ -122,7 +122,7 @@ TENANT_FIXED = {"config": "cfg", "events": "events"}
 STATS_FIXED = {"cells": "cells"}
 TASK_OTHER = {"account", "base", "account_prefix", "script_keys", "task_id"}
 TENANT_OTHER = {"period", "funding", "base", "period_prefix", "tenant"}
-STATS_OTHER = {"outcome_seen", "verdict_seen", "seen", "base", "scope"}
+STATS_OTHER = {"outcome_seen", "verdict_seen", "base", "scope"}
 GLOBALS = ["TENANTS", "OPEN_TASKS", "QUEUE", "DEAD_LETTER", "WORKERS"]
 
 
@@ -172,9 +172,6 @@ def test_no_valid_names_make_two_families_share_a_key(
     expect(sk.cells, ("stats", scope, "cells"))
     expect(sk.outcome_seen(outcome), ("stats", scope, "outcome_seen", outcome))
     expect(sk.verdict_seen(outcome), ("stats", scope, "verdict_seen", outcome))
-    # The older spelling, still used by budgets/stats.py, makes the same two keys.
-    assert sk.seen("o:" + outcome) == sk.outcome_seen(outcome)
-    assert sk.seen("v:" + outcome) == sk.verdict_seen(outcome)
     for name in GLOBALS:
         expect(getattr(K, name), ("global", getattr(K, name)))
     # The script keys and prefixes are what the builders above make.

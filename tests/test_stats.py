@@ -124,7 +124,7 @@ async def test_the_same_outcome_counts_once(book: StatsBook) -> None:
 async def test_outcome_markers_expire_after_retention(book: StatsBook) -> None:
     short = StatsBook(book.redis, retention_s=100)
     await short.record("t:a", "o1", SEEN)
-    ttl = await book.redis.ttl(StatsKeys("t:a").seen("o:o1"))
+    ttl = await book.redis.ttl(StatsKeys("t:a").outcome_seen("o1"))
     assert 0 < ttl <= 100
     with pytest.raises(ValueError, match="retention_s"):
         StatsBook(book.redis, retention_s=0)
