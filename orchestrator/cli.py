@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import time
 from collections.abc import AsyncIterator
 from decimal import Decimal
@@ -282,24 +281,23 @@ def worker(
     grace: Annotated[float, typer.Option(help="seconds to finish running tasks on SIGTERM")] = 30.0,
     name: Annotated[str | None, typer.Option(help="consumer name (default host-pid)")] = None,
 ) -> None:
-    """Take tasks from the queue and run them until SIGTERM."""
-    from orchestrator.worker import Worker, install_signal_handlers
+    """Take tasks from the queue and run them until SIGTERM; ride out Redis outages."""
+    from orchestrator.worker import Worker, configure_logging, install_signal_handlers
 
-    # Our own lines at INFO; libraries only from WARNING (httpx's one line per
-    # request would drown what the worker says about its tasks).
-    logging.basicConfig(
-        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
-    for ours in ("orchestrator", "agents", "budgets"):
-        logging.getLogger(ours).setLevel(logging.INFO)
+    configure_logging()
     pm = _pm()
 
     async def main() -> None:
+        # Unreachable at start is a configuration error (exit 4); once running,
+        # the worker rides out outages and says so in its log.
+        await pm.books.ping()
         w = Worker(pm.runtime(), concurrency=concurrency, name=name, grace_s=grace)
         install_signal_handlers(w)
         err.print(f"worker {w.name} ready (concurrency {concurrency})")
-        await w.run()
-        await pm.aclose()
+        try:
+            await w.run()
+        finally:
+            await pm.aclose()
 
     try:
         asyncio.run(main())

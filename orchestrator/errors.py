@@ -59,3 +59,18 @@ class SubtaskNotFound(OrchestratorError, LookupError):
         super().__init__(
             f"task {task_id!r} has no finished subtask {subtask_id!r} (finished: {choices})"
         )
+
+
+class DeliveryLost(OrchestratorError):
+    """Another worker took this worker's delivery of the task over; this one must stop.
+
+    Raised by the ownership check before a paid step. The task is not failed,
+    finished or acknowledged here: it belongs to the worker that took it.
+    """
+
+    def __init__(self, task_id: str, message_id: str) -> None:
+        self.task_id = task_id
+        self.message_id = message_id
+        super().__init__(
+            f"task {task_id!r}: delivery {message_id} was taken over by another worker"
+        )

@@ -17,6 +17,7 @@ statistics of the task's scope, which feed the next decisions.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import operator
 from collections.abc import Mapping, Sequence
@@ -31,10 +32,18 @@ from agents.plan import Plan, Subtask, single_subtask_plan
 from agents.worker import WorkerAgent, WorkerResult
 from budgets import Amount, Budget, BudgetExceeded, Ledger, nanos_to_usd
 from budgets.errors import AccountClosed
-from budgets.keys import ROOT
+from budgets.keys import (
+    ROOT,
+    SHARED_SCOPE,
+    outcome_id,
+    plan_leftover_op_id,
+    synthesis_op_id,
+    tenant_scope,
+)
 from budgets.policy import Grant, Menu, Need, Option, Outcome, Policy, Pool
-from budgets.stats import SHARED_SCOPE, Observation, StatsBook
-from orchestrator.errors import TaskCancelled
+from budgets.stats import Observation, StatsBook
+from orchestrator.errors import DeliveryLost, TaskCancelled
+from orchestrator.queue import Delivery
 from orchestrator.records import Records
 
 log = logging.getLogger(__name__)
@@ -50,6 +59,8 @@ class FlowState(TypedDict, total=False):
     task_id: str
     task: str
     delivery: int
+    #: The worker's hold on the task's queue message; ``None`` for a run in process.
+    claim: Delivery | None
     scope: str
     plan: list[dict[str, Any]]
     results: Annotated[dict[str, dict[str, Any]], _merge]
@@ -65,6 +76,12 @@ class CancelCheck(Protocol):
     async def __call__(self, task_id: str) -> bool: ...
 
 
+class Ownership(Protocol):
+    """Answers whether a worker still holds its delivery (checked before every paid step)."""
+
+    async def owns(self, delivery: Delivery) -> bool: ...
+
+
 @dataclass(frozen=True, slots=True)
 class FlowDeps:
     """Everything the nodes use; built once per worker process."""
@@ -78,19 +95,17 @@ class FlowDeps:
     options: tuple[Option, ...] = ()
     default_endpoint: str | None = None
     max_subtasks: int = 8
+    #: The queue's ownership check; without one, deliveries are not checked.
+    ownership: Ownership | None = None
 
 
 def stats_scope(tenant: str | None, mode: str) -> str:
     """The statistics scope of a task: its tenant's own, unless statistics are shared."""
-    return f"t:{tenant}" if tenant and mode == "tenant" else SHARED_SCOPE
+    return tenant_scope(tenant) if tenant and mode == "tenant" else SHARED_SCOPE
 
 
 def _account(name: str, delivery: int, attempt: int = 1) -> str:
     return f"{ROOT}/{name}.{delivery}.{attempt}"
-
-
-def _outcome_id(task_id: str, account: str) -> str:
-    return f"{task_id}:{account.replace('/', ':')}"
 
 
 def _signals(result: WorkerResult) -> list[str]:
@@ -152,6 +167,24 @@ class Flow:
     def __init__(self, deps: FlowDeps) -> None:
         self.deps = deps
 
+    async def _may_pay(self, task_id: str, claim: Delivery | None) -> None:
+        """Before a paid step: stop if the task was cancelled or this worker lost its delivery.
+
+        Both questions go to Redis at once (an ``HGET`` of the record and one
+        ``XPENDING``): a round trip per step, not per token.
+        """
+        ownership = self.deps.ownership
+        cancelled = self.deps.records.cancel_requested(task_id)
+        if claim is None or ownership is None:
+            if await cancelled:
+                raise TaskCancelled(task_id)
+            return
+        asked, owned = await asyncio.gather(cancelled, ownership.owns(claim))
+        if not owned:
+            raise DeliveryLost(task_id, claim.message_id)
+        if asked:
+            raise TaskCancelled(task_id)
+
     async def _pool(self, task_id: str) -> Pool:
         root = await self.deps.ledger.account(task_id, ROOT)
         return Pool(tokens=root.available_tokens, nanos=root.available_nanos)
@@ -180,11 +213,12 @@ class Flow:
             if size is None:
                 why = (
                     f"the budget cannot pay for planning (a plan needs {least.tokens:,} tokens, "
-                    f"${nanos_to_usd(least.nanos):f}); running the task as one subtask"
+                    f"${nanos_to_usd(least.nanos):f})"
                 )
                 await deps.ledger.open_account(task_id, manager_acct, _budget_of(reserve))
                 outcome = deps.manager.unplanned(state["task"], why)
             else:
+                await self._may_pay(task_id, state.get("claim"))
                 await deps.ledger.open_account(task_id, manager_acct, _budget_of(size))
                 outcome = await deps.manager.plan(
                     task_id=task_id,
@@ -235,14 +269,13 @@ class Flow:
                 src=account,
                 dst=ROOT,
                 amount=Amount(tokens=extra_tokens, nanos=extra_nanos),
-                op_id=f"plan-left.{delivery}",
+                op_id=plan_leftover_op_id(delivery),
             )
 
     async def schedule(self, state: FlowState) -> dict[str, Any]:
         """Choose the next batch of work: escalations first, then the next wave."""
         deps, task_id = self.deps, state["task_id"]
-        if await deps.records.cancel_requested(task_id):
-            raise TaskCancelled(task_id)
+        await self._may_pay(task_id, state.get("claim"))
         results, attempts = state.get("results", {}), state.get("attempts", {})
         subtasks = [Subtask.model_validate(s) for s in state["plan"]]
         pool = await self._pool(task_id)
@@ -304,6 +337,7 @@ class Flow:
             "task_id": state["task_id"],
             "task": state["task"],
             "delivery": state["delivery"],
+            "claim": state.get("claim"),
             "scope": state["scope"],
             "subtask": sub.model_dump(),
             "context": self._context(state, sub),
@@ -324,8 +358,7 @@ class Flow:
     async def subtask(self, item: dict[str, Any]) -> dict[str, Any]:
         """Run one subtask in its own account, then close it so the leftover returns."""
         deps, task_id = self.deps, item["task_id"]
-        if await deps.records.cancel_requested(task_id):
-            raise TaskCancelled(task_id)
+        await self._may_pay(task_id, item.get("claim"))
         sub = Subtask.model_validate(item["subtask"])
         attempt = int(item["attempt"])
         account = _account(sub.id, int(item["delivery"]), attempt)
@@ -345,7 +378,7 @@ class Flow:
                 endpoint=item.get("endpoint"),
                 task_text=item["task"],
             )
-            outcome = _outcome_id(task_id, account)
+            outcome = outcome_id(task_id, account)
             out = _result_dict(result, sub=sub, attempt=attempt, asked=asked, outcome=outcome)
             await self._count(item["scope"], outcome, out)
         except BudgetExceeded:
@@ -381,6 +414,7 @@ class Flow:
         if len(state["plan"]) == 1 and len(results) == 1 and results[0].finished:
             # One finished subtask is the answer: a synthesis call would only restate it.
             return {"answer": results[0].text.strip()}
+        await self._may_pay(task_id, state.get("claim"))
         manager_acct = _account("manager", state["delivery"])
         pool = await self._pool(task_id)
         if (pool.tokens or 0) > 0 or (pool.nanos or 0) > 0:
@@ -389,7 +423,7 @@ class Flow:
                 src=ROOT,
                 dst=manager_acct,
                 amount=Amount(tokens=pool.tokens or 0, nanos=pool.nanos or 0),
-                op_id=f"synth.{state['delivery']}",
+                op_id=synthesis_op_id(state["delivery"]),
             )
         answer = await deps.manager.synthesize(
             task_id=task_id, account=manager_acct, task=state["task"], results=results

@@ -1,4 +1,11 @@
-"""A process's working parts (ledger, records, metered client, agents, graph); running a task."""
+"""A process's working parts (ledger, records, metered client, agents, graph); running a task.
+
+The process's Redis client rides out an outage for up to the visibility
+timeout (see :mod:`orchestrator.outage`); a task whose Redis step still fails
+is handed back to the queue, never failed for it. A task run for a queue
+delivery checks before every paid step, and before it is finished, that the
+delivery is still this worker's (see :mod:`orchestrator.queue`).
+"""
 
 from __future__ import annotations
 
@@ -17,8 +24,10 @@ from budgets.errors import LedgerError, UnknownTask
 from budgets.keys import ROOT
 from budgets.policy import Option, Policy, Pool, make_policy
 from budgets.stats import StatsBook
-from orchestrator.errors import TaskCancelled
+from orchestrator.errors import DeliveryLost, TaskCancelled
 from orchestrator.flow import Flow, FlowDeps, build_graph, stats_scope, summarize
+from orchestrator.outage import UNREACHABLE, Outage, riding_client
+from orchestrator.queue import Delivery, TaskQueue
 from orchestrator.records import Records, Spent, Status, TaskRecord
 from orchestrator.settings import Settings
 
@@ -36,6 +45,8 @@ class Runtime:
     stats: StatsBook
     graph: Any
     policy: Policy
+    queue: TaskQueue
+    outage: Outage
 
     @classmethod
     def build(
@@ -49,12 +60,17 @@ class Runtime:
         retry: RetryPolicy | None = None,
     ) -> Runtime:
         """Wire the parts together on the Redis at ``redis_url``."""
-        ledger = Ledger.from_url(redis_url, lease_s=settings.lease_s)
+        outage = Outage()
+        redis = riding_client(redis_url, outage=outage, window_s=settings.visibility_timeout_s)
+        ledger = Ledger(redis, url=redis_url, lease_s=settings.lease_s)
         records = Records(ledger.redis)
+        queue = TaskQueue(ledger.redis)
         metered = MeteredClient(
             ledger=ledger, config=endpoints, env=env, retry=retry, lease_s=settings.lease_s
         )
-        stats = StatsBook(ledger.redis, retention_s=max(settings.retention_s, 30 * 86_400))
+        # An outcome's marker lives as long as its task: a verdict needs the task's
+        # record, and a task id reused after its retention is a new task.
+        stats = StatsBook(ledger.redis, retention_s=settings.retention_s)
         chosen = policy or make_policy(settings.policy)
         deps = FlowDeps(
             ledger=ledger,
@@ -66,16 +82,24 @@ class Runtime:
             options=options_of(endpoints),
             default_endpoint=endpoints.worker or endpoints.default,
             max_subtasks=settings.max_subtasks,
+            ownership=queue,
         )
-        return cls(settings, ledger, records, metered, stats, build_graph(Flow(deps)), chosen)
+        graph = build_graph(Flow(deps))
+        return cls(settings, ledger, records, metered, stats, graph, chosen, queue, outage)
 
     async def aclose(self) -> None:
         """Close HTTP clients and Redis connections."""
         await self.metered.aclose()
         await self.ledger.aclose()
 
-    async def execute(self, task_id: str) -> TaskRecord:
-        """Run a task to a final state (or raise to have it delivered again)."""
+    async def execute(self, task_id: str, *, claim: Delivery | None = None) -> TaskRecord:
+        """Run a task to a final state (or raise to have it delivered again).
+
+        ``claim`` is the worker's delivery of the task: checked before every
+        paid step and before the task is finished; :class:`DeliveryLost` when
+        another worker took it over (nothing is finished then). An error
+        reaching Redis propagates: the task is delivered again, not failed.
+        """
         record = await self.records.get(task_id)
         if record is None:
             raise UnknownTask(task_id)
@@ -93,26 +117,32 @@ class Runtime:
                     "task_id": task_id,
                     "task": record.task,
                     "delivery": delivery,
+                    "claim": claim,
                     "scope": stats_scope(record.tenant, self.settings.stats_scope),
                 }
             )
+        except DeliveryLost:
+            raise
         except TaskCancelled:
-            return await self._finish(task_id, Status.CANCELLED, None, None)
+            return await self._finish(task_id, Status.CANCELLED, None, None, claim=claim)
         except (BudgetExceeded, LedgerError) as e:
             answer = await self._best_answer(task_id)
-            return await self._finish(task_id, Status.BUDGET_EXHAUSTED, answer, str(e))
+            return await self._finish(task_id, Status.BUDGET_EXHAUSTED, answer, str(e), claim=claim)
+        except UNREACHABLE:
+            raise  # Redis is down: not the task's fault; delivered again once it is back
         except Exception as e:
             if delivery < self.settings.max_deliveries:
                 raise  # left unacknowledged: the queue delivers it again
             log.exception("task %s failed on delivery %d", task_id, delivery)
-            return await self._finish(task_id, Status.FAILED, None, f"{type(e).__name__}: {e}")
+            error = f"{type(e).__name__}: {e}"
+            return await self._finish(task_id, Status.FAILED, None, error, claim=claim)
         done = summarize(state.get("results", {}), state.get("plan", []))
         status = Status.SUCCEEDED if done else Status.BUDGET_EXHAUSTED
-        return await self._finish(task_id, status, state.get("answer"), None)
+        return await self._finish(task_id, status, state.get("answer"), None, claim=claim)
 
-    async def fail(self, task_id: str, error: str) -> TaskRecord:
+    async def fail(self, task_id: str, error: str, *, claim: Delivery | None = None) -> TaskRecord:
         """Give up on a task (too many deliveries): close its ledger and mark it failed."""
-        return await self._finish(task_id, Status.FAILED, None, error)
+        return await self._finish(task_id, Status.FAILED, None, error, claim=claim)
 
     async def _close_stale_accounts(self, task_id: str) -> None:
         # A delivery after a crash: accounts the dead worker left open go back
@@ -129,8 +159,21 @@ class Runtime:
         return "\n\n".join(texts) or None
 
     async def _finish(
-        self, task_id: str, status: Status, answer: str | None, error: str | None
+        self,
+        task_id: str,
+        status: Status,
+        answer: str | None,
+        error: str | None,
+        *,
+        claim: Delivery | None = None,
     ) -> TaskRecord:
+        # A worker that lost the delivery leaves the task to its new holder, and
+        # a task someone else already finished keeps the status it has.
+        if claim is not None and not await self.queue.owns(claim):
+            raise DeliveryLost(task_id, claim.message_id)
+        current = await self.records.get(task_id)
+        if current is not None and current.status.final:
+            return current
         return await finish_task(
             self.ledger,
             self.records,

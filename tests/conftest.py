@@ -12,6 +12,7 @@ import redis
 from agents.stub_server import ScriptedModelServer
 from budgets import Ledger
 from orchestrator.redis_server import RedisServer
+from tests.faults import RedisProxy
 
 
 @pytest.fixture(scope="session")
@@ -90,3 +91,13 @@ def env(redis_url: str, stub: ScriptedModelServer, tmp_path: Path) -> dict[str, 
         "PAYMASTER_LEASE_S": "2",
         "PYTHONUNBUFFERED": "1",
     }
+
+
+@pytest.fixture
+def redis_proxy(redis_server: RedisServer) -> Iterator[RedisProxy]:
+    """A TCP proxy in front of the session's redis-server that can cut it off (tests/faults.py).
+
+    Give ``redis_proxy.url`` to the process under test; the test itself talks to ``redis_url``.
+    """
+    with RedisProxy(upstream_port=redis_server.port) as proxy:
+        yield proxy
