@@ -539,9 +539,6 @@ class Replay:
                 await self.book.verdict(
                     scope,
                     f"{task_id}:{q.qid}:{t.attempt}",
-                    endpoint=t.endpoint,
-                    difficulty=q.difficulty,
-                    tags=(*q.tags, *t.reply_signals),
                     ok=_right(q, t, self.models),
                 )
 

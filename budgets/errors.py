@@ -29,6 +29,28 @@ class InvalidName(PaymasterError, ValueError):
         super().__init__(f"invalid {kind} {value!r}: {rule}")
 
 
+class InvalidObservation(PaymasterError, ValueError):
+    """An outcome for the statistics has a field of the wrong type or range; nothing was counted."""
+
+    def __init__(self, field: str, value: object, rule: str) -> None:
+        self.field = field
+        self.value = value
+        self.rule = rule
+        super().__init__(f"invalid observation: {field} {rule}, got {value!r}")
+
+
+class UnknownOutcome(PaymasterError, LookupError):
+    """A verdict names an outcome the statistics never counted (or no longer remember)."""
+
+    def __init__(self, scope: str, outcome_id: str) -> None:
+        self.scope = scope
+        self.outcome_id = outcome_id
+        super().__init__(
+            f"no outcome {outcome_id!r} was recorded in statistics scope {scope!r} "
+            "(or its marker expired); record the outcome before judging it"
+        )
+
+
 class LedgerError(PaymasterError):
     """The ledger refused an operation."""
 

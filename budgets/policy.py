@@ -377,7 +377,8 @@ class Adaptive:
 
     *Chance of success* of an endpoint for a subtask: naive Bayes over its
     cells — the endpoint's success rate at this difficulty, moved by the
-    evidence of each tag and signal (each tag cell's rate against the base),
+    evidence of each tag and signal (each tag cell's rate against the base, both
+    at this difficulty, or both across all difficulties while it has few verdicts),
     with priors rising with the endpoint's tier.
 
     *Choice*: the cheapest endpoint is tried first when it costs at most
@@ -422,15 +423,21 @@ class Adaptive:
     def chance(self, option: Option, difficulty: int, tags: Iterable[str], stats: Stats) -> float:
         """Estimated chance that ``option`` answers right, given the tags and signals."""
         prior = min(0.9, 0.42 + 0.08 * option.tier)
-        base_cell = stats.cell(option.name, difficulty)
-        if base_cell.judged < self.min_calls:
-            base_cell = stats.cell(option.name, ANY_DIFFICULTY)
+        # Tag cells are read at the base rate's own level (this difficulty, or all of them when
+        # it has too few verdicts): a tag is evidence only against a base of the same calls.
+        level = difficulty
+        if stats.cell(option.name, level).judged < self.min_calls:
+            level = ANY_DIFFICULTY
+        base_cell = stats.cell(option.name, level)
         base = base_cell.success(prior, self.prior_weight)
+        # The tag's rate is shrunk toward the base; so is the base's own rate it is measured
+        # against, so a tag every call carries (its cell equals the base's) moves nothing.
+        same = _logit(base_cell.success(base, self.prior_weight))
         score = _logit(base)
         for tag in {clean_tag(t) for t in tags}:
-            cell = stats.cell(option.name, ANY_DIFFICULTY, tag)
+            cell = stats.cell(option.name, level, tag)
             if cell.judged:
-                score += _logit(cell.success(base, self.prior_weight)) - _logit(base)
+                score += _logit(cell.success(base, self.prior_weight)) - same
         return 1 / (1 + math.exp(-score))
 
     def _cost(self, option: Option, need: Need, stats: Stats) -> int:

@@ -26,6 +26,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from budgets.errors import InvalidObservation, UnknownOutcome
 from budgets.keys import SHARED_SCOPE, StatsKeys, check_name, check_scope
 
 #: Tag of the cell that counts every call of an endpoint and difficulty.
@@ -37,10 +38,17 @@ ANY_DIFFICULTY = 0
 _HIST_BASE = 16
 _HIST_BUCKETS = 32
 _TAG_CLEAN = re.compile(r"[^a-z0-9_.:\-]+")
+_TAG_MAX = 64
+#: Largest count one observation may add to a field (the Lua refuses more than 16 digits).
+MAX_COUNT = 10**15
 
 
 def bucket_of(tokens: int) -> int:
-    """Histogram bucket of an output-token count: bounds grow by sqrt(2) from 16."""
+    """Histogram bucket of an output-token count: bounds grow by sqrt(2) from 16.
+
+    The last bucket also takes every count above its bound; :meth:`Cell.quantile`
+    reports the largest count observed (kept beside the histogram) for it.
+    """
     if tokens <= _HIST_BASE:
         return 0
     return min(_HIST_BUCKETS - 1, math.ceil(2 * math.log2(tokens / _HIST_BASE)))
@@ -52,14 +60,18 @@ def bucket_bound(index: int) -> int:
 
 
 def clean_tag(tag: str) -> str:
-    """A tag as a cell key: lowercase, ``[a-z0-9_.:-]``, at most 64 characters."""
-    cleaned = _TAG_CLEAN.sub("-", tag.strip().lower()).strip("-")[:64]
+    """A tag as a cell key: lowercase, ``[a-z0-9_.:-]``, at most 64 characters; idempotent."""
+    # strip the dashes again after cutting: a cut can end on one, which a second pass would strip
+    cleaned = _TAG_CLEAN.sub("-", tag.strip().lower()).strip("-")[:_TAG_MAX].strip("-")
     return cleaned or "-"
 
 
 @dataclass(frozen=True, slots=True)
 class Cell:
-    """The counts of one endpoint x difficulty x tag."""
+    """The counts of one endpoint x difficulty x tag.
+
+    ``peak`` is the most output tokens one call used (kept on ``*`` cells, with the histogram).
+    """
 
     calls: int = 0
     asked: int = 0
@@ -70,6 +82,7 @@ class Cell:
     bad: int = 0
     nanos: int = 0
     hist: tuple[int, ...] = ()
+    peak: int = 0
 
     @property
     def judged(self) -> int:
@@ -96,7 +109,10 @@ class Cell:
         return 1 - self.used / self.asked if self.asked else 0.0
 
     def quantile(self, q: float) -> int | None:
-        """Output tokens that ``q`` of calls stayed within (a bucket bound); ``None`` if none."""
+        """Output tokens that ``q`` of calls stayed within (a bucket bound); ``None`` if none.
+
+        The last bucket has no upper bound: for it the largest count observed is reported.
+        """
         total = sum(self.hist)
         if total == 0:
             return None
@@ -104,8 +120,13 @@ class Cell:
         for index, count in enumerate(self.hist):
             seen += count
             if seen >= goal:
-                return bucket_bound(index)
-        return bucket_bound(len(self.hist) - 1)
+                return self._bound(index)
+        return self._bound(len(self.hist) - 1)
+
+    def _bound(self, index: int) -> int:
+        if index >= _HIST_BUCKETS - 1 and self.peak:
+            return self.peak
+        return bucket_bound(index)
 
 
 _EMPTY = Cell()
@@ -147,6 +168,7 @@ class Stats:
                 bad=metrics.get("bad", 0),
                 nanos=metrics.get("nanos", 0),
                 hist=tuple(hist),
+                peak=metrics.get("max", 0),
             )
         return cls(cells)
 
@@ -164,9 +186,33 @@ class Observation:
     nanos: int
     escalated: bool = False
 
+    def check(self) -> None:
+        """Raise :class:`InvalidObservation` naming the first field of the wrong type or range."""
+        check_name("endpoint", self.endpoint)
+        _check_difficulty(self.difficulty)
+        if not isinstance(self.tags, (tuple, list)) or not all(
+            isinstance(t, str) for t in self.tags
+        ):
+            raise InvalidObservation("tags", self.tags, "must be a tuple of strings")
+        for name in ("asked", "used", "nanos"):
+            value = getattr(self, name)
+            if type(value) is not int:  # bool, float, NaN, str ... are refused
+                raise InvalidObservation(name, value, "must be an int")
+            if value < 0:
+                raise InvalidObservation(name, value, "must not be negative")
+            if value > MAX_COUNT:
+                raise InvalidObservation(name, value, f"must be at most {MAX_COUNT}")
+        for name in ("cut_short", "escalated"):
+            if type(getattr(self, name)) is not bool:
+                raise InvalidObservation(name, getattr(self, name), "must be a bool")
+
     def prefixes(self) -> list[str]:
         """The ``<endpoint>|<difficulty>|<tag>|`` prefix of every cell this call counts in."""
         return cell_prefixes(self.endpoint, self.difficulty, self.tags)
+
+    def peaks(self) -> list[str]:
+        """The ``max`` field of every cell that keeps a histogram: raised to ``used`` if below."""
+        return [p + "max" for p in self.prefixes() if p.endswith(f"|{ANY_TAG}|")]
 
     def fields(self) -> list[tuple[str, int]]:
         """Every (field, increment) this call adds."""
@@ -189,10 +235,16 @@ class Observation:
 def cell_prefixes(endpoint: str, difficulty: int, tags: Iterable[str]) -> list[str]:
     """Prefixes of the cells of a call: its difficulty and all difficulties, each tag and ``*``."""
     check_name("endpoint", endpoint)
-    if not 1 <= difficulty <= 5:
-        raise ValueError(f"difficulty must be 1-5, got {difficulty}")
+    _check_difficulty(difficulty)
     names = [ANY_TAG, *sorted({clean_tag(t) for t in tags})]
     return [f"{endpoint}|{d}|{t}|" for d in (difficulty, ANY_DIFFICULTY) for t in names]
+
+
+def _check_difficulty(difficulty: object) -> None:
+    if type(difficulty) is not int:
+        raise InvalidObservation("difficulty", difficulty, "must be an int")
+    if not 1 <= difficulty <= 5:
+        raise InvalidObservation("difficulty", difficulty, "must be 1-5")
 
 
 def _read_lua(name: str) -> str:
@@ -216,34 +268,42 @@ class StatsBook:
         return Stats.from_fields(raw)
 
     async def record(self, scope: str, outcome_id: str, seen: Observation) -> bool:
-        """Count a call once; ``False`` when ``outcome_id`` was already counted."""
+        """Count a call once; ``False`` when ``outcome_id`` was already counted.
+
+        The outcome's cells are stored with its marker, for :meth:`verdict`.
+        Raises :class:`~budgets.errors.InvalidObservation` (nothing written) on a bad field.
+        """
         keys = StatsKeys(check_scope(scope))
         check_name("outcome id", outcome_id)
-        for name in ("asked", "used", "nanos"):
-            if getattr(seen, name) < 0:
-                raise ValueError(f"{name} must not be negative, got {getattr(seen, name)}")
-        args: list[str | int] = [self.retention_s]
+        seen.check()
+        prefixes = seen.prefixes()
+        peaks = seen.peaks()
+        args: list[str | int] = [self.retention_s, "\n".join(prefixes), seen.used, len(peaks)]
+        args.extend(peaks)
         for name, inc in seen.fields():
             args.extend((name, inc))
-        counted = await self._record(keys=[keys.cells, keys.outcome_seen(outcome_id)], args=args)
+        where = [keys.cells, keys.outcome_seen(outcome_id), keys.verdict_seen(outcome_id)]
+        counted = await self._record(keys=where, args=args)
+        if isinstance(counted, list):  # {-1, index}: Python's checks should have caught it
+            index = int(counted[1])
+            raise InvalidObservation(f"script argument {index}", args[index - 1], "was refused")
         return bool(counted)
 
-    async def verdict(
-        self,
-        scope: str,
-        outcome_id: str,
-        *,
-        endpoint: str,
-        difficulty: int,
-        tags: Iterable[str],
-        ok: bool,
-    ) -> bool:
-        """Count a call as right or wrong; a repeated verdict changes nothing, a new one moves."""
+    async def verdict(self, scope: str, outcome_id: str, *, ok: bool) -> bool:
+        """Count a recorded call as right or wrong, in the cells it was recorded in.
+
+        A repeated verdict changes nothing (``False``); a new one moves the count.
+        Raises :class:`~budgets.errors.UnknownOutcome` (nothing changed) when
+        ``outcome_id`` was never recorded in ``scope`` or its marker expired.
+        """
         keys = StatsKeys(check_scope(scope))
         check_name("outcome id", outcome_id)
-        prefixes = cell_prefixes(endpoint, difficulty, tags)
-        args: list[str | int] = [self.retention_s, "ok" if ok else "bad", *prefixes]
-        moved = await self._verdict(keys=[keys.cells, keys.verdict_seen(outcome_id)], args=args)
+        if type(ok) is not bool:
+            raise InvalidObservation("ok", ok, "must be a bool")
+        where = [keys.cells, keys.outcome_seen(outcome_id), keys.verdict_seen(outcome_id)]
+        moved = await self._verdict(keys=where, args=[self.retention_s, "ok" if ok else "bad"])
+        if moved == -1:
+            raise UnknownOutcome(scope, outcome_id)
         return bool(moved)
 
     async def clear(self, scope: str) -> None:

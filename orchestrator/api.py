@@ -376,7 +376,8 @@ class Paymaster:
 
         Counted once per subtask: repeating a verdict changes nothing, a new
         verdict replaces the old. Returns ``False`` when nothing changed.
-        Raises :class:`TaskNotFound` or :class:`SubtaskNotFound`.
+        Raises :class:`TaskNotFound` or :class:`SubtaskNotFound`, and
+        :class:`~budgets.errors.UnknownOutcome` once the outcome's statistics expired.
         """
         record = await self.arecord(task_id)
         results = await Records(self.books.redis).load_results(task_id)
@@ -385,16 +386,9 @@ class Paymaster:
             raise SubtaskNotFound(
                 task_id, subtask_id, [k for k, v in results.items() if v.get("outcome")]
             )
-        tags = [*res.get("tags", []), *res.get("signals", [])]
-        if res.get("cut_short"):
-            tags.append("cut_short")
+        # the verdict lands in the cells the outcome was recorded in, stored with its marker
         return await self._stats().verdict(
-            stats_scope(record.tenant, self.settings.stats_scope),
-            str(res["outcome"]),
-            endpoint=str(res["endpoint"]),
-            difficulty=int(res["difficulty"]),
-            tags=tags,
-            ok=bool(ok),
+            stats_scope(record.tenant, self.settings.stats_scope), str(res["outcome"]), ok=bool(ok)
         )
 
     def feedback(self, task_id: str, subtask_id: str, *, ok: bool) -> bool:

@@ -22,7 +22,14 @@ from rich.table import Table
 
 from agents.errors import ConfigError, ModelCallFailed
 from budgets import Budget, LedgerEvent, LedgerUnavailable, TaskTree
-from budgets.errors import InvalidAmount, InvalidName, LedgerError, PaymasterError, UnknownTenant
+from budgets.errors import (
+    InvalidAmount,
+    InvalidName,
+    LedgerError,
+    PaymasterError,
+    UnknownOutcome,
+    UnknownTenant,
+)
 from orchestrator.api import Paymaster
 from orchestrator.cli_services import local_model, services
 from orchestrator.display import (
@@ -64,7 +71,7 @@ TenantOpt = Annotated[str | None, typer.Option("--tenant", help="tenant that fun
 
 def _guard(exc: BaseException) -> typer.Exit:
     """The exit code and one-line message for an error; anything unknown propagates."""
-    if isinstance(exc, TaskNotFound | SubtaskNotFound):
+    if isinstance(exc, TaskNotFound | SubtaskNotFound | UnknownOutcome):
         return fail(str(exc), 3)
     if isinstance(exc, TaskTimeout):
         return fail(str(exc), 124)

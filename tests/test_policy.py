@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from decimal import Decimal
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from budgets import Price
@@ -686,6 +686,15 @@ def test_clean_tag() -> None:
     assert clean_tag("***") == "-"
     assert clean_tag("") == "-"
     assert clean_tag("x" * 100) == "x" * 64
+    assert clean_tag("a" * 63 + " b") == "a" * 63  # a cut ending on a dash loses it too
+
+
+@given(st.text(max_size=200) | st.text(alphabet="aZ9 -/.|İ\u212a", min_size=60, max_size=70))
+@example("a" * 63 + "/b")
+def test_clean_tag_is_idempotent(tag: str) -> None:
+    once = clean_tag(tag)
+    assert clean_tag(once) == once
+    assert 1 <= len(once) <= 64
 
 
 @given(st.text(max_size=120))

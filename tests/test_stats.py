@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing as mp
 import random
 from collections import Counter
 from collections.abc import AsyncIterator
+from importlib import resources
 
 import pytest
 import redis.asyncio as aioredis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from budgets.errors import InvalidName
+from budgets.errors import InvalidName, InvalidObservation, PaymasterError, UnknownOutcome
 from budgets.keys import StatsKeys
-from budgets.stats import ANY_DIFFICULTY, Observation, Stats, StatsBook, bucket_of
+from budgets.money import Price
+from budgets.policy import Adaptive, Option
+from budgets.stats import ANY_DIFFICULTY, Observation, Stats, StatsBook, bucket_bound, bucket_of
 
 SEEN = Observation(
     endpoint="cheap",
@@ -56,9 +62,7 @@ async def everything(book: StatsBook) -> dict[bytes | str, object]:
 
 
 async def judge(book: StatsBook, scope: str, outcome_id: str, *, ok: bool) -> bool:
-    return await book.verdict(
-        scope, outcome_id, endpoint="cheap", difficulty=3, tags=["math", "Code Review"], ok=ok
-    )
+    return await book.verdict(scope, outcome_id, ok=ok)
 
 
 # -- record ----------------------------------------------------------------------
@@ -104,6 +108,9 @@ async def test_records_add_up_and_match_the_pure_sum(book: StatsBook) -> None:
         assert await book.record("shared", f"o{i}", seen) is True
         for name, inc in seen.fields():
             expected[name] += inc
+        for name in seen.peaks():  # the most tokens one call used, beside each histogram
+            if seen.used > expected[name]:
+                expected[name] = seen.used
     assert await book.read("shared") == Stats.from_fields(dict(expected))
     assert await cells(book, "shared") == dict(expected)
 
@@ -143,6 +150,7 @@ async def test_verdict_counts_ok_in_every_cell(book: StatsBook) -> None:
 
 
 async def test_repeated_verdict_is_a_no_op(book: StatsBook) -> None:
+    await book.record("t:a", "o1", SEEN)
     assert await judge(book, "t:a", "o1", ok=True) is True
     before = await cells(book, "t:a")
     assert await judge(book, "t:a", "o1", ok=True) is False
@@ -150,6 +158,8 @@ async def test_repeated_verdict_is_a_no_op(book: StatsBook) -> None:
 
 
 async def test_changed_verdict_moves_the_count(book: StatsBook) -> None:
+    await book.record("t:a", "o1", SEEN)
+    await book.record("t:a", "o2", SEEN)
     await judge(book, "t:a", "o1", ok=True)
     await judge(book, "t:a", "o2", ok=True)
     assert await judge(book, "t:a", "o1", ok=False) is True
@@ -268,17 +278,128 @@ async def test_bad_verdict_is_refused_and_changes_nothing(book: StatsBook) -> No
     await judge(book, "t:a", "o1", ok=True)
     before = await everything(book)
     with pytest.raises(InvalidName, match="invalid scope"):
-        await book.verdict("bad scope", "o1", endpoint="cheap", difficulty=3, tags=[], ok=False)
+        await book.verdict("bad scope", "o1", ok=False)
     with pytest.raises(InvalidName, match="invalid outcome id"):
-        await book.verdict("t:a", "o 1", endpoint="cheap", difficulty=3, tags=[], ok=False)
-    with pytest.raises(InvalidName, match="invalid endpoint"):
-        await book.verdict("t:a", "o1", endpoint="no|pipes", difficulty=3, tags=[], ok=False)
-    for difficulty in (0, 6):
-        with pytest.raises(ValueError, match="difficulty must be 1-5"):
-            await book.verdict(
-                "t:a", "o1", endpoint="cheap", difficulty=difficulty, tags=[], ok=False
-            )
+        await book.verdict("t:a", "o 1", ok=False)
+    with pytest.raises(InvalidObservation, match="ok must be a bool"):
+        await book.verdict("t:a", "o1", ok=0)  # type: ignore[arg-type]
+    with pytest.raises(UnknownOutcome, match="no outcome 'never'"):
+        await book.verdict("t:a", "never", ok=False)
+    with pytest.raises(UnknownOutcome):  # recorded in another scope only
+        await book.verdict("t:b", "o1", ok=False)
     assert await everything(book) == before
+
+
+# -- an outcome is counted whole or not at all (issue 10, section 5) ---------------
+
+BAD_FIELDS = [
+    ("asked", 512.0),
+    ("used", 300.5),
+    ("used", float("nan")),
+    ("nanos", float("inf")),
+    ("nanos", -1),
+    ("asked", True),
+    ("used", "300"),
+    ("nanos", 10**16),
+    ("difficulty", 3.0),
+    ("difficulty", True),
+    ("cut_short", 1),
+    ("escalated", "yes"),
+    ("tags", ("ok", 7)),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), BAD_FIELDS)
+async def test_a_bad_observation_is_refused_before_any_write_and_can_be_recorded_later(
+    book: StatsBook, name: str, value: object
+) -> None:
+    await book.record("t:a", "o1", SEEN)
+    before = await everything(book)
+    bad = _bad(**{name: value})
+    with pytest.raises(InvalidObservation, match=f"invalid observation: {name} ") as caught:
+        await book.record("t:a", "o2", bad)
+    assert caught.value.field == name
+    assert isinstance(caught.value, PaymasterError)
+    assert await everything(book) == before  # no marker, no count
+    good = _bad()
+    assert await book.record("t:a", "o2", good) is True  # the same id still counts
+    assert (await book.read("t:a")).cell("cheap", 3).calls == 2
+
+
+async def test_the_record_script_checks_everything_before_its_first_write(
+    book: StatsBook,
+) -> None:
+    """Called past Python's checks, the Lua itself refuses a float and leaves no marker."""
+    script = book.redis.register_script(
+        resources.files("budgets").joinpath("lua", "stats_record.lua").read_text()
+    )
+    keys = StatsKeys("t:a")
+    where = [keys.cells, keys.outcome_seen("o9"), keys.verdict_seen("o9")]
+    args = [60, "cheap|2|*|\ncheap|0|*|", 5, 1, "cheap|2|*|max", "cheap|2|*|n", 1]
+    for wrong in (["cheap|2|*|u", "5.5"], ["cheap|2|*|u", "-1"], ["cheap|2|*|u"]):
+        assert (await script(keys=where, args=[*args, *wrong]))[0] == -1
+        assert await everything(book) == {}
+    assert await script(keys=where, args=args) == 1
+    assert await book.redis.get(keys.outcome_seen("o9")) == b"cheap|2|*|\ncheap|0|*|"
+
+
+# -- a verdict moves counts only in the cells its outcome was recorded in ------------
+
+
+async def test_a_verdict_on_an_outcome_never_recorded_is_refused(book: StatsBook) -> None:
+    with pytest.raises(UnknownOutcome):
+        await book.verdict("t:a", "ghost", ok=True)
+    assert await everything(book) == {}  # no counts, no verdict marker
+
+
+async def test_a_verdict_touches_only_the_cells_the_outcome_was_recorded_in(
+    book: StatsBook,
+) -> None:
+    other = _bad(endpoint="strong", difficulty=5, tags=("math", "other"))
+    await book.record("t:a", "o1", SEEN)
+    await book.record("t:a", "o2", other)
+    await judge(book, "t:a", "o2", ok=True)
+    untouched = {k: v for k, v in (await cells(book, "t:a")).items() if k.startswith("strong|")}
+    for ok in (True, False, True, False):  # whatever a caller believed the cells were
+        await judge(book, "t:a", "o1", ok=ok)
+    now = await cells(book, "t:a")
+    assert {k: v for k, v in now.items() if k.startswith("strong|")} == untouched
+    stats = await book.read("t:a")
+    judged = {where for where, cell in stats.cells.items() if cell.judged}
+    assert judged == CELLS | {w for w in stats.cells if w[0] == "strong"}
+    for where in CELLS:
+        assert (stats.cells[where].ok, stats.cells[where].bad) == (0, 1)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["record", "ok", "bad", "clear"]), st.integers(0, 3)),
+        max_size=30,
+    )
+)
+async def test_no_sequence_of_records_verdicts_and_clears_makes_a_count_negative(
+    book: StatsBook, steps: list[tuple[str, int]]
+) -> None:
+    await book.redis.flushdb()
+    cleared = False
+    for step, n in steps:
+        oid = f"o{n}"
+        if step == "record":
+            await book.record("t:a", oid, _bad(difficulty=1 + n, tags=(f"t{n}",)))
+        elif step == "clear":
+            await book.clear("t:a")
+            cleared = True
+        else:
+            with contextlib.suppress(UnknownOutcome):  # a verdict before its record is refused
+                await judge(book, "t:a", oid, ok=step == "ok")
+        counts = await cells(book, "t:a")
+        assert all(v >= 0 for v in counts.values()), counts
+        if not cleared:  # a clear forgets counts but not markers, so verdicts may outnumber calls
+            for where, cell in (await book.read("t:a")).cells.items():
+                assert cell.judged <= cell.calls, (where, cell)
 
 
 async def test_bad_scope_on_read_and_clear(book: StatsBook) -> None:
@@ -316,3 +437,49 @@ async def test_clear_forgets_a_scope(book: StatsBook) -> None:
     assert await book.record("t:a", "o2", SEEN) is True
     assert (await book.read("t:a")).cell("cheap").calls == 1
     await book.clear("never-used")  # clearing an empty scope is fine
+
+
+# -- what the adaptive policy reads back -----------------------------------------
+
+MID = Option("mid", "remote", 2, Price.of("0.1", "0.4"))
+
+
+async def test_a_tag_every_call_carries_moves_no_chance(book: StatsBook) -> None:
+    """Easy calls all right, hard ones mostly wrong, all tagged ``x``: ``x`` says nothing."""
+    for i in range(20):
+        for difficulty, ok in ((1, True), (5, i < 6)):
+            oid = f"d{difficulty}-{i}"
+            await book.record("t:a", oid, _bad(endpoint="mid", difficulty=difficulty, tags=("x",)))
+            await judge(book, "t:a", oid, ok=ok)
+    stats, policy = await book.read("t:a"), Adaptive()
+    for difficulty in (1, 5):
+        alone = policy.chance(MID, difficulty, [], stats)
+        assert policy.chance(MID, difficulty, ["x", "X "], stats) == pytest.approx(alone)
+    assert policy.chance(MID, 5, [], stats) < 0.4  # the hard calls' own rate, not everyone's
+
+
+async def test_a_tag_seen_only_on_wrong_answers_lowers_the_chance(book: StatsBook) -> None:
+    for i in range(20):
+        ok = i % 2 == 0
+        tags = () if ok else ("shaky",)
+        await book.record("t:a", f"o{i}", _bad(endpoint="mid", difficulty=4, tags=tags))
+        await judge(book, "t:a", f"o{i}", ok=ok)
+    stats, policy = await book.read("t:a"), Adaptive()
+    assert policy.chance(MID, 4, ["shaky"], stats) < policy.chance(MID, 4, [], stats) - 0.1
+
+
+async def test_quantiles_above_the_last_bucket_bound_report_the_observed_maximum(
+    book: StatsBook,
+) -> None:
+    top = bucket_bound(31)
+    assert top == 741_455
+    for i, used in enumerate([800_000] * 9 + [2_000_000]):
+        await book.record("t:a", f"o{i}", _bad(asked=used, used=used))
+    cell = (await book.read("t:a")).cell("cheap", 3)
+    assert cell.peak == 2_000_000
+    assert cell.quantile(0.5) == 2_000_000 > top  # an upper bound: never below what was seen
+    assert (await book.read("t:a")).cell("cheap", 0).quantile(1.0) == 2_000_000
+    # below the last bucket nothing changes, and a smaller call never lowers the peak
+    await book.record("t:a", "small", _bad(used=100))
+    cell = (await book.read("t:a")).cell("cheap", 3)
+    assert (cell.peak, cell.quantile(0.05)) == (2_000_000, bucket_bound(bucket_of(100)))

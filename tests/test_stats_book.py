@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from budgets.errors import InvalidName
+from budgets.errors import InvalidName, UnknownOutcome
 from budgets.stats import Observation, StatsBook
 
 SEEN = Observation(
@@ -42,12 +42,12 @@ async def test_an_outcome_counts_in_each_of_its_cells_once(book: StatsBook) -> N
 
 
 async def test_a_verdict_counts_once_and_a_new_one_moves(book: StatsBook) -> None:
-    kw = {"endpoint": "cheap", "difficulty": 3, "tags": ["math"]}
-    assert await book.verdict("shared", "o1", ok=True, **kw) is True  # type: ignore[arg-type]
-    assert await book.verdict("shared", "o1", ok=True, **kw) is False  # type: ignore[arg-type]
+    await book.record("shared", "o1", SEEN)
+    assert await book.verdict("shared", "o1", ok=True) is True
+    assert await book.verdict("shared", "o1", ok=True) is False
     cell = (await book.read("shared")).cell("cheap", 0, "math")
     assert (cell.ok, cell.bad) == (1, 0)
-    assert await book.verdict("shared", "o1", ok=False, **kw) is True  # type: ignore[arg-type]
+    assert await book.verdict("shared", "o1", ok=False) is True
     cell = (await book.read("shared")).cell("cheap", 3)
     assert (cell.ok, cell.bad) == (0, 1)
 
@@ -63,8 +63,8 @@ async def test_bad_input_is_refused_and_changes_nothing(book: StatsBook) -> None
         await book.record("shared", "o3", Observation("cheap", 6, (), 1, 1, False, 1))
     with pytest.raises(ValueError, match="used must not be negative"):
         await book.record("shared", "o4", Observation("cheap", 2, (), 1, -1, False, 1))
-    with pytest.raises(InvalidName):
-        await book.verdict("shared", "o1", endpoint="no|pipes", difficulty=2, tags=[], ok=True)
+    with pytest.raises(UnknownOutcome):
+        await book.verdict("shared", "o3", ok=True)
     assert await book.redis.hgetall("pm:{s:shared}:cells") == before
     assert await book.redis.exists("pm:{s:shared}:seen:o:o3") == 0
 
