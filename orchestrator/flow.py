@@ -233,6 +233,9 @@ class Flow:
                 task_id, manager_acct, _plan_note(outcome), tags={"step": "plan"}
             )
         done = await deps.records.load_results(task_id)
+        for res in done.values():
+            if res.get("outcome"):  # counted once whatever happened before
+                await self._count(state["scope"], str(res["outcome"]), res)
         return {
             "plan": [s.model_dump() for s in plan.subtasks],
             "results": done,
@@ -380,7 +383,6 @@ class Flow:
             )
             outcome = outcome_id(task_id, account)
             out = _result_dict(result, sub=sub, attempt=attempt, asked=asked, outcome=outcome)
-            await self._count(item["scope"], outcome, out)
         except BudgetExceeded:
             out = _exhausted(sub.id, attempt)
         finally:
@@ -388,7 +390,11 @@ class Flow:
         if out["exhausted"] and attempt > 1:
             return {"attempts": {sub.id: attempt}}  # keep the earlier, cut-short answer
         if not out["exhausted"]:
+            # Saved first, counted second: a crash between the two is mended by
+            # the next delivery, which counts every saved result again (once,
+            # by the outcome's marker).
             await deps.records.save_result(task_id, sub.id, out)
+            await self._count(item["scope"], out["outcome"], out)
         return {"results": {sub.id: out}, "attempts": {sub.id: attempt}, "calls": 1}
 
     async def _count(self, scope: str, outcome: str, out: Mapping[str, Any]) -> None:

@@ -283,3 +283,29 @@ async def test_subtasks_whose_share_cannot_pay_a_call_wait_for_returned_money(
     assert opened["easy"] > hard_closed
     assert "easy" in roles(server)
     assert_books_clean(await pm.aledger(record.id), budget)
+
+
+async def test_a_crash_between_saving_and_counting_is_counted_once_on_redelivery(
+    pm: Paymaster, server: ScriptedModelServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server.responder = responder([sub("a"), sub("b", "a")])
+    runtime = pm.runtime()
+    task = await pm.asubmit("Two steps.", budget=Budget(tokens=20_000))
+    real = runtime.stats.record
+    calls = {"n": 0}
+
+    async def dies_once(*args: object, **kwargs: object) -> bool:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ConnectionError("the process died here")
+        return await real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(runtime.stats, "record", dies_once)
+    with pytest.raises(ConnectionError):
+        await runtime.execute(task.id)  # "a" saved, its count lost
+    record = await runtime.execute(task.id)  # the next delivery
+    assert record.status is Status.SUCCEEDED
+    assert roles(server).count("a") == 1  # saved, so not paid again
+    stats = await pm.astats(None)
+    cells = [c for (ep, d, tag), c in stats.cells.items() if tag == "*" and d == 2]
+    assert sum(c.calls for c in cells) == 2  # "a" and "b", each counted once
