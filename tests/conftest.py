@@ -12,6 +12,7 @@ import redis
 from agents.stub_server import ScriptedModelServer
 from budgets import Ledger
 from orchestrator.redis_server import RedisServer
+from tests.endpoint_files import write_toml
 from tests.faults import RedisProxy
 
 
@@ -52,23 +53,6 @@ def server(shared_server: ScriptedModelServer) -> ScriptedModelServer:
     shared_server.clear()
     shared_server.responder = None
     return shared_server
-
-
-def write_toml(path: Path, base_url: str, *, timeout_s: float = 30.0) -> Path:
-    path.write_text(
-        "[[endpoints]]\n"
-        'name = "stub"\n'
-        f'base_url = "{base_url}"\n'
-        'model = "m"\n'
-        'kind = "remote"\n'
-        'input_usd_per_mtok = "1"\n'
-        'output_usd_per_mtok = "2"\n'
-        "max_retries = 0\n"
-        "max_concurrency = 16\n"
-        f"timeout_s = {timeout_s}\n",
-        encoding="utf-8",
-    )
-    return path
 
 
 @pytest.fixture

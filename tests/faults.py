@@ -40,6 +40,7 @@ from typing import Any, Literal, TypeVar
 
 from agents.stub_server import RecordedRequest
 from orchestrator.redis_server import free_port
+from tests.endpoint_files import write_toml
 
 T = TypeVar("T")
 Fault = Literal["drop", "refuse"]
@@ -258,21 +259,7 @@ KEY_ENV = "STUB_KEY"
 
 def keyed_endpoints(path: Path, base_url: str) -> Path:
     """An endpoints file for the stub whose key comes from :data:`KEY_ENV` (who is calling)."""
-    path.write_text(
-        "[[endpoints]]\n"
-        'name = "stub"\n'
-        f'base_url = "{base_url}"\n'
-        'model = "m"\n'
-        'kind = "remote"\n'
-        'input_usd_per_mtok = "1"\n'
-        'output_usd_per_mtok = "2"\n'
-        f'api_key_env = "{KEY_ENV}"\n'
-        "max_retries = 0\n"
-        "max_concurrency = 16\n"
-        "timeout_s = 30\n",
-        encoding="utf-8",
-    )
-    return path
+    return write_toml(path, base_url, api_key_env=KEY_ENV)
 
 
 def caller(request: RecordedRequest) -> str:

@@ -22,7 +22,7 @@ from orchestrator.display import event_line, ledger_tree
 from orchestrator.progress import Narrator
 from orchestrator.records import Status
 from orchestrator.redis_server import free_port
-from tests.conftest import write_toml
+from tests.endpoint_files import write_toml
 from tests.test_orchestrator import cli, responder, sub
 
 

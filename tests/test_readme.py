@@ -24,7 +24,7 @@ import pytest
 
 from agents.stub_server import ScriptedModelServer
 from budgets import TaskTree
-from tests.conftest import write_toml
+from tests.endpoint_files import write_toml
 from tests.test_orchestrator import responder, sub
 
 REPO = Path(__file__).resolve().parents[1]

@@ -30,40 +30,23 @@ from agents.settlement import RULES, Outcome, Pay
 from agents.stub_server import RecordedRequest, Reply, ScriptedModelServer, Usage, WrongShape
 from agents.tokens import ByteBoundCounter, chatml, counter_for
 from budgets import Budget, BudgetExceeded, Ledger
-from budgets.money import Price
 from budgets.tree import AccountView, LedgerEvent
 from orchestrator.redis_server import free_port
+from tests.test_metered import PRICE, endpoint
 
 TASK = "task-settle"
 ACCOUNT = "root"
-MODEL = "stub-model"
 MESSAGES = [
     {"role": "system", "content": "You are a terse assistant."},
     {"role": "user", "content": "Name three primes."},
 ]
 #: The byte bound of MESSAGES: what every call here reserves for the prompt.
 PROMPT = ByteBoundCounter().count_messages(MESSAGES)
-PRICE_IN, PRICE_OUT, PRICE_CACHED = Decimal("0.1234567"), Decimal("0.7654321"), Decimal("0.0123457")
-PRICE = Price.of(PRICE_IN, PRICE_OUT)
+PRICE_CACHED = Decimal("0.0123457")
 MAX_TOKENS = 50
 SECRET = "sk-test-DO-NOT-LEAK-77aa01"
 
 Build = Callable[..., MeteredClient]
-
-
-def endpoint(base_url: str, **overrides: Any) -> Endpoint:
-    fields: dict[str, Any] = {
-        "name": "stub",
-        "base_url": base_url,
-        "model": MODEL,
-        "kind": "remote",
-        "input_usd_per_mtok": PRICE_IN,
-        "output_usd_per_mtok": PRICE_OUT,
-        "timeout_s": 5.0,
-        "max_concurrency": 8,
-    }
-    fields.update(overrides)
-    return Endpoint(**fields)
 
 
 def held(max_tokens: int = MAX_TOKENS, prompt: int = PROMPT) -> tuple[int, int]:
