@@ -290,8 +290,11 @@ async def test_the_heartbeat_rides_out_redis_errors_and_no_other_worker_takes_th
     assert {caller(r) for r in chats(stub)} == {holder}
     assert len(calls_for(stub, "a")) == 1
     assert other.count("took task") == 0
-    assert holding.count("Redis unreachable") == 1, holding.text()
-    assert holding.count("Redis back") == 1, holding.text()
+    # Each outage it noticed is one line when it starts and one when it ends; how many
+    # of the six (five drops, one refusal) a heartbeat lands in depends on timing.
+    outages = holding.count("Redis unreachable")
+    assert 1 <= outages <= 6, holding.text()
+    assert holding.count("Redis back") == outages, holding.text()
     assert holding.alive
     assert other.alive
     assert_books_clean(await pm.aledger(task.id), budget)
