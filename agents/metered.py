@@ -17,7 +17,9 @@ One call, one attempt at a time:
    sent but no usable usage (a read timeout, cancelled after sending, a stream
    cut off, a wrong-shaped reply) → charge the reservation, flagged estimated;
    never sent (no connection, refused by the ledger, cancelled before sending)
-   or refused with an error status → release.
+   or refused with an error status → release. A call made with ``keep_as``
+   keeps its reply in the commit that pays for it (one atomic step), so work
+   paid for before a crash is found, not bought again (:meth:`MeteredClient.kept`).
 
 Retries happen here and only here, on the outcomes the table marks retryable
 (no connection, a timeout or dropped connection before any reply, 429 honouring
@@ -31,6 +33,8 @@ ledger's event tags.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
 import random
 import uuid
@@ -50,7 +54,6 @@ from agents.tokens import ServerTokenCounter, TokenCounter, counter_for
 from agents.wire import http_client, send
 from budgets import Amount, BudgetExceeded, Ledger, Reservation
 from budgets.errors import UnknownReservation
-from budgets.ledger import Settlement
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,8 @@ class CallResult:
     max_tokens: int
     cached_tokens: int = 0
     reasoning_tokens: int = 0
+    #: The account it was paid from.
+    account: str = ""
 
     @property
     def cut_short(self) -> bool:
@@ -121,6 +126,7 @@ class _Call:
     params: Mapping[str, Any]
     tags: Mapping[str, str]
     stream: bool
+    keep_as: str | None = None
 
 
 class MeteredClient:
@@ -232,11 +238,15 @@ class MeteredClient:
         stream: bool = False,
         min_tokens: int | None = None,
         temperature: float | None = None,
+        keep_as: str | None = None,
     ) -> CallResult:
         """Make one chat call paid from ``account``; see the module docstring for the steps.
 
         ``min_tokens`` is the least output worth paying for when the account
         cannot cover ``max_tokens`` (default: the client's ``min_output_tokens``).
+        ``keep_as`` names the call's work: its reply is kept by the commit that
+        pays for it, in the same atomic step, and :meth:`kept` returns it — a
+        caller that crashed after paying finds the reply instead of paying twice.
         Raises :class:`BudgetExceeded` when the account cannot pay for an
         attempt, and :class:`ModelCallFailed` when every endpoint tried failed.
         A cancelled call settles its attempt and re-raises ``CancelledError``.
@@ -270,6 +280,7 @@ class MeteredClient:
                 params=params,
                 tags=call_tags,
                 stream=stream,
+                keep_as=keep_as,
             )
             try:
                 return await self._with_retries(call=call)
@@ -301,6 +312,7 @@ class MeteredClient:
         rid = uuid.uuid4().hex  # ours, so a reserve cut off by a cancel can still be released
         progress = Progress()
         reservation: Reservation | None = None
+        answer: Answer | None = None
         outcome: Outcome | None = None
         async with self._gate(call.endpoint):
             try:
@@ -327,33 +339,44 @@ class MeteredClient:
                     sent = progress.may_have_sent
                     outcome = Outcome.FAILED_AFTER_SEND if sent else Outcome.FAILED_BEFORE_SEND
                 # Shielded: a second cancel must not leave the reservation open.
-                paid = await asyncio.shield(
+                settled = await asyncio.shield(
                     self._settle(
                         call=call,
                         reservation_id=rid,
-                        held=reservation is not None,
+                        reservation=reservation,
                         outcome=outcome,
                         usage=progress.usage,
+                        answer=answer if outcome is Outcome.REPLY else None,
+                        attempt=attempt,
                     )
                 )
-        assert paid is not None  # a reply was committed
-        return _result(call=call, out_tokens=out_tokens, answer=answer, paid=paid, attempt=attempt)
+        assert settled is not None  # a reply was committed
+        return settled
+
+    async def kept(self, task_id: str, name: str) -> CallResult | None:
+        """The reply of the call made with ``keep_as=name`` and paid for, or ``None``."""
+        text = await self.ledger.kept(task_id, name)
+        return None if text is None else CallResult(**json.loads(text))
 
     async def _settle(
         self,
         *,
         call: _Call,
         reservation_id: str,
-        held: bool,
+        reservation: Reservation | None,
         outcome: Outcome,
         usage: Usage | None,
-    ) -> Settlement | None:
-        """Pay one attempt as :data:`~agents.settlement.RULES` says; ``None`` if nothing was spent.
+        answer: Answer | None,
+        attempt: int,
+    ) -> CallResult | None:
+        """Pay one attempt as :data:`~agents.settlement.RULES` says.
 
-        ``held=False`` means the reserve did not return: it may still have run
-        (a cancel cut it off), so the release is sent anyway and an unknown
+        Returns the call's result when it answered (``answer``), else ``None``.
+        ``reservation=None`` means the reserve did not return: it may still have
+        run (a cancel cut it off), so the release is sent anyway and an unknown
         reservation is no error.
         """
+        held = reservation is not None
         pay = RULES[outcome].pay(usage)
         if pay is Pay.NOTHING:
             return None
@@ -372,7 +395,22 @@ class MeteredClient:
                 cached_tokens=usage.cached_tokens,
             )
             used = Amount(tokens=usage.tokens, nanos=cost)
-        return await self.ledger.commit(call.task_id, reservation_id, used=used, tags=call.tags)
+        result = keep = None
+        if answer is not None and reservation is not None:
+            # What the commit will charge: the usage, else the whole reservation.
+            nanos = reservation.nanos if used is None else used.nanos
+            result = _result(
+                call=call,
+                out_tokens=reservation.tokens - call.prompt_tokens,
+                answer=answer,
+                nanos=nanos,
+                estimated=used is None,
+                attempt=attempt,
+            )
+            if call.keep_as is not None:
+                keep = (call.keep_as, json.dumps(dataclasses.asdict(result)))
+        await self.ledger.commit(call.task_id, reservation_id, used=used, tags=call.tags, keep=keep)
+        return result
 
     async def _reserve(self, *, call: _Call, reservation_id: str) -> Reservation:
         ep, prompt = call.endpoint, call.prompt_tokens
@@ -418,18 +456,19 @@ class MeteredClient:
 
 
 def _result(
-    *, call: _Call, out_tokens: int, answer: Answer, paid: Settlement, attempt: int
+    *, call: _Call, out_tokens: int, answer: Answer, nanos: int, estimated: bool, attempt: int
 ) -> CallResult:
     usage = answer.usage
-    if paid.estimated or usage is None:
+    if estimated or usage is None:
         usage = Usage(input_tokens=call.prompt_tokens, output_tokens=out_tokens)
     return CallResult(
         text=answer.text,
         finish_reason=answer.finish_reason,
         input_tokens=usage.input_tokens,
         output_tokens=usage.output_tokens,
-        cost_nanos=paid.nanos,
-        estimated=paid.estimated,
+        cost_nanos=nanos,
+        estimated=estimated,
+        account=call.account,
         endpoint=call.endpoint.name,
         model=call.endpoint.model,
         attempts=attempt,

@@ -21,6 +21,7 @@ from agents.endpoints import EndpointsConfig
 from agents.metered import CallResult, Message
 from agents.plan import Subtask
 from budgets import Amount
+from budgets.keys import work_name
 
 _SYSTEM: Final = (
     "You are a worker agent. You solve one subtask of a larger task and answer it directly. "
@@ -49,8 +50,16 @@ class ChatClient(Protocol):
         tags: Mapping[str, str] | None = None,
         min_tokens: int | None = None,
         temperature: float | None = None,
+        keep_as: str | None = None,
     ) -> CallResult:
-        """Make one chat call paid from ``account``; raises ``BudgetExceeded`` if it cannot pay."""
+        """Make one chat call paid from ``account``; raises ``BudgetExceeded`` if it cannot pay.
+
+        With ``keep_as``, the reply is kept with its payment (see :meth:`kept`).
+        """
+        ...
+
+    async def kept(self, task_id: str, name: str) -> CallResult | None:
+        """The reply of a call made with ``keep_as=name`` and paid for, or ``None``."""
         ...
 
     def quote(
@@ -79,6 +88,8 @@ class WorkerResult:
     cost_nanos: int
     endpoint: str
     estimated: bool
+    #: The account it was paid from ("" when none was).
+    account: str = ""
 
 
 def worker_messages(
@@ -113,8 +124,12 @@ class WorkerAgent:
         budget_tokens: int,
         endpoint: str | None,
         task_text: str,
+        attempt: int = 1,
     ) -> WorkerResult:
         """Solve ``subtask`` with at most ``budget_tokens`` output tokens paid from ``account``.
+
+        The reply is kept with its payment under the subtask's ``attempt``
+        (:func:`budgets.keys.work_name`); :meth:`paid_for` finds it again.
 
         ``context`` holds the results of the subtask's dependencies, by subtask
         id. ``endpoint=None`` uses the configuration's ``worker`` endpoint, else
@@ -134,8 +149,14 @@ class WorkerAgent:
             max_tokens=budget_tokens,
             endpoint=endpoint or self._client.config.worker,
             tags={"role": "worker", "subtask": subtask.id},
+            keep_as=work_name(subtask.id, attempt),
         )
         return result_of(subtask.id, call)
+
+    async def paid_for(self, *, task_id: str, subtask_id: str, attempt: int) -> WorkerResult | None:
+        """The result of an attempt already paid for (by any delivery), or ``None``."""
+        call = await self._client.kept(task_id, work_name(subtask_id, attempt))
+        return None if call is None else result_of(subtask_id, call)
 
     def prompt_tokens(
         self,
@@ -166,4 +187,5 @@ def result_of(subtask_id: str, call: CallResult) -> WorkerResult:
         cost_nanos=call.cost_nanos,
         endpoint=call.endpoint,
         estimated=call.estimated,
+        account=call.account,
     )

@@ -189,6 +189,22 @@ def close_marker(path: str) -> str:
     return f"z:{path}"
 
 
+def kept_marker(name: str) -> str:
+    """Field of a call's reply kept by its commit (``k:<name>``) in the task's ops hash."""
+    return f"k:{check_op_id(name, 'kept reply name')}"
+
+
+def work_name(subtask_id: str, attempt: int) -> str:
+    """The name a subtask's attempt keeps its paid reply under: ``<subtask>.<attempt>``.
+
+    The same on every delivery, so a delivery after a crash finds the reply the
+    dead worker paid for.
+    """
+    if attempt < 1:
+        raise ValueError(f"attempt must be at least 1, got {attempt}")
+    return check_op_id(f"{subtask_id}.{int(attempt)}", "work name")
+
+
 # -- the families ------------------------------------------------------------------------------
 
 

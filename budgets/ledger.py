@@ -36,6 +36,7 @@ from budgets.keys import (
     check_task_id,
     check_tenant,
     close_marker,
+    kept_marker,
     new_incarnation,
     new_op_id,
     open_marker,
@@ -333,21 +334,26 @@ class Ledger:
         *,
         used: Amount | None,
         tags: Tags | None = None,
+        keep: tuple[str, str] | None = None,
     ) -> Settlement:
         """Record what a call really used; ``used=None`` charges the whole reservation.
 
         A retry returns the first answer and changes nothing. A commit after the
         lease expired is still recorded, flagged ``late``; after the task was
-        closed, its spend still reaches the task's tenant.
+        closed, its spend still reaches the task's tenant. ``keep=(name, text)``
+        stores ``text`` (the call's reply) in the same atomic step, readable with
+        :meth:`kept`: what was paid for is never lost to a crash after the commit.
+        The first text kept under a name stays.
         """
         check_task_id(task_id)
         check_op_id(reservation_id, "reservation id")
         tokens, nanos = (-1, -1) if used is None else (used.tokens, used.nanos)
+        marker, text = ("", "") if keep is None else (kept_marker(keep[0]), keep[1])
         reply = await self._run(
             Op.COMMIT,
             task_id,
             [],
-            [reservation_id, tokens, nanos, _tags(tags)],
+            [reservation_id, tokens, nanos, _tags(tags), marker, text],
             Context(task_id=task_id, reservation_id=reservation_id),
         )
         tenant, incarnation = str(reply[8]), str(reply[9])
@@ -365,6 +371,12 @@ class Ledger:
             late=bool(reply[6]),
             estimated=bool(reply[7]),
         )
+
+    async def kept(self, task_id: str, name: str) -> str | None:
+        """The reply a commit kept under ``name`` (see :meth:`commit`), or ``None``."""
+        check_task_id(task_id)
+        value = await self.redis.hget(TaskKeys(task_id).ops, kept_marker(name))
+        return None if value is None else str(value)
 
     async def release(self, task_id: str, reservation_id: str, *, reason: str = "") -> bool:
         """Drop a reservation unspent. Returns ``True`` if its lease had already run out.

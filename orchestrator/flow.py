@@ -364,13 +364,25 @@ class Flow:
         await self._may_pay(task_id, item.get("claim"))
         sub = Subtask.model_validate(item["subtask"])
         attempt = int(item["attempt"])
+        asked = max(1, int(item["max_output"]))
+        paid = await deps.worker.paid_for(task_id=task_id, subtask_id=sub.id, attempt=attempt)
+        if paid is not None:
+            # A delivery before this one paid for the attempt and died before
+            # saving it: the reply was kept with the payment; no second call.
+            out = _result_dict(
+                paid,
+                sub=sub,
+                attempt=attempt,
+                asked=asked,
+                outcome=outcome_id(task_id, paid.account),
+            )
+            return await self._finished(item, sub, out)
         account = _account(sub.id, int(item["delivery"]), attempt)
         budget = Budget.from_nanos(tokens=item["tokens"], nanos=item["nanos"])
         try:
             await deps.ledger.open_account(task_id, account, budget)
         except (BudgetExceeded, AccountClosed):
             return {"results": {sub.id: _exhausted(sub.id, attempt)}, "attempts": {sub.id: attempt}}
-        asked = max(1, int(item["max_output"]))
         try:
             result = await deps.worker.solve(
                 task_id=task_id,
@@ -380,6 +392,7 @@ class Flow:
                 budget_tokens=asked,
                 endpoint=item.get("endpoint"),
                 task_text=item["task"],
+                attempt=attempt,
             )
             outcome = outcome_id(task_id, account)
             out = _result_dict(result, sub=sub, attempt=attempt, asked=asked, outcome=outcome)
@@ -387,13 +400,19 @@ class Flow:
             out = _exhausted(sub.id, attempt)
         finally:
             await deps.ledger.close_account(task_id, account, force=True)
+        return await self._finished(item, sub, out)
+
+    async def _finished(
+        self, item: Mapping[str, Any], sub: Subtask, out: dict[str, Any]
+    ) -> dict[str, Any]:
+        attempt = int(out["attempt"])
         if out["exhausted"] and attempt > 1:
             return {"attempts": {sub.id: attempt}}  # keep the earlier, cut-short answer
         if not out["exhausted"]:
             # Saved first, counted second: a crash between the two is mended by
             # the next delivery, which counts every saved result again (once,
             # by the outcome's marker).
-            await deps.records.save_result(task_id, sub.id, out)
+            await self.deps.records.save_result(item["task_id"], sub.id, out)
             await self._count(item["scope"], out["outcome"], out)
         return {"results": {sub.id: out}, "attempts": {sub.id: attempt}, "calls": 1}
 

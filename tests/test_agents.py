@@ -98,14 +98,20 @@ async def test_worker_prompt_states_the_budget_and_the_dependencies(
     subtask = Subtask(
         id="answer", instruction="Name the capital.", difficulty=2, depends_on=["facts"]
     )
-    out = await WorkerAgent(client=client).solve(
+    worker = WorkerAgent(client=client)
+    assert await worker.paid_for(task_id=T, subtask_id="answer", attempt=1) is None
+    out = await worker.solve(
         task_id=T, account=ACCT, subtask=subtask, context={"facts": "France is a country."},
         budget_tokens=321, endpoint=None, task_text="Tell me about France.",
     )  # fmt: skip
     assert out == WorkerResult(
         subtask_id="answer", text="Paris is the capital.", finished=True, cut_short=False,
         input_tokens=40, output_tokens=4, cost_nanos=44_000, endpoint="stub", estimated=False,
+        account=ACCT,
     )  # fmt: skip
+    # The reply was kept with its payment: found again without a call, per attempt.
+    assert await worker.paid_for(task_id=T, subtask_id="answer", attempt=1) == out
+    assert await worker.paid_for(task_id=T, subtask_id="answer", attempt=2) is None
     (request,) = server.requests
     assert request.body is not None
     prompt = prompt_of(request)

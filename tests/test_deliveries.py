@@ -25,11 +25,12 @@ from redis import exceptions as rex
 
 from agents.stub_server import RecordedRequest, Reply, ScriptedModelServer
 from budgets import Budget
-from budgets.keys import QUEUE, WORKER_GROUP, WORKERS
+from budgets.keys import QUEUE, SHARED_SCOPE, WORKER_GROUP, WORKERS, outcome_id
+from budgets.stats import StatsBook
 from orchestrator.api import Paymaster
 from orchestrator.outage import Outage, riding_client
 from orchestrator.queue import TaskQueue
-from orchestrator.records import Status, TaskRecord
+from orchestrator.records import Records, Status, TaskRecord
 from orchestrator.redis_server import RedisServer, free_port
 from orchestrator.settings import Settings
 from orchestrator.worker import RedactingFormatter, Worker
@@ -359,6 +360,46 @@ async def test_a_worker_whose_delivery_was_taken_over_stops_before_its_next_paid
     assert_books_clean(await pm.aledger(task.id), budget)  # the loser's late commit too
     assert await pending(client) == []
     assert await TaskQueue(client).dead() == []
+
+
+async def test_a_worker_killed_after_paying_for_a_subtask_never_has_it_paid_for_again(
+    pm: Paymaster,
+    stub: ScriptedModelServer,
+    start: Workers,
+    redis_proxy: RedisProxy,
+    redis_url: str,
+) -> None:
+    stub.responder = responder([sub("a"), sub("b", "a")])
+    # Redis runs the commit of a's call, the reply never reaches the worker, and
+    # Redis stays away while the worker is killed: it paid and saved nothing else.
+    fired = redis_proxy.on_command(b"commit", b'"subtask": "a"', fault="refuse", seconds=30)
+    dying = start("worker-a", REDIS_URL=redis_proxy.url)
+    budget = Budget(tokens=20_000, usd="0.1")
+    task = await pm.asubmit("do the thing", budget=budget)
+    await dying.ready()
+    await asyncio.to_thread(fired.wait, 20)
+    assert fired.is_set(), dying.text()
+    dying.proc.kill()
+    dying.proc.wait(10)
+    taker = start("worker-b", REDIS_URL=redis_url)
+    rec = await task.result(timeout=30)
+    assert rec.status is Status.SUCCEEDED, (rec.error, taker.text())
+    assert rec.deliveries == 2
+    # The reply paid for by the dead worker is a's result: one call for a in all.
+    assert [len(calls_for(stub, r)) for r in ("plan", "a", "b")] == [1, 1, 1]
+    assert [caller(r) for r in calls_for(stub, "a")] == ["worker-a"]
+    result_a = (await Records(pm.books.redis).load_results(task.id))["a"]
+    assert result_a["text"] == worker_text("a")
+    assert result_a["outcome"] == outcome_id(task.id, "root/a.1.1")  # the account that paid
+    tree = await pm.aledger(task.id)
+    assert tree.account("root/a.1.1").spent_tokens == result_a["tokens"] > 0
+    paths = {acct.path for acct in tree.walk()}
+    assert "root/a.2.1" not in paths  # delivery 2 opened no account for a
+    assert "root/b.2.1" in paths
+    stats = await StatsBook(pm.books.redis).read(SHARED_SCOPE)
+    assert stats.cell("stub").calls == 2  # a and b, each counted once
+    assert_books_clean(tree, budget)
+    assert await pending(pm.books.redis) == []
 
 
 async def test_the_worker_hands_a_task_back_through_an_outage_longer_than_it_rides_out(

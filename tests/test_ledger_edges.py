@@ -297,6 +297,35 @@ async def test_each_reservation_is_one_record_with_an_explicit_state(ledger: Led
         await ledger.commit(T, c.id, used=Amount(tokens=1, nanos=1))
 
 
+async def test_a_commit_keeps_the_reply_it_pays_for_in_the_same_step(ledger: Ledger) -> None:
+    await ledger.open_task(T, Budget(tokens=1000, usd="1"))
+    assert await ledger.kept(T, "s1.1") is None
+    a = await ledger.reserve(T, "root", tokens=10, nanos=10)
+    paid = await ledger.commit(T, a.id, used=Amount(tokens=7, nanos=7), keep=("s1.1", "first"))
+    assert await ledger.kept(T, "s1.1") == "first"
+    # A retry of the same commit changes nothing, not even with another text.
+    again = await ledger.commit(T, a.id, used=Amount(tokens=7, nanos=7), keep=("s1.1", "other"))
+    assert again == paid
+    assert await ledger.kept(T, "s1.1") == "first"
+    # A refused commit keeps nothing.
+    b = await ledger.reserve(T, "root", tokens=10, nanos=10)
+    await ledger.release(T, b.id)
+    with pytest.raises(ReservationSettled):
+        await ledger.commit(T, b.id, used=Amount(tokens=1, nanos=1), keep=("s2.1", "x"))
+    assert await ledger.kept(T, "s2.1") is None
+    # A bad name is refused before anything runs: the reservation is still held.
+    c = await ledger.reserve(T, "root", tokens=10, nanos=10)
+    with pytest.raises(InvalidName):
+        await ledger.commit(T, c.id, used=Amount(tokens=1, nanos=1), keep=("bad name", "x"))
+    assert (await ledger.reservation(T, c.id)).state is ReservationState.HELD
+    assert (await ledger.account(T, "root")).spent_tokens == 7
+    # Kept with the task: gone when the task's keys go.
+    await ledger.close_task(T, force=True)
+    await ledger.expire_task(T, retention_s=1)
+    await gone(ledger, T)
+    assert await ledger.kept(T, "s1.1") is None
+
+
 def lua_codes(name: str) -> set[str]:
     text = resources.files("budgets").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
     return set(re.findall(r"\{'err', '([a-z_]+)'", text))

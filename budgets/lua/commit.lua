@@ -5,6 +5,10 @@
 -- A[1] reservation id  A[2] used tokens  A[3] used nanos
 -- (both -1: no usage was reported; charge the whole reservation, flagged estimated)
 -- A[4] tags ('' none)
+-- A[5] marker to keep the call's reply under in the ops hash ('' none; built by
+--   budgets/keys.py kept_marker)  A[6] the reply, kept as given. Kept in the same
+--   step as the payment, so a caller that crashes after the commit finds what it
+--   paid for instead of paying for it again.
 -- returns {'ok', path, used_tokens, used_nanos, overrun_tokens, overrun_nanos, late,
 --   estimated, tenant, incarnation, root_spent_tokens, root_spent_nanos}; the last
 --   four are '', '', -1, -1 unless the commit is late and the task's root is closed:
@@ -13,6 +17,10 @@
 --   'unknown' -> UnknownReservation      the id was never reserved
 --   'released' -> ReservationSettled     it was released
 --   'conflict' -> OperationConflict      committed already, with other usage
+local function keep(A)
+  if A[5] ~= nil and A[5] ~= '' then redis.call('HSETNX', K_OPS, A[5], A[6]) end
+end
+
 local function committed(r)
   local tenant, inc, tt, tn = '', '', -1, -1
   if r.late then
@@ -37,6 +45,7 @@ OPS['commit'] = function(A, K)
     if r.est ~= estimated or (not estimated and (r.uts ~= A[2] or r.uns ~= A[3])) then
       return {'err', 'conflict'}
     end
+    keep(A)
     return committed(r)
   end
   if r.state == 'released' then return {'err', 'released'} end
@@ -83,6 +92,7 @@ OPS['commit'] = function(A, K)
   r.ots = over.t == 0 and '0' or int(over.t)
   r.ons = over.n == 0 and '0' or int(over.n)
   save_res(rid, r)
+  keep(A)
   local tags = A[4]
   if tags == '' then tags = r.tags end
   local extra = {'tags', tags, 'held_t', r.ts, 'held_n', r.ns}
