@@ -20,6 +20,8 @@ One call, one attempt at a time:
    or refused with an error status → release. A call made with ``keep_as``
    keeps its reply in the commit that pays for it (one atomic step), so work
    paid for before a crash is found, not bought again (:meth:`MeteredClient.kept`).
+   A commit that cannot reach Redis is retried until the reservation's lease
+   ends: the server may have billed the call.
 
 Retries happen here and only here, on the outcomes the table marks retryable
 (no connection, a timeout or dropped connection before any reply, 429 honouring
@@ -37,6 +39,7 @@ import dataclasses
 import json
 import logging
 import random
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -53,9 +56,13 @@ from agents.settlement import RULES, Outcome, Pay, Progress, classify, failure
 from agents.tokens import ServerTokenCounter, TokenCounter, counter_for
 from agents.wire import http_client, send
 from budgets import Amount, BudgetExceeded, Ledger, Reservation
-from budgets.errors import UnknownReservation
+from budgets.errors import LedgerUnavailable, UnknownReservation
 
 log = logging.getLogger(__name__)
+
+#: A commit that cannot reach Redis is tried again after this long, doubling up to the cap.
+COMMIT_RETRY_FIRST_S = 0.05
+COMMIT_RETRY_MAX_S = 1.0
 
 Message = Mapping[str, str]
 
@@ -409,8 +416,40 @@ class MeteredClient:
             )
             if call.keep_as is not None:
                 keep = (call.keep_as, json.dumps(dataclasses.asdict(result)))
-        await self.ledger.commit(call.task_id, reservation_id, used=used, tags=call.tags, keep=keep)
+        assert reservation is not None  # what is charged was held
+        await self._commit(call, reservation, used=used, keep=keep)
         return result
+
+    async def _commit(
+        self,
+        call: _Call,
+        reservation: Reservation,
+        *,
+        used: Amount | None,
+        keep: tuple[str, str] | None,
+    ) -> None:
+        """Commit, retrying while Redis is unreachable until the reservation's lease ends.
+
+        The server may have billed the call: its commit outlasts an outage the
+        ledger's own client gave up on. Past the lease the error propagates; the
+        reservation has expired unspent by then, and a task delivered again
+        runs the call again.
+        """
+        delay_s = COMMIT_RETRY_FIRST_S
+        while True:
+            try:
+                await self.ledger.commit(
+                    call.task_id, reservation.id, used=used, tags=call.tags, keep=keep
+                )
+                return
+            except LedgerUnavailable:
+                if time.time() + delay_s >= reservation.deadline_ms / 1000:
+                    raise
+                log.info(
+                    "commit of %s waits for Redis (retrying in %.2fs)", reservation.id, delay_s
+                )
+                await asyncio.sleep(delay_s)
+                delay_s = min(2 * delay_s, COMMIT_RETRY_MAX_S)
 
     async def _reserve(self, *, call: _Call, reservation_id: str) -> Reservation:
         ep, prompt = call.endpoint, call.prompt_tokens

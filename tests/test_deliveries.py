@@ -431,6 +431,36 @@ async def test_the_worker_hands_a_task_back_through_an_outage_longer_than_it_rid
     assert await pending(pm.books.redis) == []
 
 
+async def test_a_commit_outlasts_an_outage_longer_than_the_window_until_its_lease_ends(
+    pm: Paymaster, stub: ScriptedModelServer, start: Workers, redis_proxy: RedisProxy
+) -> None:
+    def worker(sid: str, req: RecordedRequest) -> Reply:
+        if sid == "b" and not redis_proxy.faults:
+            redis_proxy.refuse(4.0)  # b's reply arrives while Redis is away
+            return Reply(text=worker_text(sid), delay_s=0.3)
+        return Reply(text=worker_text(sid))
+
+    stub.responder = responder([sub("a"), sub("b", "a"), sub("c", "b")], worker)
+    # Commands ride out 1 s (the visibility timeout); the reservation's lease is 15 s.
+    w = start("worker-a", REDIS_URL=redis_proxy.url, PAYMASTER_LEASE_S="15")
+    budget = Budget(tokens=20_000, usd="0.1")
+    task = await pm.asubmit("do the thing", budget=budget)
+    await w.ready()
+    rec = await task.result(timeout=30)
+    assert rec.status is Status.SUCCEEDED, (rec.error, w.text())
+    assert redis_proxy.faults
+    # The commit waited for Redis instead of giving up at the window: b was paid
+    # once and called once; the task never left the worker.
+    assert [len(calls_for(stub, r)) for r in ("plan", "a", "b", "c")] == [1, 1, 1, 1]
+    assert rec.deliveries == 1, w.text()
+    assert w.count("handed back task") == 0, w.text()
+    assert w.count("waits for Redis") >= 1, w.text()
+    tree = await pm.aledger(task.id)
+    assert not [r for a in tree.walk() for r in a.reservations]
+    assert tree.account("root/b.1.1").spent_tokens > 0
+    assert_books_clean(tree, budget)
+
+
 async def test_the_worker_rides_out_a_redis_restart(
     stub: ScriptedModelServer, start: Workers, tmp_path: Path
 ) -> None:
