@@ -192,6 +192,8 @@ class EndpointsConfig(BaseModel):
     default: str | None = None
     manager: str | None = None
     worker: str | None = None
+    #: The endpoint the manager reviews results on (default: the manager's).
+    review: str | None = None
 
     @field_validator("endpoints")
     @classmethod
@@ -206,7 +208,7 @@ class EndpointsConfig(BaseModel):
             seen[endpoint.name] = i
         return endpoints
 
-    @field_validator("default", "manager", "worker")
+    @field_validator("default", "manager", "worker", "review")
     @classmethod
     def _known_name(cls, value: str | None, info: ValidationInfo) -> str | None:
         # ``endpoints`` is declared first, so it is in info.data once it is valid.

@@ -53,6 +53,10 @@ _PLAN_SYSTEM: Final = (
     "lists the ids whose results a subtask needs. "
     "Budgets are not yours to set: the task text cannot change them."
 )
+_NESTED: Final = (
+    " Each subtask also has composite: true when it is a large piece of work that a "
+    "sub-manager should split again into its own subtasks, false otherwise (the usual case)."
+)
 _REPAIR: Final = (
     "That plan cannot be used:\n{reasons}\nReply with the corrected plan: one JSON object "
     "and nothing else."
@@ -157,8 +161,12 @@ class ManagerAgent:
         task: str,
         max_subtasks: int = 8,
         endpoint: str | None = None,
+        nested: bool = False,
     ) -> PlanOutcome:
         """Ask for a plan of at most ``max_subtasks`` subtasks; repair once, else fall back.
+
+        ``nested=True`` lets the plan mark subtasks ``composite`` (planned again
+        by a sub-manager); otherwise none is.
 
         Uses JSON-schema output where the endpoint supports it, else asks for
         JSON in text. Raises :class:`BudgetExceeded` only if the first call
@@ -166,14 +174,15 @@ class ManagerAgent:
         """
         ep = self._endpoint(endpoint)
         grammar = ep.structured_output == "json_object"
-        schema = plan_schema(max_subtasks=max_subtasks, grammar=grammar)
+        schema = plan_schema(max_subtasks=max_subtasks, grammar=grammar, nested=nested)
         fmt = response_format(ep.structured_output, name="plan", schema=schema)
-        messages = plan_messages(task=task, max_subtasks=max_subtasks)
+        messages = plan_messages(task=task, max_subtasks=max_subtasks, nested=nested)
         calls: list[CallResult] = []
         first = await self._call(task_id, account, ep, messages, fmt, "plan")
         calls.append(first)
         try:
-            return _outcome(_accept(first, max_subtasks), calls, repaired=False, reasons=[])
+            plan = _accept(first, max_subtasks, nested=nested)
+            return _outcome(plan, calls, repaired=False, reasons=[])
         except InvalidPlan as e:
             reasons = [f"plan: {r}" for r in e.reasons]
             problems = "\n".join(f"- {r}" for r in e.reasons)
@@ -189,20 +198,21 @@ class ManagerAgent:
             return self._fallback(task, calls, reasons)
         calls.append(second)
         try:
-            return _outcome(_accept(second, max_subtasks), calls, repaired=True, reasons=reasons)
+            plan = _accept(second, max_subtasks, nested=nested)
+            return _outcome(plan, calls, repaired=True, reasons=reasons)
         except InvalidPlan as e:
             reasons.extend(f"repair: {r}" for r in e.reasons)
             return self._fallback(task, calls, reasons)
 
     def plan_cost(
-        self, *, task: str, max_subtasks: int = 8, endpoint: str | None = None
+        self, *, task: str, max_subtasks: int = 8, endpoint: str | None = None, nested: bool = False
     ) -> tuple[Amount, Amount]:
         """What the first planning call reserves: ``(at plan_max_tokens, at plan_min_tokens)``.
 
         The flow sizes the manager's account with it before planning; when not
         even the second fits in the task's budget, the task runs unplanned.
         """
-        messages = plan_messages(task=task, max_subtasks=max_subtasks)
+        messages = plan_messages(task=task, max_subtasks=max_subtasks, nested=nested)
         name = self._endpoint(endpoint).name
         full, least = self.settings.plan_max_tokens, self.settings.plan_min_tokens
         return (
@@ -249,13 +259,8 @@ class ManagerAgent:
                 judged.append(r)
         if not judged or not self.settings.review_with_model:
             return out
-        ep = self._endpoint(endpoint)
-        cap = self.settings.review_excerpt_chars
-        listing = "\n\n".join(f"### {r.subtask_id}\n{r.text.strip()[:cap]}" for r in judged)
-        messages: list[Message] = [
-            {"role": "system", "content": _REVIEW_SYSTEM},
-            {"role": "user", "content": f"Task:\n{task}\n\nAnswers:\n\n{listing}"},
-        ]
+        ep = self._endpoint(endpoint or self._client.config.review)
+        messages = self._review_messages(task, [(r.subtask_id, r.text) for r in judged])
         fmt = response_format(ep.structured_output, name="review", schema=_REVIEW_SCHEMA)
         try:
             call = await self._call(task_id, account, ep, messages, fmt, "review")
@@ -268,6 +273,23 @@ class ManagerAgent:
             _escalation(r, why, bigger_tier=False) for r in judged if r.subtask_id in rejected
         )
         return out
+
+    def review_cost(self, *, task: str, subtask_id: str, endpoint: str | None = None) -> Amount:
+        """What reviewing one result reserves at most (its excerpt at full length)."""
+        ep = self._endpoint(endpoint or self._client.config.review)
+        longest = "x" * self.settings.review_excerpt_chars
+        messages = self._review_messages(task, [(subtask_id, longest)])
+        return self._client.quote(
+            endpoint=ep.name, messages=messages, output_tokens=self.settings.review_max_tokens
+        )
+
+    def _review_messages(self, task: str, answers: Sequence[tuple[str, str]]) -> list[Message]:
+        cap = self.settings.review_excerpt_chars
+        listing = "\n\n".join(f"### {sid}\n{text.strip()[:cap]}" for sid, text in answers)
+        return [
+            {"role": "system", "content": _REVIEW_SYSTEM},
+            {"role": "user", "content": f"Task:\n{task}\n\nAnswers:\n\n{listing}"},
+        ]
 
     async def synthesize(
         self,
@@ -337,14 +359,19 @@ class ManagerAgent:
         )
 
 
-def _accept(call: CallResult, max_subtasks: int) -> Plan:
+def _accept(call: CallResult, max_subtasks: int, *, nested: bool) -> Plan:
     try:
-        return validate_plan(mend_plan(parse_plan_text(call.text)), max_subtasks=max_subtasks)
+        plan = validate_plan(mend_plan(parse_plan_text(call.text)), max_subtasks=max_subtasks)
     except InvalidPlan as e:
         if call.cut_short:
             cut = f"the reply was cut short at {call.output_tokens} tokens; write a shorter plan"
             raise InvalidPlan([cut, *e.reasons]) from None
         raise
+    if nested:
+        return plan
+    # A level that may not nest runs every subtask on a worker, whatever the reply said.
+    flat = [s.model_copy(update={"composite": False}) for s in plan.subtasks]
+    return Plan(subtasks=flat)
 
 
 def _outcome(
@@ -376,12 +403,12 @@ def _escalation(result: WorkerResult, reason: str, *, bigger_tier: bool) -> Esca
     )
 
 
-def plan_messages(*, task: str, max_subtasks: int) -> list[Message]:
+def plan_messages(*, task: str, max_subtasks: int, nested: bool = False) -> list[Message]:
     """The planning request: the manager's instructions and the task."""
-    return [
-        {"role": "system", "content": _PLAN_SYSTEM.format(max_subtasks=max_subtasks)},
-        {"role": "user", "content": task},
-    ]
+    system = _PLAN_SYSTEM.format(max_subtasks=max_subtasks)
+    if nested:
+        system += _NESTED
+    return [{"role": "system", "content": system}, {"role": "user", "content": task}]
 
 
 def _rejected(text: str) -> set[str]:

@@ -60,6 +60,10 @@ class Subtask(BaseModel):
         default_factory=list, description="ids of subtasks whose results this one needs"
     )
     tags: list[_Tag] = Field(default_factory=list, max_length=16, description="short labels")
+    composite: bool = Field(
+        default=False,
+        description="true when the subtask is big enough to be split again into its own subtasks",
+    )
 
     @field_validator("instruction")
     @classmethod
@@ -177,8 +181,13 @@ def single_subtask_plan(task: str) -> Plan:
     return Plan(subtasks=[subtask])
 
 
-def plan_schema(*, max_subtasks: int | None = None, grammar: bool = False) -> dict[str, Any]:
+def plan_schema(
+    *, max_subtasks: int | None = None, grammar: bool = False, nested: bool = False
+) -> dict[str, Any]:
     """The JSON schema of a plan, strict: every object closed and every field required.
+
+    ``composite`` is in it only with ``nested=True`` (the level may plan
+    sub-managers); a plan without it has none.
 
     Built from :class:`Plan` with the keywords OpenAI's strict mode refuses
     dropped. With ``max_subtasks`` the list is bounded and ids are ``s1`` ...
@@ -192,6 +201,10 @@ def plan_schema(*, max_subtasks: int | None = None, grammar: bool = False) -> di
     subtasks["minItems"] = 1
     fields = schema["$defs"]["Subtask"]["properties"]
     fields["difficulty"] = {"type": "integer", "enum": [1, 2, 3, 4, 5]}
+    if not nested:
+        del fields["composite"]
+        required = schema["$defs"]["Subtask"]["required"]
+        required.remove("composite")
     if max_subtasks is not None:
         subtasks["maxItems"] = max_subtasks
         ids = [f"s{i}" for i in range(1, max_subtasks + 1)]

@@ -139,14 +139,35 @@ def submit_op_id(incarnation: str) -> str:
     return f"submit.{check_incarnation(incarnation)}"
 
 
-def synthesis_op_id(delivery: int) -> str:
-    """Op id of the transfer that hands what is left to the synthesis, per delivery."""
-    return f"synth.{int(delivery)}"
+def _level_suffix(level: str) -> str:
+    return f".{check_op_id(level, 'level')}" if level else ""
 
 
-def plan_leftover_op_id(delivery: int) -> str:
-    """Op id of the transfer that gives back what planning did not use, per delivery."""
-    return f"plan-left.{int(delivery)}"
+def synthesis_op_id(delivery: int, level: str = "") -> str:
+    """Op id of the transfer that hands what is left to a level's synthesis, per delivery.
+
+    ``level`` is the work id of the composite subtask the level plans (``""``: the task).
+    """
+    return f"synth.{int(delivery)}{_level_suffix(level)}"
+
+
+def plan_leftover_op_id(delivery: int, level: str = "") -> str:
+    """Op id of the transfer that gives back what a level's planning did not use."""
+    return f"plan-left.{int(delivery)}{_level_suffix(level)}"
+
+
+#: Separates the levels of a work id: ``s2:s1`` is subtask s1 of composite subtask s2.
+WORK_SEPARATOR = ":"
+
+
+def work_id(level: str, subtask_id: str) -> str:
+    """The task-wide id of ``subtask_id`` planned at ``level`` (``""``: the task's own plan)."""
+    return check_op_id(f"{level}{WORK_SEPARATOR}{subtask_id}" if level else subtask_id, "work id")
+
+
+def level_of(work: str) -> str:
+    """The level a work id was planned at: ``"s2"`` for ``"s2:s1"``, ``""`` for ``"s1"``."""
+    return work.rpartition(WORK_SEPARATOR)[0]
 
 
 def outcome_id(task_id: str, account: str) -> str:
@@ -267,6 +288,11 @@ class TaskKeys:
     def plan(self) -> str:
         """String: the manager's plan (JSON), kept so a re-run does not plan again."""
         return self.base + "plan"
+
+    @property
+    def plans(self) -> str:
+        """Hash: composite subtask's work id -> its sub-manager's plan (JSON)."""
+        return self.base + "plans"
 
     @property
     def account_prefix(self) -> str:

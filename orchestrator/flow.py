@@ -1,31 +1,40 @@
-"""The task flow as a LangGraph ``StateGraph``.
+"""The task flow: the manager's plan run as a dataflow of LangGraph tasks, level by level.
 
-plan -> schedule -> (subtask x N, in parallel with ``Send``) -> schedule -> ... -> synthesize
+A *level* is one manager's plan and the work under it: the task's own plan,
+and — for a subtask the plan marks ``composite`` — a sub-manager's plan inside
+that subtask's carved account, down to ``max_depth`` levels. Each level
 
-``schedule`` asks the policy what runs next: first another, better paid try of
-finished subtasks the policy chooses to escalate (a reply cut short, a signal
-of failure, or — for ``adaptive`` — a low chance of being right that a
-stronger endpoint would raise), else the next wave of subtasks whose
-dependencies are done, each on the endpoint and token tier the policy picks
-with the statistics of earlier calls in hand. Each subtask gets its own account,
-carved from the task's pool when it starts and closed when it ends, so its
-leftover flows straight back to the work still waiting. Finished results are
-kept in Redis: a task delivered again after a crash neither plans nor runs —
-nor pays for — them twice. Every finished try is counted once in the
-statistics of the task's scope, which feed the next decisions.
+1. **plans** once (or reuses the plan saved by an earlier delivery) in a
+   manager account sized for the call, then gives back all but the synthesis
+   reserve (and the reviews' reserve) to the level's pool;
+2. **runs its subtasks as a dataflow**: each starts, as a LangGraph task
+   (``langgraph.func.task``; its future is awaited with the others), as soon
+   as its own dependencies are done and the policy grants it a budget — not at
+   the end of a wave. A decision is taken whenever a subtask finishes: first
+   another, better paid try of finished subtasks the policy chooses to
+   escalate, then every subtask that became ready, each on the endpoint and
+   token tier the policy picks with the statistics of earlier calls in hand;
+3. **finishes each subtask in a fixed order** (:meth:`Flow.subtask`): the call
+   (its reply kept by the commit that pays for it), the account closed so its
+   leftover flows back to the level's pool, the manager's review where it is
+   on, the result saved, the outcome counted in the statistics;
+4. **synthesizes** its children's results with what is left of its pool (a
+   single finished subtask is the answer as it is).
+
+Finished results are kept in Redis by work id (``s2:s1`` is s1 of composite
+s2): a task delivered again after a crash neither plans nor runs — nor pays
+for — them twice, at any level.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import operator
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Annotated, Any, Protocol, TypedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, Protocol, TypedDict
 
-from langgraph.graph import END, START, StateGraph
-from langgraph.types import Send
+from langgraph.func import entrypoint, task
 
 from agents.manager import ManagerAgent, PlanOutcome
 from agents.plan import Plan, Subtask, single_subtask_plan
@@ -35,11 +44,16 @@ from budgets.errors import AccountClosed
 from budgets.keys import (
     ROOT,
     SHARED_SCOPE,
+    WORK_SEPARATOR,
+    child_path,
+    level_of,
     outcome_id,
     plan_leftover_op_id,
     synthesis_op_id,
     tenant_scope,
+    work_id,
 )
+from budgets.ledger import Closed
 from budgets.policy import Grant, Menu, Need, Option, Outcome, Policy, Pool
 from budgets.stats import Observation, StatsBook
 from orchestrator.errors import DeliveryLost, TaskCancelled
@@ -48,30 +62,16 @@ from orchestrator.records import Records
 
 log = logging.getLogger(__name__)
 
+#: The least output a subtask's share must pay for besides its prompt to be worth starting.
+USEFUL_OUTPUT_TOKENS = 64
+#: With reviews on ``auto``, the least planned difficulty a result is reviewed at.
+REVIEW_AUTO_DIFFICULTY = 4
 
-def _merge(left: dict[str, Any], right: dict[str, Any]) -> dict[str, Any]:
-    return {**left, **right}
-
-
-class FlowState(TypedDict, total=False):
-    """What the graph carries between nodes; results merge as subtasks finish."""
-
-    task_id: str
-    task: str
-    delivery: int
-    #: The worker's hold on the task's queue message; ``None`` for a run in process.
-    claim: Delivery | None
-    scope: str
-    plan: list[dict[str, Any]]
-    results: Annotated[dict[str, dict[str, Any]], _merge]
-    attempts: Annotated[dict[str, int], _merge]
-    work: list[dict[str, Any]]
-    answer: str
-    calls: Annotated[int, operator.add]
+ReviewMode = Literal["off", "on", "auto"]
 
 
 class CancelCheck(Protocol):
-    """Answers whether the task was cancelled (checked before every subtask)."""
+    """Answers whether the task was cancelled (checked before every paid step)."""
 
     async def __call__(self, task_id: str) -> bool: ...
 
@@ -84,7 +84,7 @@ class Ownership(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class FlowDeps:
-    """Everything the nodes use; built once per worker process."""
+    """Everything the flow uses; built once per worker process."""
 
     ledger: Ledger
     records: Records
@@ -97,6 +97,9 @@ class FlowDeps:
     max_subtasks: int = 8
     #: The queue's ownership check; without one, deliveries are not checked.
     ownership: Ownership | None = None
+    #: Levels of managers: 1 plans only the task; 2 lets its subtasks be planned again.
+    max_depth: int = 2
+    review: ReviewMode = "auto"
 
 
 def stats_scope(tenant: str | None, mode: str) -> str:
@@ -104,145 +107,350 @@ def stats_scope(tenant: str | None, mode: str) -> str:
     return tenant_scope(tenant) if tenant and mode == "tenant" else SHARED_SCOPE
 
 
-def _account(name: str, delivery: int, attempt: int = 1) -> str:
-    return f"{ROOT}/{name}.{delivery}.{attempt}"
+# -- the typed records the flow passes and keeps -----------------------------------------------
 
 
-def _signals(result: WorkerResult) -> list[str]:
-    return ["empty"] if not result.text.strip() else []
+class SubtaskResult(TypedDict):
+    """A finished (or unpaid) try of one subtask, as kept in the task's results hash (JSON)."""
+
+    subtask_id: str
+    text: str
+    #: The model stopped on its own with a non-empty answer (a composite: every child did).
+    finished: bool
+    cut_short: bool
+    #: Not rejected by the manager's review (``True`` when not reviewed).
+    accepted: bool
+    reviewed: bool
+    #: Never paid for: its share could not be carved.
+    exhausted: bool
+    composite: bool
+    tokens: int
+    output_tokens: int
+    asked: int
+    cost_nanos: int
+    endpoint: str
+    difficulty: int
+    tags: list[str]
+    signals: list[str]
+    #: The id statistics count it under ("" when not counted).
+    outcome: str
+    attempt: int
+    #: Work ids under a composite that fell short, each with why.
+    short: list[str]
 
 
-def _result_dict(
-    result: WorkerResult, *, sub: Subtask, attempt: int, asked: int, outcome: str
-) -> dict[str, Any]:
-    return {
-        "subtask_id": result.subtask_id,
-        "text": result.text,
-        "finished": result.finished,
-        "cut_short": result.cut_short,
-        "tokens": result.input_tokens + result.output_tokens,
-        "output_tokens": result.output_tokens,
-        "asked": asked,
-        "cost_nanos": result.cost_nanos,
-        "endpoint": result.endpoint,
+def _result(
+    sub: Subtask,
+    attempt: int,
+    *,
+    text: str = "",
+    finished: bool = False,
+    exhausted: bool = False,
+    **fields: Any,
+) -> SubtaskResult:
+    out: SubtaskResult = {
+        "subtask_id": sub.id,
+        "text": text,
+        "finished": finished,
+        "cut_short": False,
+        "accepted": True,
+        "reviewed": False,
+        "exhausted": exhausted,
+        "composite": False,
+        "tokens": 0,
+        "output_tokens": 0,
+        "asked": 0,
+        "cost_nanos": 0,
+        "endpoint": "",
         "difficulty": sub.difficulty,
         "tags": list(sub.tags),
-        "signals": _signals(result),
-        "outcome": outcome,
+        "signals": [],
+        "outcome": "",
         "attempt": attempt,
-        "exhausted": False,
+        "short": [],
     }
+    out.update(fields)  # type: ignore[typeddict-item]
+    return out
 
 
-def outcome_of(sub: Subtask, res: Mapping[str, Any], attempts: int) -> Outcome:
-    """A saved result as the policy sees it."""
-    need = Need(sub.id, sub.difficulty, tuple(sub.tags), attempt=attempts)
-    return Outcome(
-        need=need,
-        endpoint=str(res.get("endpoint", "")),
-        asked=int(res.get("asked", 0)),
-        used=int(res.get("output_tokens", res.get("tokens", 0))),
-        cut_short=bool(res.get("cut_short")),
-        signals=frozenset(str(x) for x in res.get("signals", [])),
+def _from_worker(
+    res: WorkerResult, sub: Subtask, *, attempt: int, asked: int, outcome: str
+) -> SubtaskResult:
+    return _result(
+        sub,
+        attempt,
+        text=res.text,
+        finished=res.finished,
+        cut_short=res.cut_short,
+        tokens=res.input_tokens + res.output_tokens,
+        output_tokens=res.output_tokens,
+        asked=asked,
+        cost_nanos=res.cost_nanos,
+        endpoint=res.endpoint,
+        signals=["empty"] if not res.text.strip() else [],
+        outcome=outcome,
     )
 
 
-def _exhausted(subtask_id: str, attempt: int) -> dict[str, Any]:
-    return {
-        "subtask_id": subtask_id,
-        "text": "",
-        "finished": False,
-        "cut_short": False,
-        "tokens": 0,
-        "cost_nanos": 0,
-        "endpoint": "",
-        "attempt": attempt,
-        "exhausted": True,
-    }
+def loaded_result(raw: Mapping[str, Any]) -> SubtaskResult:
+    """A saved result read back; fields a result saved by an older version lacks get defaults."""
+    sub = Subtask(
+        id=str(raw.get("subtask_id") or "s"),
+        instruction="-",
+        difficulty=int(raw.get("difficulty", 1) or 1),
+    )
+    out = _result(sub, int(raw.get("attempt", 1)))
+    out.update({k: v for k, v in raw.items() if k in out})  # type: ignore[typeddict-item]
+    return out
+
+
+def shortfall(work: str, res: SubtaskResult) -> list[str]:
+    """Why a result is not a full answer (``[]`` when it is), each as ``<work id> (<why>)``."""
+    if res["exhausted"]:
+        return [f"{work} (not paid for)"]
+    if res["composite"] and res["short"]:
+        return list(res["short"])
+    if res["cut_short"]:
+        return [f"{work} (cut short)"]
+    if not res["accepted"]:
+        return [f"{work} (rejected)"]
+    if not res["finished"]:
+        return [f"{work} (no answer)"]
+    return []
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRun:
+    """One delivery of one task, as every step of it sees it."""
+
+    task_id: str
+    task: str
+    delivery: int
+    claim: Delivery | None
+    scope: str
+    #: Every result saved by earlier deliveries, by work id.
+    saved: Mapping[str, SubtaskResult] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Level:
+    """One manager's plan and the work under it."""
+
+    #: The account whose pool the level's subtasks are carved from.
+    path: str
+    #: The work id of the composite subtask planned here ("" for the task itself).
+    work: str
+    #: 1 for the task's own manager, 2 for a sub-manager, ...
+    depth: int
+    #: What the level's manager plans and its workers work toward.
+    text: str
+
+    def manager_account(self, delivery: int) -> str:
+        """The level's manager account (planning, reviews, synthesis) for one delivery."""
+        return child_path(self.path, f"manager.{delivery}.1")
+
+    def account(self, subtask_id: str, delivery: int, attempt: int) -> str:
+        """The account one try of a subtask of this level is paid from."""
+        return child_path(self.path, f"{subtask_id}.{delivery}.{attempt}")
+
+    def work_of(self, subtask_id: str) -> str:
+        """The task-wide work id of a subtask of this level."""
+        return work_id(self.work, subtask_id)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkItem:
+    """One try of one subtask, with the budget the policy granted it."""
+
+    level: Level
+    subtask: Subtask
+    attempt: int
+    tokens: int | None
+    nanos: int | None
+    max_output: int
+    endpoint: str | None
+    context: Mapping[str, str]
+    #: Planned again by a sub-manager inside its account.
+    composite: bool = False
+    #: The reply an earlier delivery paid for (see :meth:`Flow.carve`).
+    paid: WorkerResult | None = None
+    #: Its account could not be carved.
+    unpaid: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LevelReport:
+    """What one level produced: its plan, its results by subtask id, its answer."""
+
+    plan: Plan
+    results: Mapping[str, SubtaskResult]
+    answer: str
+
+    def short(self, level: str) -> list[str]:
+        """Every subtask of the level that fell short (or was never paid for), with why."""
+        out: list[str] = []
+        for sub in self.plan.subtasks:
+            res = self.results.get(sub.id)
+            work = work_id(level, sub.id)
+            out.extend([f"{work} (not paid for)"] if res is None else shortfall(work, res))
+        return out
+
+
+class FlowReport(TypedDict):
+    """What the graph returns to the runtime."""
+
+    answer: str
+    plan: list[dict[str, Any]]
+    results: dict[str, SubtaskResult]
+    #: Subtasks of the task's own plan never paid for.
+    unpaid: list[str]
+    #: Subtasks (at any level) that ran but fell short, each with why.
+    short: list[str]
+
+
+# -- the flow ----------------------------------------------------------------------------------
 
 
 class Flow:
-    """The nodes of the graph, bound to their dependencies."""
+    """The steps of a task, bound to their dependencies; :func:`build_graph` runs them."""
 
     def __init__(self, deps: FlowDeps) -> None:
+        if deps.max_depth < 1:
+            raise ValueError(f"max_depth must be at least 1, got {deps.max_depth}")
         self.deps = deps
+        # Each try of a subtask is a LangGraph task: started at once, awaited as a future.
+        as_task: Any = task(name="subtask")
+        self._start: Callable[[TaskRun, WorkItem], asyncio.Future[SubtaskResult | None]]
+        self._start = as_task(self.subtask)
 
-    async def _may_pay(self, task_id: str, claim: Delivery | None) -> None:
+    async def run(self, inputs: Mapping[str, Any]) -> FlowReport:
+        """Run one delivery of a task: the task's own level, and every level under it."""
+        deps, task_id = self.deps, str(inputs["task_id"])
+        saved = {k: loaded_result(v) for k, v in (await deps.records.load_results(task_id)).items()}
+        run = TaskRun(
+            task_id=task_id,
+            task=str(inputs["task"]),
+            delivery=int(inputs["delivery"]),
+            claim=inputs.get("claim"),
+            scope=str(inputs["scope"]),
+            saved=saved,
+        )
+        for res in saved.values():  # counted once whatever happened before
+            await self._count(run.scope, res)
+        top = Level(path=ROOT, work="", depth=1, text=run.task)
+        report = await self._level(run, top)
+        unpaid = [
+            s.id
+            for s in report.plan.subtasks
+            if (r := report.results.get(s.id)) is None or r["exhausted"]
+        ]
+        short = [w for w in report.short("") if w.split(" ", 1)[0] not in unpaid]
+        return {
+            "answer": report.answer,
+            "plan": [s.model_dump() for s in report.plan.subtasks],
+            "results": dict(report.results),
+            "unpaid": unpaid,
+            "short": short,
+        }
+
+    # -- steps shared by every level -----------------------------------------------------------
+
+    async def _may_pay(self, run: TaskRun) -> None:
         """Before a paid step: stop if the task was cancelled or this worker lost its delivery.
 
         Both questions go to Redis at once (an ``HGET`` of the record and one
         ``XPENDING``): a round trip per step, not per token.
         """
         ownership = self.deps.ownership
-        cancelled = self.deps.records.cancel_requested(task_id)
-        if claim is None or ownership is None:
+        cancelled = self.deps.records.cancel_requested(run.task_id)
+        if run.claim is None or ownership is None:
             if await cancelled:
-                raise TaskCancelled(task_id)
+                raise TaskCancelled(run.task_id)
             return
-        asked, owned = await asyncio.gather(cancelled, ownership.owns(claim))
+        asked, owned = await asyncio.gather(cancelled, ownership.owns(run.claim))
         if not owned:
-            raise DeliveryLost(task_id, claim.message_id)
+            raise DeliveryLost(run.task_id, run.claim.message_id)
         if asked:
-            raise TaskCancelled(task_id)
+            raise TaskCancelled(run.task_id)
 
-    async def _pool(self, task_id: str) -> Pool:
-        root = await self.deps.ledger.account(task_id, ROOT)
-        return Pool(tokens=root.available_tokens, nanos=root.available_nanos)
+    async def _pool(self, run: TaskRun, path: str) -> Pool:
+        view = await self.deps.ledger.account(run.task_id, path)
+        return Pool(tokens=view.available_tokens, nanos=view.available_nanos)
 
-    async def plan(self, state: FlowState) -> dict[str, Any]:
+    def _reviewed(self, sub: Subtask) -> bool:
+        mode = self.deps.review
+        return mode == "on" or (mode == "auto" and sub.difficulty >= REVIEW_AUTO_DIFFICULTY)
+
+    # -- one level -----------------------------------------------------------------------------
+
+    async def _level(self, run: TaskRun, lv: Level) -> LevelReport:
+        plan = await self._plan(run, lv)
+        results = await self._dataflow(run, lv, plan)
+        answer = await self._synthesize(run, lv, plan, results)
+        return LevelReport(plan=plan, results=results, answer=answer)
+
+    async def _plan(self, run: TaskRun, lv: Level) -> Plan:
         """Plan once (or reuse the saved plan) in a manager account sized for the call.
 
         The manager's account is the policy's synthesis reserve, grown for the
         planning call to what that call reserves (at most half the pool), and
-        given back down to the reserve once the plan is made. A budget that
-        cannot pay even a short planning call runs the task as one subtask,
-        noted in the audit stream.
+        given back down to the reserve (plus the reviews') once the plan is
+        made. A pool that cannot pay even a short planning call runs the level
+        as one subtask, noted in the audit stream.
         """
-        deps, task_id, delivery = self.deps, state["task_id"], state["delivery"]
-        pool = await self._pool(task_id)
+        deps = self.deps
+        pool = await self._pool(run, lv.path)
         reserve = deps.policy.synthesis_reserve(pool)
-        manager_acct = _account("manager", delivery)
-        saved = await deps.records.load_plan(task_id)
+        manager_acct = lv.manager_account(run.delivery)
+        nested = lv.depth < deps.max_depth
+        saved = await deps.records.load_plan(run.task_id, level=lv.work)
         if saved is not None:
-            await deps.ledger.open_account(task_id, manager_acct, _budget_of(reserve))
             plan = Plan.model_validate_json(saved)
-        else:
-            most = self._subtasks_affordable(pool, reserve, state["task"])
-            full, least = deps.manager.plan_cost(task=state["task"], max_subtasks=most)
-            size = planning_budget(pool, reserve=reserve, full=full, least=least)
-            if size is None:
-                why = (
-                    f"the budget cannot pay for planning (a plan needs {least.tokens:,} tokens, "
-                    f"${nanos_to_usd(least.nanos):f})"
-                )
-                await deps.ledger.open_account(task_id, manager_acct, _budget_of(reserve))
-                outcome = deps.manager.unplanned(state["task"], why)
-            else:
-                await self._may_pay(task_id, state.get("claim"))
-                await deps.ledger.open_account(task_id, manager_acct, _budget_of(size))
-                outcome = await deps.manager.plan(
-                    task_id=task_id,
-                    account=manager_acct,
-                    task=state["task"],
-                    max_subtasks=most,
-                )
-                await self._give_back(task_id, manager_acct, keep=reserve, delivery=delivery)
-            plan = outcome.plan
-            await deps.records.save_plan(task_id, plan.model_dump_json())
-            await deps.ledger.note(
-                task_id, manager_acct, _plan_note(outcome), tags={"step": "plan"}
+            keep = self._manager_keep(lv, plan, reserve)
+            await deps.ledger.open_account(run.task_id, manager_acct, _budget_of(keep))
+            return plan
+        most = self._subtasks_affordable(pool, reserve, lv.text)
+        full, least = deps.manager.plan_cost(task=lv.text, max_subtasks=most, nested=nested)
+        size = planning_budget(pool, reserve=reserve, full=full, least=least)
+        if size is None:
+            why = (
+                f"the budget cannot pay for planning (a plan needs {least.tokens:,} tokens, "
+                f"${nanos_to_usd(least.nanos):f})"
             )
-        done = await deps.records.load_results(task_id)
-        for res in done.values():
-            if res.get("outcome"):  # counted once whatever happened before
-                await self._count(state["scope"], str(res["outcome"]), res)
-        return {
-            "plan": [s.model_dump() for s in plan.subtasks],
-            "results": done,
-            "attempts": {sid: int(r.get("attempt", 1)) for sid, r in done.items()},
-        }
+            await deps.ledger.open_account(run.task_id, manager_acct, _budget_of(reserve))
+            outcome = deps.manager.unplanned(lv.text, why)
+        else:
+            await self._may_pay(run)
+            await deps.ledger.open_account(run.task_id, manager_acct, _budget_of(size))
+            outcome = await deps.manager.plan(
+                task_id=run.task_id,
+                account=manager_acct,
+                task=lv.text,
+                max_subtasks=most,
+                nested=nested,
+            )
+            keep = self._manager_keep(lv, outcome.plan, reserve)
+            await self._give_back(run, lv, manager_acct, keep=keep)
+        plan = outcome.plan
+        await deps.records.save_plan(run.task_id, plan.model_dump_json(), level=lv.work)
+        await deps.ledger.note(
+            run.task_id, manager_acct, _plan_note(outcome, lv.depth), tags={"step": "plan"}
+        )
+        return plan
 
-    def _subtasks_affordable(self, pool: Pool, reserve: Pool, task: str) -> int:
+    def _manager_keep(self, lv: Level, plan: Plan, reserve: Pool) -> Pool:
+        """What the manager's account keeps after planning: the synthesis and review reserves."""
+        reviews = [s for s in plan.subtasks if self._reviewed(s)]
+        if not reviews:
+            return reserve
+        each = self.deps.manager.review_cost(task=lv.text, subtask_id=reviews[0].id)
+        n = len(reviews)
+        return Pool(
+            tokens=None if reserve.tokens is None else reserve.tokens + n * each.tokens,
+            nanos=None if reserve.nanos is None else reserve.nanos + n * each.nanos,
+        )
+
+    def _subtasks_affordable(self, pool: Pool, reserve: Pool, text: str) -> int:
         """How many subtasks the pool can pay one useful call each for (at least one).
 
         The plan asks for no more than that, so a small budget is not spread
@@ -250,16 +458,16 @@ class Flow:
         """
         if pool.tokens is None:
             return self.deps.max_subtasks
-        (whole,) = single_subtask_plan(task).subtasks
+        (whole,) = single_subtask_plan(text).subtasks
         each = USEFUL_OUTPUT_TOKENS + self.deps.worker.prompt_tokens(
-            subtask=whole, context={}, endpoint=self.deps.default_endpoint, task_text=task
+            subtask=whole, context={}, endpoint=self.deps.default_endpoint, task_text=text
         )
         left = pool.tokens - (reserve.tokens or 0) - pool.tokens // 2
         return max(1, min(self.deps.max_subtasks, left // max(1, each)))
 
-    async def _give_back(self, task_id: str, account: str, *, keep: Pool, delivery: int) -> None:
-        """Return what ``account`` holds beyond ``keep`` to the pool (the root)."""
-        view = await self.deps.ledger.account(task_id, account)
+    async def _give_back(self, run: TaskRun, lv: Level, account: str, *, keep: Pool) -> None:
+        """Return what ``account`` holds beyond ``keep`` to the level's pool."""
+        view = await self.deps.ledger.account(run.task_id, account)
         extra_tokens = max(0, (view.available_tokens or 0) - (keep.tokens or 0))
         extra_nanos = max(0, (view.available_nanos or 0) - (keep.nanos or 0))
         if view.available_tokens is None or keep.tokens is None:
@@ -268,156 +476,285 @@ class Flow:
             extra_nanos = 0
         if extra_tokens or extra_nanos:
             await self.deps.ledger.transfer(
-                task_id,
+                run.task_id,
                 src=account,
-                dst=ROOT,
+                dst=lv.path,
                 amount=Amount(tokens=extra_tokens, nanos=extra_nanos),
-                op_id=plan_leftover_op_id(delivery),
+                op_id=plan_leftover_op_id(run.delivery, lv.work),
             )
 
-    async def schedule(self, state: FlowState) -> dict[str, Any]:
-        """Choose the next batch of work: escalations first, then the next wave."""
-        deps, task_id = self.deps, state["task_id"]
-        await self._may_pay(task_id, state.get("claim"))
-        results, attempts = state.get("results", {}), state.get("attempts", {})
-        subtasks = [Subtask.model_validate(s) for s in state["plan"]]
-        pool = await self._pool(task_id)
-        menu = Menu(deps.options, await deps.stats.read(state["scope"]), deps.default_endpoint)
-        by_id = {s.id: s for s in subtasks}
-        outcomes = [
-            outcome_of(sub, res, attempts.get(sub.id, 1))
-            for sub in subtasks
-            if (res := results.get(sub.id)) is not None and not res.get("exhausted")
-        ]
-        grants = deps.policy.escalate(pool, outcomes, menu=menu)
-        work = [
-            self._item(state, by_id[g.subtask_id], g, attempts.get(g.subtask_id, 1) + 1)
-            for g in grants
-            if g.subtask_id in by_id
-        ]
-        if not work:
-            ready = [
-                s
-                for s in subtasks
-                if s.id not in results and all(d in results for d in s.depends_on)
-            ]
-            later = len(subtasks) - len(results) - len(ready)
-            needs = [
-                Need(
-                    s.id,
-                    s.difficulty,
-                    tuple(s.tags),
-                    prompt_tokens=deps.worker.prompt_tokens(
-                        subtask=s,
-                        context=self._context(state, s),
-                        endpoint=deps.default_endpoint,
-                        task_text=state["task"],
-                    ),
-                )
-                for s in ready
-            ]
-            grants = deps.policy.split(pool, needs, pending_after=later, menu=menu)
-            ready_ids = {s.id for s in ready}
-            prompts = {n.subtask_id: n.prompt_tokens for n in needs}
-            paid = [g for g in grants if g.subtask_id in ready_ids and _useful(g, prompts)]
-            if not paid and needs:
-                # No share pays a useful call: run the first subtask alone on
-                # the whole pool; the others wait for the money it gives back.
-                alone = deps.policy.split(pool, needs[:1], pending_after=0, menu=menu)
-                paid = [g for g in alone if _useful(g, prompts)]
-            # A subtask whose share cannot pay a useful call waits for a later
-            # wave, when finished subtasks have given their leftovers back.
-            work = [self._item(state, by_id[g.subtask_id], g, 1) for g in paid]
-        return {"work": work}
-
-    @staticmethod
-    def _context(state: FlowState, sub: Subtask) -> dict[str, str]:
-        results = state.get("results", {})
-        return {d: str(results[d].get("text", "")) for d in sub.depends_on if d in results}
-
-    def _item(self, state: FlowState, sub: Subtask, grant: Grant, attempt: int) -> dict[str, Any]:
-        return {
-            "task_id": state["task_id"],
-            "task": state["task"],
-            "delivery": state["delivery"],
-            "claim": state.get("claim"),
-            "scope": state["scope"],
-            "subtask": sub.model_dump(),
-            "context": self._context(state, sub),
-            "attempt": attempt,
-            "tokens": grant.tokens,
-            "nanos": grant.nanos,
-            "max_output": grant.max_output_tokens,
-            "endpoint": grant.endpoint,
+    async def _dataflow(self, run: TaskRun, lv: Level, plan: Plan) -> dict[str, SubtaskResult]:
+        """Start each subtask as soon as its dependencies are done and it is granted a budget."""
+        by_id = {s.id: s for s in plan.subtasks}
+        prefix = f"{lv.work}{WORK_SEPARATOR}" if lv.work else ""
+        results: dict[str, SubtaskResult] = {
+            w[len(prefix) :]: r
+            for w, r in run.saved.items()
+            if level_of(w) == lv.work and w[len(prefix) :] in by_id
         }
-
-    def route(self, state: FlowState) -> list[Send] | str:
-        """Fan the chosen work out with ``Send``, or go to synthesis when none is left."""
-        work = state.get("work", [])
-        if not work:
-            return "synthesize"
-        return [Send("subtask", item) for item in work]
-
-    async def subtask(self, item: dict[str, Any]) -> dict[str, Any]:
-        """Run one subtask in its own account, then close it so the leftover returns."""
-        deps, task_id = self.deps, item["task_id"]
-        await self._may_pay(task_id, item.get("claim"))
-        sub = Subtask.model_validate(item["subtask"])
-        attempt = int(item["attempt"])
-        asked = max(1, int(item["max_output"]))
-        paid = await deps.worker.paid_for(task_id=task_id, subtask_id=sub.id, attempt=attempt)
-        if paid is not None:
-            # A delivery before this one paid for the attempt and died before
-            # saving it: the reply was kept with the payment; no second call.
-            out = _result_dict(
-                paid,
-                sub=sub,
-                attempt=attempt,
-                asked=asked,
-                outcome=outcome_id(task_id, paid.account),
-            )
-            return await self._finished(item, sub, out)
-        account = _account(sub.id, int(item["delivery"]), attempt)
-        budget = Budget.from_nanos(tokens=item["tokens"], nanos=item["nanos"])
+        attempts = {sid: r["attempt"] for sid, r in results.items()}
+        running: dict[asyncio.Future[SubtaskResult | None], WorkItem] = {}
         try:
-            await deps.ledger.open_account(task_id, account, budget)
-        except (BudgetExceeded, AccountClosed):
-            return {"results": {sub.id: _exhausted(sub.id, attempt)}, "attempts": {sub.id: attempt}}
-        try:
-            result = await deps.worker.solve(
-                task_id=task_id,
-                account=account,
-                subtask=sub,
-                context=item["context"],
-                budget_tokens=asked,
-                endpoint=item.get("endpoint"),
-                task_text=item["task"],
-                attempt=attempt,
-            )
-            outcome = outcome_id(task_id, account)
-            out = _result_dict(result, sub=sub, attempt=attempt, asked=asked, outcome=outcome)
-        except BudgetExceeded:
-            out = _exhausted(sub.id, attempt)
+            while True:
+                chosen = await self._decide(run, lv, plan, results, attempts, running)
+                for item in await asyncio.gather(*(self.carve(run, i) for i in chosen)):
+                    running[self._start(run, item)] = item
+                if not running:
+                    break
+                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for fut in done:
+                    item = running.pop(fut)
+                    sid = item.subtask.id
+                    attempts[sid] = item.attempt
+                    out = fut.result()
+                    if out is not None:  # None: an unpaid retry keeps the earlier answer
+                        results[sid] = out
         finally:
-            await deps.ledger.close_account(task_id, account, force=True)
-        return await self._finished(item, sub, out)
+            for fut in running:
+                fut.cancel()
+        return results
 
-    async def _finished(
-        self, item: Mapping[str, Any], sub: Subtask, out: dict[str, Any]
-    ) -> dict[str, Any]:
-        attempt = int(out["attempt"])
-        if out["exhausted"] and attempt > 1:
-            return {"attempts": {sub.id: attempt}}  # keep the earlier, cut-short answer
-        if not out["exhausted"]:
-            # Saved first, counted second: a crash between the two is mended by
-            # the next delivery, which counts every saved result again (once,
-            # by the outcome's marker).
-            await self.deps.records.save_result(item["task_id"], sub.id, out)
-            await self._count(item["scope"], out["outcome"], out)
-        return {"results": {sub.id: out}, "attempts": {sub.id: attempt}, "calls": 1}
+    async def _decide(
+        self,
+        run: TaskRun,
+        lv: Level,
+        plan: Plan,
+        results: Mapping[str, SubtaskResult],
+        attempts: Mapping[str, int],
+        running: Mapping[asyncio.Future[SubtaskResult | None], WorkItem],
+    ) -> list[WorkItem]:
+        """What starts now: escalations of finished subtasks first, then every ready subtask."""
+        deps = self.deps
+        busy = {item.subtask.id for item in running.values()}
+        by_id = {s.id: s for s in plan.subtasks}
+        ready = [
+            s
+            for s in plan.subtasks
+            if s.id not in results
+            and s.id not in busy
+            and all(d in results and d not in busy for d in s.depends_on)
+        ]
+        finished = [
+            outcome_of(by_id[sid], res, attempts.get(sid, 1))
+            for sid, res in results.items()
+            if sid not in busy and not res["exhausted"] and not res["composite"]
+        ]
+        if not ready and not finished:
+            return []
+        pool, stats = await asyncio.gather(self._pool(run, lv.path), deps.stats.read(run.scope))
+        menu = Menu(deps.options, stats, deps.default_endpoint)
+        work: list[WorkItem] = []
+        for g in deps.policy.escalate(pool, finished, menu=menu):
+            if g.subtask_id in by_id and g.subtask_id not in busy:
+                sub = by_id[g.subtask_id]
+                work.append(self._item(lv, sub, g, attempts.get(sub.id, 1) + 1, results))
+                pool = pool.less(g)
+        if not ready:
+            return work
+        later = len(plan.subtasks) - len(results) - len(ready) - len(busy - set(results))
+        needs = [
+            Need(
+                s.id,
+                s.difficulty,
+                tuple(s.tags),
+                prompt_tokens=deps.worker.prompt_tokens(
+                    subtask=s,
+                    context=_context(s, results),
+                    endpoint=deps.default_endpoint,
+                    task_text=lv.text,
+                ),
+            )
+            for s in ready
+        ]
+        prompts = {n.subtask_id: n.prompt_tokens for n in needs}
+        grants = deps.policy.split(pool, needs, pending_after=max(0, later), menu=menu)
+        paid = [g for g in grants if g.subtask_id in prompts and _useful(g, prompts)]
+        if not paid and not running and not work:
+            # No share pays a useful call and nothing will give money back: run
+            # the first ready subtask alone on the whole pool.
+            alone = deps.policy.split(pool, needs[:1], pending_after=0, menu=menu)
+            paid = [g for g in alone if _useful(g, prompts)]
+        # A subtask whose share cannot pay a useful call waits until a running
+        # one gives its leftover back.
+        work.extend(self._item(lv, by_id[g.subtask_id], g, 1, results) for g in paid)
+        return work
 
-    async def _count(self, scope: str, outcome: str, out: Mapping[str, Any]) -> None:
-        if not out["endpoint"]:
+    def _item(
+        self,
+        lv: Level,
+        sub: Subtask,
+        grant: Grant,
+        attempt: int,
+        results: Mapping[str, SubtaskResult],
+    ) -> WorkItem:
+        context = _context(sub, results)
+        composite = sub.composite and attempt == 1 and self._can_nest(lv, sub, grant, context)
+        return WorkItem(
+            level=lv,
+            subtask=sub,
+            attempt=attempt,
+            tokens=grant.tokens,
+            nanos=grant.nanos,
+            max_output=max(1, grant.max_output_tokens),
+            endpoint=grant.endpoint,
+            context=context,
+            composite=composite,
+        )
+
+    def _can_nest(self, lv: Level, sub: Subtask, grant: Grant, context: Mapping[str, str]) -> bool:
+        """Planned again only under the depth limit, and when its share pays for a plan."""
+        if lv.depth >= self.deps.max_depth:
+            return False
+        pool = Pool(tokens=grant.tokens, nanos=grant.nanos)
+        text = part_text(lv.text, sub, context)
+        nested = lv.depth + 1 < self.deps.max_depth
+        full, least = self.deps.manager.plan_cost(task=text, max_subtasks=2, nested=nested)
+        reserve = self.deps.policy.synthesis_reserve(pool)
+        return planning_budget(pool, reserve=reserve, full=full, least=least) is not None
+
+    # -- one try of one subtask, finished in a fixed order -------------------------------------
+
+    async def carve(self, run: TaskRun, item: WorkItem) -> WorkItem:
+        """Before a try starts: find the reply an earlier delivery paid for, else open its account.
+
+        Done in the decision step, not in the try, so the next decision sees
+        the pool without what this one granted.
+        """
+        work = item.level.work_of(item.subtask.id)
+        if run.delivery > 1:  # only an earlier delivery can have paid for it
+            paid = await self.deps.worker.paid_for(
+                task_id=run.task_id, subtask_id=work, attempt=item.attempt
+            )
+            if paid is not None:
+                return replace(item, paid=paid)
+        account = item.level.account(item.subtask.id, run.delivery, item.attempt)
+        budget = Budget.from_nanos(tokens=item.tokens, nanos=item.nanos)
+        try:
+            await self.deps.ledger.open_account(run.task_id, account, budget)
+        except (BudgetExceeded, AccountClosed):
+            return replace(item, unpaid=True)
+        return item
+
+    async def subtask(self, run: TaskRun, item: WorkItem) -> SubtaskResult | None:
+        """Run one try of a subtask in its carved account; ``None`` when a retry went unpaid.
+
+        The order is fixed: the call (its reply kept with its payment), the
+        account closed (its leftover back to the level's pool), the review,
+        the result saved, the outcome counted.
+        """
+        deps, lv, sub, attempt = self.deps, item.level, item.subtask, item.attempt
+        work = lv.work_of(sub.id)
+        if item.paid is not None:
+            # A delivery before this one paid for this try and died before
+            # saving it: the reply was kept with the payment; no second call.
+            outcome = outcome_id(run.task_id, item.paid.account)
+            out = _from_worker(
+                item.paid, sub, attempt=attempt, asked=item.max_output, outcome=outcome
+            )
+            return await self._finish(run, item, out)
+        if item.unpaid:
+            return None if attempt > 1 else _result(sub, attempt, exhausted=True)
+        account = lv.account(sub.id, run.delivery, attempt)
+        try:
+            await self._may_pay(run)  # the account is closed again whatever happens
+            if item.composite:
+                out = await self._composite(run, item, account)
+            else:
+                result = await deps.worker.solve(
+                    task_id=run.task_id,
+                    account=account,
+                    subtask=sub.model_copy(update={"id": work}),
+                    context=item.context,
+                    budget_tokens=item.max_output,
+                    endpoint=item.endpoint,
+                    task_text=lv.text,
+                    attempt=attempt,
+                )
+                outcome = outcome_id(run.task_id, account)
+                out = _from_worker(
+                    result, sub, attempt=attempt, asked=item.max_output, outcome=outcome
+                )
+        except BudgetExceeded:
+            out = _result(sub, attempt, exhausted=True)
+        finally:
+            closed = await self._close(run, account, nested=item.composite)
+        if out["composite"]:  # what the whole sub-level spent, as its account closed
+            out = {**out, "tokens": closed.spent_tokens, "cost_nanos": closed.spent_nanos}
+        if out["exhausted"]:
+            return None if attempt > 1 else out  # an unpaid retry keeps the earlier answer
+        return await self._finish(run, item, out)
+
+    async def _composite(self, run: TaskRun, item: WorkItem, account: str) -> SubtaskResult:
+        """A sub-manager plans the subtask inside its account; its answer is the result."""
+        lv, sub = item.level, item.subtask
+        child = Level(
+            path=account,
+            work=lv.work_of(sub.id),
+            depth=lv.depth + 1,
+            text=part_text(lv.text, sub, item.context),
+        )
+        report = await self._level(run, child)
+        short = report.short(child.work)
+        return _result(
+            sub,
+            item.attempt,
+            text=report.answer,
+            finished=not short and bool(report.answer.strip()),
+            composite=True,
+            short=short,
+        )
+
+    async def _close(self, run: TaskRun, account: str, *, nested: bool) -> Closed:
+        """Close a subtask's account; a composite's open descendants first, deepest first."""
+        ledger = self.deps.ledger
+        if nested:
+            tree = await ledger.snapshot(run.task_id)
+            inside = [
+                a.path for a in tree.walk() if a.path.startswith(f"{account}/") and not a.closed
+            ]
+            for path in sorted(inside, key=lambda p: -p.count("/")):
+                await ledger.close_account(run.task_id, path, force=True)
+        return await ledger.close_account(run.task_id, account, force=True)
+
+    async def _finish(self, run: TaskRun, item: WorkItem, out: SubtaskResult) -> SubtaskResult:
+        lv, sub = item.level, item.subtask
+        if not out["composite"] and out["finished"] and self._reviewed(sub) and not out["reviewed"]:
+            out = await self._review(run, lv, sub, out)
+        # Saved first, counted second: a crash between the two is mended by the
+        # next delivery, which counts every saved result again (once, by the
+        # outcome's marker).
+        await self.deps.records.save_result(run.task_id, lv.work_of(sub.id), out)
+        await self._count(run.scope, out)
+        return out
+
+    async def _review(
+        self, run: TaskRun, lv: Level, sub: Subtask, out: SubtaskResult
+    ) -> SubtaskResult:
+        """The level's manager accepts the result or rejects it (paid from its own account)."""
+        judged = WorkerResult(
+            subtask_id=sub.id,
+            text=out["text"],
+            finished=True,
+            cut_short=False,
+            input_tokens=0,
+            output_tokens=out["output_tokens"],
+            cost_nanos=out["cost_nanos"],
+            endpoint=out["endpoint"],
+            estimated=False,
+        )
+        await self._may_pay(run)
+        verdict = await self.deps.manager.review(
+            task_id=run.task_id,
+            account=lv.manager_account(run.delivery),
+            task=lv.text,
+            results=[judged],
+        )
+        rejected = any(e.subtask_id == sub.id for e in verdict)
+        signals = [*out["signals"], "rejected"] if rejected else out["signals"]
+        return {**out, "reviewed": True, "accepted": not rejected, "signals": signals}
+
+    async def _count(self, scope: str, out: SubtaskResult) -> None:
+        if not out["endpoint"] or not out["outcome"]:
             return
         sub_tags = [*out["tags"], *out["signals"], *(["cut_short"] if out["cut_short"] else [])]
         seen = Observation(
@@ -430,34 +767,61 @@ class Flow:
             nanos=int(out["cost_nanos"]),
             escalated=int(out["attempt"]) > 1,
         )
-        await self.deps.stats.record(scope, outcome, seen)
+        await self.deps.stats.record(scope, out["outcome"], seen)
+        if out["reviewed"]:  # the review's verdict is feedback; repeating it changes nothing
+            await self.deps.stats.verdict(scope, out["outcome"], ok=out["accepted"])
 
-    async def synthesize(self, state: FlowState) -> dict[str, Any]:
-        """Hand everything left to the manager's account and write the final answer."""
-        deps, task_id = self.deps, state["task_id"]
-        results = _ordered_results(state)
-        if len(state["plan"]) == 1 and len(results) == 1 and results[0].finished:
+    # -- the level's answer --------------------------------------------------------------------
+
+    async def _synthesize(
+        self, run: TaskRun, lv: Level, plan: Plan, results: Mapping[str, SubtaskResult]
+    ) -> str:
+        """Hand what is left of the level's pool to its manager and write the level's answer."""
+        deps = self.deps
+        ordered = _ordered_results(plan, results)
+        if len(plan.subtasks) == 1 and len(ordered) == 1 and ordered[0].finished:
             # One finished subtask is the answer: a synthesis call would only restate it.
-            return {"answer": results[0].text.strip()}
-        await self._may_pay(task_id, state.get("claim"))
-        manager_acct = _account("manager", state["delivery"])
-        pool = await self._pool(task_id)
+            return ordered[0].text.strip()
+        await self._may_pay(run)
+        manager_acct = lv.manager_account(run.delivery)
+        pool = await self._pool(run, lv.path)
         if (pool.tokens or 0) > 0 or (pool.nanos or 0) > 0:
             await deps.ledger.transfer(
-                task_id,
-                src=ROOT,
+                run.task_id,
+                src=lv.path,
                 dst=manager_acct,
                 amount=Amount(tokens=pool.tokens or 0, nanos=pool.nanos or 0),
-                op_id=synthesis_op_id(state["delivery"]),
+                op_id=synthesis_op_id(run.delivery, lv.work),
             )
-        answer = await deps.manager.synthesize(
-            task_id=task_id, account=manager_acct, task=state["task"], results=results
+        return await deps.manager.synthesize(
+            task_id=run.task_id, account=manager_acct, task=lv.text, results=ordered
         )
-        return {"answer": answer}
 
 
-#: The least output a subtask's share must pay for besides its prompt to be worth starting.
-USEFUL_OUTPUT_TOKENS = 64
+def outcome_of(sub: Subtask, res: SubtaskResult, attempts: int) -> Outcome:
+    """A saved result as the policy sees it."""
+    need = Need(sub.id, sub.difficulty, tuple(sub.tags), attempt=attempts)
+    return Outcome(
+        need=need,
+        endpoint=res["endpoint"],
+        asked=res["asked"],
+        used=res["output_tokens"],
+        cut_short=res["cut_short"],
+        signals=frozenset(res["signals"]),
+    )
+
+
+def part_text(task_text: str, sub: Subtask, context: Mapping[str, str]) -> str:
+    """What a sub-manager plans: the composite subtask, with the task and its inputs as context."""
+    parts = [sub.instruction.strip(), f"(This is one part of a larger task: {task_text.strip()})"]
+    if context:
+        inputs = "\n\n".join(f"### {sid}\n{text.strip()}" for sid, text in context.items())
+        parts.append(f"Results it builds on:\n\n{inputs}")
+    return "\n\n".join(parts)
+
+
+def _context(sub: Subtask, results: Mapping[str, SubtaskResult]) -> dict[str, str]:
+    return {d: results[d]["text"] for d in sub.depends_on if d in results}
 
 
 def _useful(grant: Grant, prompts: Mapping[str, int]) -> bool:
@@ -493,34 +857,36 @@ def planning_budget(pool: Pool, *, reserve: Pool, full: Amount, least: Amount) -
     return Pool(tokens=sizes[0], nanos=sizes[1])
 
 
-def _plan_note(outcome: PlanOutcome) -> str:
+def _plan_note(outcome: PlanOutcome, depth: int) -> str:
     ids = ", ".join(s.id for s in outcome.plan.subtasks)
     n = len(outcome.plan.subtasks)
+    who = "" if depth == 1 else f"level {depth}: "
     if outcome.fell_back and outcome.calls == 0:
-        return f"one subtask ({ids}): {outcome.reasons[-1]}"
+        return f"{who}one subtask ({ids}): {outcome.reasons[-1]}"
     if outcome.fell_back:
-        return f"one subtask ({ids}): no usable plan after {outcome.calls} call(s)"
+        return f"{who}one subtask ({ids}): no usable plan after {outcome.calls} call(s)"
     how = " after one repair" if outcome.repaired else ""
-    return f"{n} subtask{'s' if n != 1 else ''}{how}: {ids}"
+    marked = [s.id for s in outcome.plan.subtasks if s.composite]
+    nest = f" ({', '.join(marked)} composite)" if marked else ""
+    return f"{who}{n} subtask{'s' if n != 1 else ''}{how}: {ids}{nest}"
 
 
-def _ordered_results(state: FlowState) -> list[WorkerResult]:
-    results = state.get("results", {})
+def _ordered_results(plan: Plan, results: Mapping[str, SubtaskResult]) -> list[WorkerResult]:
     ordered = []
-    for sub in state["plan"]:
-        res = results.get(sub["id"])
-        if res is None:
+    for sub in plan.subtasks:
+        res = results.get(sub.id)
+        if res is None or res["exhausted"]:
             continue
         ordered.append(
             WorkerResult(
-                subtask_id=sub["id"],
-                text=str(res.get("text", "")),
-                finished=bool(res.get("finished")),
-                cut_short=bool(res.get("cut_short")),
+                subtask_id=sub.id,
+                text=res["text"],
+                finished=res["finished"],
+                cut_short=res["cut_short"],
                 input_tokens=0,
-                output_tokens=int(res.get("tokens", 0)),
-                cost_nanos=int(res.get("cost_nanos", 0)),
-                endpoint=str(res.get("endpoint", "")),
+                output_tokens=res["tokens"],
+                cost_nanos=res["cost_nanos"],
+                endpoint=res["endpoint"],
                 estimated=False,
             )
         )
@@ -528,22 +894,10 @@ def _ordered_results(state: FlowState) -> list[WorkerResult]:
 
 
 def build_graph(flow: Flow) -> Any:
-    """Wire the nodes: the whole graph in one place."""
-    graph = StateGraph(FlowState)
-    graph.add_node("plan", flow.plan)
-    graph.add_node("schedule", flow.schedule)
-    graph.add_node("subtask", flow.subtask)  # type: ignore[arg-type]
-    graph.add_node("synthesize", flow.synthesize)
-    graph.add_edge(START, "plan")
-    graph.add_edge("plan", "schedule")
-    graph.add_conditional_edges("schedule", flow.route, ["subtask", "synthesize"])
-    graph.add_edge("subtask", "schedule")
-    graph.add_edge("synthesize", END)
-    return graph.compile()
+    """The flow as a LangGraph entrypoint: ``ainvoke(inputs)`` returns a :class:`FlowReport`."""
 
+    @entrypoint()
+    async def paymaster_task(inputs: dict[str, Any]) -> FlowReport:
+        return await flow.run(inputs)
 
-def summarize(results: Mapping[str, Mapping[str, Any]], plan: Sequence[Mapping[str, Any]]) -> bool:
-    """True when every planned subtask finished with a result (no budget cut it off)."""
-    return all(
-        sid in results and not results[sid].get("exhausted") for sid in (s["id"] for s in plan)
-    )
+    return paymaster_task

@@ -22,6 +22,8 @@ class Status(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
+    #: Every subtask ran, but some stayed cut short or rejected after the last escalation.
+    PARTIAL = "partial"
     FAILED = "failed"
     CANCELLED = "cancelled"
     BUDGET_EXHAUSTED = "budget_exhausted"
@@ -232,7 +234,7 @@ class Records:
             fields["spent"] = spent.model_dump_json()
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(keys.record, mapping=cast(Any, fields))
-        for key in (keys.record, keys.results, keys.plan):
+        for key in (keys.record, keys.results, keys.plan, keys.plans):
             pipe.expire(key, retention_s)
         await pipe.execute()
 
@@ -249,13 +251,21 @@ class Records:
         flag = await self.redis.hget(TaskKeys(task_id).record, "cancel")
         return flag == "1"
 
-    async def save_plan(self, task_id: str, plan_json: str) -> None:
-        """Keep the plan so a re-delivered task does not plan (and pay) again."""
-        await self.redis.set(TaskKeys(task_id).plan, plan_json)
+    async def save_plan(self, task_id: str, plan_json: str, *, level: str = "") -> None:
+        """Keep a level's plan so a re-delivered task does not plan (and pay) again.
 
-    async def load_plan(self, task_id: str) -> str | None:
-        """The saved plan, if any."""
-        value = await self.redis.get(TaskKeys(task_id).plan)
+        ``level`` is the work id of the composite subtask planned (``""``: the task).
+        """
+        keys = TaskKeys(task_id)
+        if level:
+            await self.redis.hset(keys.plans, level, plan_json)
+        else:
+            await self.redis.set(keys.plan, plan_json)
+
+    async def load_plan(self, task_id: str, *, level: str = "") -> str | None:
+        """The saved plan of a level, if any."""
+        keys = TaskKeys(task_id)
+        value = await (self.redis.hget(keys.plans, level) if level else self.redis.get(keys.plan))
         return cast("str | None", value)
 
     async def save_result(self, task_id: str, subtask_id: str, result: Mapping[str, Any]) -> None:

@@ -25,7 +25,7 @@ from budgets.keys import ROOT
 from budgets.policy import Option, Policy, Pool, make_policy
 from budgets.stats import StatsBook
 from orchestrator.errors import DeliveryLost, TaskCancelled
-from orchestrator.flow import Flow, FlowDeps, build_graph, stats_scope, summarize
+from orchestrator.flow import Flow, FlowDeps, FlowReport, build_graph, stats_scope
 from orchestrator.outage import UNREACHABLE, Outage, riding_client
 from orchestrator.queue import Delivery, TaskQueue
 from orchestrator.records import Records, Spent, Status, TaskRecord
@@ -83,6 +83,8 @@ class Runtime:
             default_endpoint=endpoints.worker or endpoints.default,
             max_subtasks=settings.max_subtasks,
             ownership=queue,
+            max_depth=settings.max_depth,
+            review=settings.review,
         )
         graph = build_graph(Flow(deps))
         return cls(settings, ledger, records, metered, stats, graph, chosen, queue, outage)
@@ -136,9 +138,8 @@ class Runtime:
             log.exception("task %s failed on delivery %d", task_id, delivery)
             error = f"{type(e).__name__}: {e}"
             return await self._finish(task_id, Status.FAILED, None, error, claim=claim)
-        done = summarize(state.get("results", {}), state.get("plan", []))
-        status = Status.SUCCEEDED if done else Status.BUDGET_EXHAUSTED
-        return await self._finish(task_id, status, state.get("answer"), None, claim=claim)
+        status, detail = task_status(state)
+        return await self._finish(task_id, status, state["answer"] or None, detail, claim=claim)
 
     async def fail(self, task_id: str, error: str, *, claim: Delivery | None = None) -> TaskRecord:
         """Give up on a task (too many deliveries): close its ledger and mark it failed."""
@@ -183,6 +184,22 @@ class Runtime:
             error=error,
             retention_s=self.settings.retention_s,
         )
+
+
+def task_status(report: FlowReport) -> tuple[Status, str | None]:
+    """How a run that came to its end is told: the one place outcomes become statuses.
+
+    ``budget_exhausted`` when a subtask of the task's plan was never paid for;
+    ``partial`` when every one ran but some (at any level) stayed cut short,
+    rejected or without an answer after the last escalation the budget
+    allowed, named in the detail; ``succeeded`` when every subtask finished
+    and was accepted.
+    """
+    if report["unpaid"]:
+        return Status.BUDGET_EXHAUSTED, f"not paid for: {', '.join(report['unpaid'])}"
+    if report["short"]:
+        return Status.PARTIAL, f"fell short: {', '.join(report['short'])}"
+    return Status.SUCCEEDED, None
 
 
 async def finish_task(

@@ -25,6 +25,13 @@ class Settings(BaseModel):
     max_deliveries: int = Field(default=3, ge=1, description="deliveries before dead-lettering")
     retention_s: int = Field(default=7 * 86_400, gt=0, description="how long records are kept")
     max_subtasks: int = Field(default=8, ge=1, le=64)
+    max_depth: int = Field(
+        default=2, ge=1, le=4, description="PAYMASTER_MAX_DEPTH: levels of managers (1: no nesting)"
+    )
+    review: Literal["off", "on", "auto"] = Field(
+        default="auto",
+        description="PAYMASTER_REVIEW: the manager reviews results (auto: difficulty 4 and up)",
+    )
     max_task_chars: int = Field(default=20_000, ge=1)
     policy: str = Field(default=DEFAULT_POLICY, description="PAYMASTER_POLICY: allocation policy")
     stats_scope: Literal["tenant", "shared"] = Field(
@@ -54,8 +61,13 @@ class Settings(BaseModel):
             "PAYMASTER_HEARTBEAT_S": "heartbeat_s",
             "PAYMASTER_MAX_DELIVERIES": "max_deliveries",
             "PAYMASTER_RETENTION_S": "retention_s",
+            "PAYMASTER_MAX_DEPTH": "max_depth",
         }
-        named = {"PAYMASTER_POLICY": "policy", "PAYMASTER_STATS_SCOPE": "stats_scope"}
+        named = {
+            "PAYMASTER_POLICY": "policy",
+            "PAYMASTER_STATS_SCOPE": "stats_scope",
+            "PAYMASTER_REVIEW": "review",
+        }
         for var, field in (numeric | named).items():
             if env.get(var):
                 values[field] = env[var]

@@ -285,7 +285,8 @@ async def test_injected_text_cannot_raise_budgets_through_the_plan(
     assert request.body is not None
     assert request.body["max_tokens"] <= 200
     dumped = outcome.plan.model_dump()
-    assert set(dumped["subtasks"][0]) == {"id", "instruction", "difficulty", "depends_on", "tags"}
+    fields = {"id", "instruction", "difficulty", "depends_on", "tags", "composite"}
+    assert set(dumped["subtasks"][0]) == fields  # labels only: no budget of any kind
     after = await ledger.account(T, ACCT)
     assert (after.limit_tokens, after.limit_nanos) == (before.limit_tokens, before.limit_nanos)
     assert outcome.cost_nanos == after.spent_nanos

@@ -117,6 +117,7 @@ TASK_FIXED = {
     "record": "task",
     "results": "results",
     "plan": "plan",
+    "plans": "plans",
 }
 TENANT_FIXED = {"config": "cfg", "events": "events"}
 STATS_FIXED = {"cells": "cells"}
@@ -190,11 +191,13 @@ def test_markers_in_one_ops_hash_cannot_collide(op: str, other: str, path: str) 
         K.open_marker(op): ("open", op),
         K.transfer_marker(other): ("transfer", other),
         K.close_marker(path): ("close", path),
+        K.kept_marker(op): ("kept", op),
     }
-    assert len(fields) == 3
+    assert len(fields) == 4
     for field, (kind, arg) in fields.items():
         head, _, rest = field.partition(":")
-        assert ({"o": "open", "t": "transfer", "z": "close"}[head], rest) == (kind, arg)
+        kinds = {"o": "open", "t": "transfer", "z": "close", "k": "kept"}
+        assert (kinds[head], rest) == (kind, arg)
 
 
 @given(tenant=tenants, task=task_ids, path=paths, inc=incarnations, delivery=st.integers(0, 10**9))
@@ -207,6 +210,26 @@ def test_names_at_their_limits_leave_room_for_what_is_derived(
     K.check_op_id(K.submit_op_id(inc))
     K.check_op_id(K.synthesis_op_id(delivery))
     K.check_op_id(K.plan_leftover_op_id(delivery))
+
+
+@given(
+    ids=st.lists(st.from_regex(r"[a-z0-9][a-z0-9_-]{0,31}", fullmatch=True), min_size=1, max_size=3),
+    delivery=st.integers(1, 10**9),
+    attempt=st.integers(1, 99),
+)
+def test_work_ids_name_their_level_and_derive_valid_op_ids(
+    ids: list[str], delivery: int, attempt: int
+) -> None:
+    level = ""
+    for sid in ids:
+        work = K.work_id(level, sid)
+        assert K.level_of(work) == level
+        assert work.rsplit(K.WORK_SEPARATOR, 1)[-1] == sid
+        K.check_op_id(K.work_name(work, attempt))
+        K.check_op_id(K.synthesis_op_id(delivery, work))
+        assert K.synthesis_op_id(delivery, work) != K.synthesis_op_id(delivery, level)
+        assert K.plan_leftover_op_id(delivery, work) != K.plan_leftover_op_id(delivery, level)
+        level = work
 
 
 def test_outcome_ids_stay_distinct_when_shortened() -> None:

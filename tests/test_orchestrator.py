@@ -34,6 +34,8 @@ from orchestrator.records import Records, Status
 
 REPO = Path(__file__).resolve().parents[1]
 FINAL = "The final answer, from synthesis."
+#: A review that rejects nothing.
+ACCEPT_ALL = json.dumps({"reject": []})
 
 Sub = dict[str, Any]
 
@@ -43,7 +45,7 @@ def sub(sid: str, *deps: str, difficulty: int = 2) -> Sub:
 
 
 def role_of(req: RecordedRequest) -> str:
-    """``plan``, ``synth`` or the id of the subtask a worker call is for."""
+    """``plan``, ``synth``, ``review`` or the id of the subtask a worker call is for."""
     assert req.body is not None
     messages = req.body["messages"]
     system = str(messages[0]["content"])
@@ -51,6 +53,8 @@ def role_of(req: RecordedRequest) -> str:
         return "plan"
     if "Write the final answer" in system:
         return "synth"
+    if "You review workers' answers" in system:
+        return "review"
     user = str(messages[-1]["content"])
     return user.split("Your subtask (", 1)[1].split(")", 1)[0]
 
@@ -71,6 +75,8 @@ def responder(
             return Reply(text=plan)
         if role == "synth":
             return Reply(text=FINAL)
+        if role == "review":
+            return Reply(text=ACCEPT_ALL)
         if worker is not None:
             return worker(role, request)
         return Reply(text=worker_text(role))

@@ -222,7 +222,8 @@ def test_injected_budget_fields_are_dropped_and_never_stored() -> None:
     plan = parse_plan_text(text)
     dumped = plan.model_dump()
     assert set(dumped) == {"subtasks"}
-    assert set(dumped["subtasks"][0]) == {"id", "instruction", "difficulty", "depends_on", "tags"}
+    labels = {"id", "instruction", "difficulty", "depends_on", "tags", "composite"}
+    assert set(dumped["subtasks"][0]) == labels
     assert "budget" not in json.loads(plan.model_dump_json())["subtasks"][0]
     assert not hasattr(plan.subtasks[0], "budget")
     assert plan.subtasks[0].model_extra is None
