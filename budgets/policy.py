@@ -296,10 +296,12 @@ class Tiered:
         )
 
     def escalate(self, pool: Pool, outcomes: Sequence[Outcome], *, menu: Menu) -> list[Grant]:
-        """Cut-short replies, hardest first, one tier up on the same endpoint, while paid for."""
+        """Cut-short or rejected replies, hardest first, one tier up on the same endpoint,
+        while paid for."""
         grants = []
         for out in sorted(outcomes, key=lambda o: -o.need.difficulty):
-            if not out.cut_short or out.need.attempt >= self.max_attempts:
+            redo = out.cut_short or "rejected" in out.signals
+            if not redo or out.need.attempt >= self.max_attempts:
                 continue
             grant = _priced_grant(pool, out.need, menu.option(out.endpoint), _next_tier(out.asked))
             if grant is not None:

@@ -110,13 +110,21 @@ def _show_record(record: TaskRecord) -> None:
     if record.spent:
         out.print(f"spent: {record.spent.tokens:,} tokens, ${Decimal(record.spent.usd):f}")
     if record.error:
-        out.print(f"error: {record.error}", markup=False, highlight=False)
+        # A partial task's detail says itself what fell short ("fell short: a (cut short)").
+        label = "" if record.status is Status.PARTIAL else "error: "
+        out.print(f"{label}{record.error}", markup=False, highlight=False)
     if record.answer:
         out.print("answer:")
         out.print(record.answer, markup=False, highlight=False)
 
 
+#: Exit code of a task that ran every subtask but some fell short (``partial``).
+EXIT_PARTIAL = 5
+
+
 def _exit_for(record: TaskRecord) -> None:
+    if record.status is Status.PARTIAL:
+        raise typer.Exit(EXIT_PARTIAL)
     if record.status is not Status.SUCCEEDED:
         raise typer.Exit(1)
 

@@ -213,7 +213,9 @@ def test_names_at_their_limits_leave_room_for_what_is_derived(
 
 
 @given(
-    ids=st.lists(st.from_regex(r"[a-z0-9][a-z0-9_-]{0,31}", fullmatch=True), min_size=1, max_size=3),
+    ids=st.lists(
+        st.from_regex(r"[a-z0-9][a-z0-9_-]{0,31}", fullmatch=True), min_size=1, max_size=3
+    ),
     delivery=st.integers(1, 10**9),
     attempt=st.integers(1, 99),
 )
