@@ -326,11 +326,15 @@ class Flow:
     async def run(self, inputs: Mapping[str, Any]) -> FlowReport:
         """Run one delivery of a task: the task's own level, and every level under it."""
         deps, task_id = self.deps, str(inputs["task_id"])
-        saved = {k: loaded_result(v) for k, v in (await deps.records.load_results(task_id)).items()}
+        delivery = int(inputs["delivery"])
+        saved: dict[str, SubtaskResult] = {}
+        if delivery > 1:  # only an earlier delivery can have saved results
+            raw = await deps.records.load_results(task_id)
+            saved = {k: loaded_result(v) for k, v in raw.items()}
         run = TaskRun(
             task_id=task_id,
             task=str(inputs["task"]),
-            delivery=int(inputs["delivery"]),
+            delivery=delivery,
             claim=inputs.get("claim"),
             scope=str(inputs["scope"]),
             saved=saved,
@@ -403,7 +407,9 @@ class Flow:
         reserve = deps.policy.synthesis_reserve(pool)
         manager_acct = lv.manager_account(run.delivery)
         nested = lv.depth < deps.max_depth
-        saved = await deps.records.load_plan(run.task_id, level=lv.work)
+        saved = None
+        if run.delivery > 1:  # only an earlier delivery can have saved the plan
+            saved = await deps.records.load_plan(run.task_id, level=lv.work)
         if saved is not None:
             plan = Plan.model_validate_json(saved)
             keep = self._manager_keep(lv, plan, reserve)
@@ -430,11 +436,17 @@ class Flow:
                 nested=nested,
             )
             keep = self._manager_keep(lv, outcome.plan, reserve)
-            await self._give_back(run, lv, manager_acct, keep=keep)
+            left = Pool(
+                tokens=None if size.tokens is None else size.tokens - outcome.tokens,
+                nanos=None if size.nanos is None else size.nanos - outcome.cost_nanos,
+            )
+            await self._give_back(run, lv, manager_acct, left=left, keep=keep)
         plan = outcome.plan
-        await deps.records.save_plan(run.task_id, plan.model_dump_json(), level=lv.work)
-        await deps.ledger.note(
-            run.task_id, manager_acct, _plan_note(outcome, lv.depth), tags={"step": "plan"}
+        await asyncio.gather(
+            deps.records.save_plan(run.task_id, plan.model_dump_json(), level=lv.work),
+            deps.ledger.note(
+                run.task_id, manager_acct, _plan_note(outcome, lv.depth), tags={"step": "plan"}
+            ),
         )
         return plan
 
@@ -465,21 +477,21 @@ class Flow:
         left = pool.tokens - (reserve.tokens or 0) - pool.tokens // 2
         return max(1, min(self.deps.max_subtasks, left // max(1, each)))
 
-    async def _give_back(self, run: TaskRun, lv: Level, account: str, *, keep: Pool) -> None:
-        """Return what ``account`` holds beyond ``keep`` to the level's pool."""
-        view = await self.deps.ledger.account(run.task_id, account)
-        extra_tokens = max(0, (view.available_tokens or 0) - (keep.tokens or 0))
-        extra_nanos = max(0, (view.available_nanos or 0) - (keep.nanos or 0))
-        if view.available_tokens is None or keep.tokens is None:
-            extra_tokens = 0
-        if view.available_nanos is None or keep.nanos is None:
-            extra_nanos = 0
-        if extra_tokens or extra_nanos:
+    async def _give_back(
+        self, run: TaskRun, lv: Level, account: str, *, left: Pool, keep: Pool
+    ) -> None:
+        """Return what ``account`` holds (``left``: its limit less the calls paid) beyond
+        ``keep`` to the level's pool."""
+        extra = [
+            0 if have is None or kept is None else max(0, have - kept)
+            for have, kept in ((left.tokens, keep.tokens), (left.nanos, keep.nanos))
+        ]
+        if any(extra):
             await self.deps.ledger.transfer(
                 run.task_id,
                 src=account,
                 dst=lv.path,
-                amount=Amount(tokens=extra_tokens, nanos=extra_nanos),
+                amount=Amount(tokens=extra[0], nanos=extra[1]),
                 op_id=plan_leftover_op_id(run.delivery, lv.work),
             )
 
@@ -497,6 +509,8 @@ class Flow:
         try:
             while True:
                 chosen = await self._decide(run, lv, plan, results, attempts, running)
+                if chosen:  # once for every try this decision starts
+                    await self._may_pay(run)
                 for item in await asyncio.gather(*(self.carve(run, i) for i in chosen)):
                     running[self._start(run, item)] = item
                 if not running:
@@ -656,7 +670,6 @@ class Flow:
             return None if attempt > 1 else _result(sub, attempt, exhausted=True)
         account = lv.account(sub.id, run.delivery, attempt)
         try:
-            await self._may_pay(run)  # the account is closed again whatever happens
             if item.composite:
                 out = await self._composite(run, item, account)
             else:
@@ -676,13 +689,22 @@ class Flow:
                 )
         except BudgetExceeded:
             out = _result(sub, attempt, exhausted=True)
-        finally:
-            closed = await self._close(run, account, nested=item.composite)
-        if out["composite"]:  # what the whole sub-level spent, as its account closed
-            out = {**out, "tokens": closed.spent_tokens, "cost_nanos": closed.spent_nanos}
+        except BaseException:
+            await self._close(run, account, nested=item.composite)
+            raise
         if out["exhausted"]:
+            await self._close(run, account, nested=item.composite)
             return None if attempt > 1 else out  # an unpaid retry keeps the earlier answer
-        return await self._finish(run, item, out)
+        if out["composite"]:  # what the whole sub-level spent, as its account closed
+            closed = await self._close(run, account, nested=True)
+            out = {**out, "tokens": closed.spent_tokens, "cost_nanos": closed.spent_nanos}
+            return await self._finish(run, item, out)
+        # The reply is kept with its payment, so closing, saving and counting may go
+        # together: a crash between them is mended by the next delivery either way.
+        _, done = await asyncio.gather(
+            self._close(run, account, nested=False), self._finish(run, item, out)
+        )
+        return done
 
     async def _composite(self, run: TaskRun, item: WorkItem, account: str) -> SubtaskResult:
         """A sub-manager plans the subtask inside its account; its answer is the result."""
@@ -720,11 +742,13 @@ class Flow:
         lv, sub = item.level, item.subtask
         if not out["composite"] and out["finished"] and self._reviewed(sub) and not out["reviewed"]:
             out = await self._review(run, lv, sub, out)
-        # Saved first, counted second: a crash between the two is mended by the
-        # next delivery, which counts every saved result again (once, by the
-        # outcome's marker).
-        await self.deps.records.save_result(run.task_id, lv.work_of(sub.id), out)
-        await self._count(run.scope, out)
+        # Saved and counted together: a crash between the two is mended by the next
+        # delivery, which counts every saved result again and rebuilds an unsaved one
+        # from its kept reply (counted once either way, by the outcome's marker).
+        await asyncio.gather(
+            self.deps.records.save_result(run.task_id, lv.work_of(sub.id), out),
+            self._count(run.scope, out),
+        )
         return out
 
     async def _review(

@@ -112,7 +112,8 @@ class Runtime:
             return await self.records.get(task_id) or record
         if await self.records.cancel_requested(task_id):
             return await self._finish(task_id, Status.CANCELLED, None, None)
-        await self._close_stale_accounts(task_id)
+        if delivery > 1:  # only an earlier delivery can have left accounts open
+            await self._close_stale_accounts(task_id)
         try:
             state = await self.graph.ainvoke(
                 {
