@@ -52,6 +52,17 @@ MaxTokensParam = Literal["max_tokens", "max_completion_tokens"]
 """The request field that caps the reply: OpenAI's reasoning models (o1, o3, o4, gpt-5) refuse
 ``max_tokens`` and require ``max_completion_tokens``; most other servers read ``max_tokens``."""
 
+ReasoningControl = Literal["none", "effort", "budget"]
+"""How a reasoning model's thinking is bounded from the call's output tier (its reserved
+``max_tokens``): ``effort`` sends ``reasoning_effort`` (``low`` up to 1,024 tokens,
+``medium`` up to 4,096, ``high`` above; OpenAI's o-series and gpt-5), ``budget`` sends
+``reasoning_budget_field`` (default ``thinking_budget``) set to three quarters of
+``max_tokens``, so the thinking always fits inside what was reserved; ``none`` sends
+nothing. The prompt states the budget either way."""
+
+#: Output tiers up to which each reasoning effort is asked for; above the last, ``high``.
+REASONING_EFFORT_TIERS: tuple[tuple[int, str], ...] = ((1024, "low"), (4096, "medium"))
+
 _TOKENIZER = r"^(bytes|server|tiktoken:[A-Za-z0-9_.\-]{1,64})$"
 
 
@@ -101,6 +112,8 @@ class Endpoint(BaseModel):
     timeout_s: float = Field(default=60.0, gt=0)
     max_retries: int = Field(default=3, ge=0)
     max_tokens_param: MaxTokensParam = "max_tokens"
+    reasoning: ReasoningControl = "none"
+    reasoning_budget_field: str = Field(default="thinking_budget", pattern=r"^[a-z][a-z_]{0,39}$")
     tokenizer: str | None = Field(default=None, pattern=_TOKENIZER)
     """How prompts are counted before a call: ``"bytes"`` (an upper bound for any byte-level
     tokenizer), ``"server"`` (the server's own tokenizer through llama-cpp-python's
@@ -134,6 +147,15 @@ class Endpoint(BaseModel):
                 '"json_schema" (OpenAI), "json_object" (llama.cpp) or "none"'
             )
         return data
+
+    def reasoning_params(self, out_tokens: int) -> dict[str, Any]:
+        """The request fields that bound a reasoning model's thinking for ``out_tokens``."""
+        if self.reasoning == "effort":
+            effort = next((e for most, e in REASONING_EFFORT_TIERS if out_tokens <= most), "high")
+            return {"reasoning_effort": effort}
+        if self.reasoning == "budget":
+            return {self.reasoning_budget_field: max(1, out_tokens * 3 // 4)}
+        return {}
 
     @property
     def price(self) -> Price:

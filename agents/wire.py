@@ -66,7 +66,8 @@ async def send(
     Raises :class:`BadReply` for a 200 reply that is unusable, and whatever the
     client raises otherwise; ``progress`` says how far the request got.
     """
-    extra = dict(params)  # response_format, temperature
+    # response_format, temperature; the thinking bound of a reasoning model, inside out_tokens
+    extra = {**endpoint.reasoning_params(out_tokens), **params}
     body: dict[str, Any] = {
         "model": endpoint.model,
         "messages": [dict(m) for m in messages],
