@@ -18,6 +18,7 @@ from typing import Any, cast
 from redis.asyncio import Redis
 
 from budgets._runner import ScriptRunner
+from budgets.connection import redis_client
 from budgets.errors import (
     InvalidAmount,
     InvalidTransfer,
@@ -168,7 +169,7 @@ class Ledger:
         tenant_events_max: int = TENANT_EVENTS_MAX,
     ) -> Ledger:
         """A ledger on the Redis at ``url`` (``redis://host:port/db``)."""
-        redis = Redis.from_url(url, decode_responses=True)
+        redis = redis_client(url)
         return cls(
             redis, url=url, batch=batch, lease_s=lease_s, tenant_events_max=tenant_events_max
         )

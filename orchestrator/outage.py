@@ -29,6 +29,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from budgets.connection import redis_client
 from budgets.errors import LedgerUnavailable
 
 log = logging.getLogger(__name__)
@@ -196,9 +197,8 @@ class RideOut(Retry):
 def riding_client(url: str, *, outage: Outage, window_s: float) -> Redis:
     """A Redis client (``decode_responses``) whose commands ride out an outage of ``window_s``."""
     retry = RideOut(outage=outage, window_s=window_s, cap_s=min(1.0, max(0.05, window_s / 10)))
-    client: Redis = Redis.from_url(
+    client: Redis = redis_client(
         url,
-        decode_responses=True,
         retry=retry,
         retry_on_error=[rex.ConnectionError, rex.TimeoutError],
         socket_connect_timeout=CONNECT_TIMEOUT_S,
