@@ -9,6 +9,7 @@ errors, ``budgets/keys.py`` builds every key, op id and marker, and
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -468,9 +469,10 @@ class Ledger:
             await self._run(Op.UNCLAIM, task_id, [], [incarnation])
             raise UnknownTask(task_id)
         paths = await _members(self.redis, keys.accounts)
-        for path in sorted(paths, key=lambda p: (-p.count("/"), p)):
-            if path != ROOT:
-                await self.close_account(task_id, path, force=force)
+        depths = sorted({p.count("/") for p in paths if p != ROOT}, reverse=True)
+        for depth in depths:  # deepest first; one level at a time goes as one batch
+            level = sorted(p for p in paths if p != ROOT and p.count("/") == depth)
+            await asyncio.gather(*(self.close_account(task_id, p, force=force) for p in level))
         closed = await self.close_account(task_id, ROOT, force=force)
         if tenant and incarnation:
             # The root's spend now, late commits included, not the first close's.
