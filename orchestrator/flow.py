@@ -64,8 +64,10 @@ log = logging.getLogger(__name__)
 
 #: The least output a subtask's share must pay for besides its prompt to be worth starting.
 USEFUL_OUTPUT_TOKENS = 64
-#: With reviews on ``auto``, the least planned difficulty a result is reviewed at.
+#: With reviews on ``auto``, the least planned difficulty a result is reviewed at...
 REVIEW_AUTO_DIFFICULTY = 4
+#: ...and only when the reviews reserve at most 1/10 of the level's pool.
+AUTO_REVIEW_SHARE_DIVISOR = 10
 
 ReviewMode = Literal["off", "on", "auto"]
 
@@ -276,6 +278,8 @@ class WorkItem:
     paid: WorkerResult | None = None
     #: Its account could not be carved.
     unpaid: bool = False
+    #: Its result is reviewed by the level's manager.
+    review: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,20 +385,43 @@ class Flow:
         view = await self.deps.ledger.account(run.task_id, path)
         return Pool(tokens=view.available_tokens, nanos=view.available_nanos)
 
-    def _reviewed(self, sub: Subtask) -> bool:
+    def _reviews(self, lv: Level, plan: Plan, pool: Pool) -> tuple[frozenset[str], Pool]:
+        """Which subtasks the level's manager reviews, and what their reviews reserve.
+
+        ``on``: every one. ``auto``: those of difficulty 4 and up, and only when
+        their reviews reserve at most a tenth of the level's pool (a small budget
+        goes to the work). ``off``: none.
+        """
         mode = self.deps.review
-        return mode == "on" or (mode == "auto" and sub.difficulty >= REVIEW_AUTO_DIFFICULTY)
+        chosen = [
+            s.id
+            for s in plan.subtasks
+            if mode == "on" or (mode == "auto" and s.difficulty >= REVIEW_AUTO_DIFFICULTY)
+        ]
+        if not chosen:
+            return frozenset(), Pool(tokens=0, nanos=0)
+        each = self.deps.manager.review_cost(task=lv.text, subtask_id=chosen[0])
+        tokens, nanos = len(chosen) * each.tokens, len(chosen) * each.nanos
+        need = Pool(tokens=tokens, nanos=nanos)
+        if mode == "auto" and any(
+            have is not None and cost * AUTO_REVIEW_SHARE_DIVISOR > have
+            for have, cost in ((pool.tokens, tokens), (pool.nanos, nanos))
+        ):
+            return frozenset(), Pool(tokens=0, nanos=0)
+        return frozenset(chosen), need
 
     # -- one level -----------------------------------------------------------------------------
 
     async def _level(self, run: TaskRun, lv: Level) -> LevelReport:
-        plan = await self._plan(run, lv)
-        results = await self._dataflow(run, lv, plan)
+        plan, reviewed = await self._plan(run, lv)
+        results = await self._dataflow(run, lv, plan, reviewed)
         answer = await self._synthesize(run, lv, plan, results)
         return LevelReport(plan=plan, results=results, answer=answer)
 
-    async def _plan(self, run: TaskRun, lv: Level) -> Plan:
+    async def _plan(self, run: TaskRun, lv: Level) -> tuple[Plan, frozenset[str]]:
         """Plan once (or reuse the saved plan) in a manager account sized for the call.
+
+        Returns the plan and the ids of the subtasks the manager will review.
 
         The manager's account is the policy's synthesis reserve, grown for the
         planning call to what that call reserves (at most half the pool), and
@@ -412,9 +439,10 @@ class Flow:
             saved = await deps.records.load_plan(run.task_id, level=lv.work)
         if saved is not None:
             plan = Plan.model_validate_json(saved)
-            keep = self._manager_keep(lv, plan, reserve)
+            reviewed, reviews = self._reviews(lv, plan, pool)
+            keep = _plus(reserve, reviews)
             await deps.ledger.open_account(run.task_id, manager_acct, _budget_of(keep))
-            return plan
+            return plan, reviewed
         most = self._subtasks_affordable(pool, reserve, lv.text)
         full, least = deps.manager.plan_cost(task=lv.text, max_subtasks=most, nested=nested)
         size = planning_budget(pool, reserve=reserve, full=full, least=least)
@@ -425,6 +453,7 @@ class Flow:
             )
             await deps.ledger.open_account(run.task_id, manager_acct, _budget_of(reserve))
             outcome = deps.manager.unplanned(lv.text, why)
+            reviewed = frozenset[str]()
         else:
             await self._may_pay(run)
             await deps.ledger.open_account(run.task_id, manager_acct, _budget_of(size))
@@ -435,7 +464,8 @@ class Flow:
                 max_subtasks=most,
                 nested=nested,
             )
-            keep = self._manager_keep(lv, outcome.plan, reserve)
+            reviewed, reviews = self._reviews(lv, outcome.plan, pool)
+            keep = _plus(reserve, reviews)
             left = Pool(
                 tokens=None if size.tokens is None else size.tokens - outcome.tokens,
                 nanos=None if size.nanos is None else size.nanos - outcome.cost_nanos,
@@ -448,19 +478,7 @@ class Flow:
                 run.task_id, manager_acct, _plan_note(outcome, lv.depth), tags={"step": "plan"}
             ),
         )
-        return plan
-
-    def _manager_keep(self, lv: Level, plan: Plan, reserve: Pool) -> Pool:
-        """What the manager's account keeps after planning: the synthesis and review reserves."""
-        reviews = [s for s in plan.subtasks if self._reviewed(s)]
-        if not reviews:
-            return reserve
-        each = self.deps.manager.review_cost(task=lv.text, subtask_id=reviews[0].id)
-        n = len(reviews)
-        return Pool(
-            tokens=None if reserve.tokens is None else reserve.tokens + n * each.tokens,
-            nanos=None if reserve.nanos is None else reserve.nanos + n * each.nanos,
-        )
+        return plan, reviewed
 
     def _subtasks_affordable(self, pool: Pool, reserve: Pool, text: str) -> int:
         """How many subtasks the pool can pay one useful call each for (at least one).
@@ -495,8 +513,13 @@ class Flow:
                 op_id=plan_leftover_op_id(run.delivery, lv.work),
             )
 
-    async def _dataflow(self, run: TaskRun, lv: Level, plan: Plan) -> dict[str, SubtaskResult]:
-        """Start each subtask as soon as its dependencies are done and it is granted a budget."""
+    async def _dataflow(
+        self, run: TaskRun, lv: Level, plan: Plan, reviewed: frozenset[str]
+    ) -> dict[str, SubtaskResult]:
+        """Start each subtask as soon as its dependencies are done and it is granted a budget.
+
+        ``reviewed``: the subtasks whose results the level's manager reviews.
+        """
         by_id = {s.id: s for s in plan.subtasks}
         prefix = f"{lv.work}{WORK_SEPARATOR}" if lv.work else ""
         results: dict[str, SubtaskResult] = {
@@ -508,7 +531,10 @@ class Flow:
         running: dict[asyncio.Future[SubtaskResult | None], WorkItem] = {}
         try:
             while True:
-                chosen = await self._decide(run, lv, plan, results, attempts, running)
+                chosen = [
+                    replace(item, review=item.subtask.id in reviewed)
+                    for item in await self._decide(run, lv, plan, results, attempts, running)
+                ]
                 if chosen:  # once for every try this decision starts
                     await self._may_pay(run)
                 for item in await asyncio.gather(*(self.carve(run, i) for i in chosen)):
@@ -740,7 +766,7 @@ class Flow:
 
     async def _finish(self, run: TaskRun, item: WorkItem, out: SubtaskResult) -> SubtaskResult:
         lv, sub = item.level, item.subtask
-        if not out["composite"] and out["finished"] and self._reviewed(sub) and not out["reviewed"]:
+        if not out["composite"] and out["finished"] and item.review and not out["reviewed"]:
             out = await self._review(run, lv, sub, out)
         # Saved and counted together: a crash between the two is mended by the next
         # delivery, which counts every saved result again and rebuilds an unsaved one
@@ -852,6 +878,14 @@ def _useful(grant: Grant, prompts: Mapping[str, int]) -> bool:
     if grant.tokens is None:
         return True
     return grant.tokens >= prompts.get(grant.subtask_id, 0) + USEFUL_OUTPUT_TOKENS
+
+
+def _plus(a: Pool, b: Pool) -> Pool:
+    """Both pools' amounts added; unlimited (``None``) stays unlimited."""
+    return Pool(
+        tokens=None if a.tokens is None else a.tokens + (b.tokens or 0),
+        nanos=None if a.nanos is None else a.nanos + (b.nanos or 0),
+    )
 
 
 def _budget_of(pool: Pool) -> Budget:

@@ -317,7 +317,7 @@ async def test_a_rejected_result_the_pool_cannot_redo_ends_partial(
 ) -> None:
     always = lambda req: Reply(text=json.dumps({"reject": ["a"]}))  # noqa: E731
     stub.responder = responder({"": [sub("a", difficulty=5)]}, review=always)
-    pm = make_pm()  # auto: difficulty 5 is reviewed
+    pm = make_pm(PAYMASTER_REVIEW="on")  # reviewed even where the review is a large share
     budget = Budget(tokens=5_200)
     rec = await pm.arun("one hard part", budget=budget)
     assert rec.status is Status.PARTIAL, rec.error
