@@ -449,14 +449,17 @@ class Ledger:
             spent_nanos=int(reply[4]),
         )
 
-    async def close_task(self, task_id: str, *, force: bool = False) -> Closed:
+    async def close_task(
+        self, task_id: str, *, force: bool = False, retention_s: int | None = None
+    ) -> Closed:
         """Close every open account of the task, deepest first, then the root.
 
         The root's leftover goes back to the tenant, if the task had one, and its
         spend counts for the tenant. Safe to call again after a crash part way
         through; each call reports the task's spend as it is then. A task only
         claimed (its open never completed) is given up: any funding goes back,
-        and :class:`UnknownTask` is raised.
+        and :class:`UnknownTask` is raised. With ``retention_s``, the task's keys
+        are then given that retention, as :meth:`expire_task` does.
         """
         check_task_id(task_id)
         keys = TaskKeys(task_id)
@@ -485,6 +488,8 @@ class Ledger:
         elif tenant:
             log.warning("task %s has no incarnation; its tenant %s is not settled", task_id, tenant)
         await self.redis.srem(OPEN_TASKS, task_id)
+        if retention_s is not None:
+            await self._expire(keys, meta, paths, retention_s)
         return closed
 
     async def expire_task(self, task_id: str, *, retention_s: int) -> None:
@@ -497,6 +502,12 @@ class Ledger:
         keys = TaskKeys(task_id)
         meta = await _hash(self.redis, keys.meta)
         paths = await _members(self.redis, keys.accounts)
+        await self._expire(keys, meta, paths, retention_s)
+
+    async def _expire(
+        self, keys: TaskKeys, meta: Mapping[str, str], paths: set[str], retention_s: int
+    ) -> None:
+        task_id = keys.task_id
         pipe = self.redis.pipeline(transaction=False)
         for key in [*keys.script_keys(), *(keys.account(p) for p in paths)]:
             pipe.expire(key, retention_s)

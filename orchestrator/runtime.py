@@ -9,7 +9,6 @@ delivery is still this worker's (see :mod:`orchestrator.queue`).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -219,15 +218,13 @@ async def finish_task(
     """
     spent: Spent | None = None
     try:
-        closed = await ledger.close_task(task_id, force=True)
+        closed = await ledger.close_task(task_id, force=True, retention_s=retention_s)
         spent = Spent(tokens=closed.spent_tokens, usd=str(nanos_to_usd(closed.spent_nanos)))
     except UnknownTask:
         pass
     await records.finish(
         task_id, status=status, answer=answer, error=error, spent=spent, retention_s=retention_s
     )
-    with contextlib.suppress(UnknownTask):
-        await ledger.expire_task(task_id, retention_s=retention_s)
     record = await records.get(task_id)
     assert record is not None
     return record
