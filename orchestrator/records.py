@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Mapping
@@ -139,6 +140,10 @@ class Records:
         self._discard = redis.register_script(_DISCARD)
         self._mark_running = redis.register_script(_MARK_RUNNING)
         self._cancel_queued = redis.register_script(_CANCEL_QUEUED)
+        # Results saved while a write is in flight go together, one HSET per task.
+        self._unsaved: dict[str, dict[str, str]] = {}
+        self._saved: dict[str, asyncio.Future[None]] = {}
+        self._saver: asyncio.Task[None] | None = None
 
     async def create(
         self, task_id: str, *, task: str, budget: Budget, tenant: str | None
@@ -269,8 +274,36 @@ class Records:
         return cast("str | None", value)
 
     async def save_result(self, task_id: str, subtask_id: str, result: Mapping[str, Any]) -> None:
-        """Keep a finished subtask's result."""
-        await self.redis.hset(TaskKeys(task_id).results, subtask_id, json.dumps(result))
+        """Keep a finished subtask's result (by its work id).
+
+        Results of one task saved at the same moment (subtasks finishing
+        together) are written with one ``HSET``; each call returns once its own
+        result is written, or raises what the write raised.
+        """
+        self._unsaved.setdefault(task_id, {})[subtask_id] = json.dumps(result)
+        done = self._saved.get(task_id)
+        if done is None:
+            done = self._saved[task_id] = asyncio.get_running_loop().create_future()
+        if self._saver is None or self._saver.done():
+            self._saver = asyncio.create_task(self._save_pending())
+        await asyncio.shield(done)
+
+    async def _save_pending(self) -> None:
+        while self._unsaved:
+            batch, self._unsaved = self._unsaved, {}
+            waiting = {t: self._saved.pop(t) for t in batch}
+            writes = [
+                self.redis.hset(TaskKeys(t).results, mapping=cast(Any, fields))
+                for t, fields in batch.items()
+            ]
+            try:
+                outcomes = await asyncio.gather(*writes, return_exceptions=True)
+            except BaseException as e:  # cancelled: every waiter hears of it
+                outcomes = [e] * len(batch)
+                raise
+            finally:
+                for task_id, outcome in zip(batch, outcomes, strict=True):
+                    _settle(waiting[task_id], outcome)
 
     async def load_results(self, task_id: str) -> dict[str, dict[str, Any]]:
         """Every result already paid for, by subtask id."""
@@ -279,3 +312,13 @@ class Records:
             await self.redis.hgetall(TaskKeys(task_id).results),
         )
         return {sid: json.loads(value) for sid, value in raw.items()}
+
+
+def _settle(fut: asyncio.Future[None], outcome: object) -> None:
+    if fut.done():
+        return
+    if isinstance(outcome, BaseException):
+        fut.set_exception(outcome)
+        fut.add_done_callback(lambda f: f.exception())  # retrieved even if nobody waits
+    else:
+        fut.set_result(None)
