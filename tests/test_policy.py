@@ -6,6 +6,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import replace
 from decimal import Decimal
 
 import pytest
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 
 from budgets import Price
 from budgets.errors import InvalidName
+from budgets.learner import Weights, learn
 from budgets.policy import (
     FAILURE_SIGNALS,
     TIERS,
@@ -26,6 +28,7 @@ from budgets.policy import (
     Outcome,
     Policy,
     Pool,
+    Target,
     Tiered,
     Uniform,
     make_policy,
@@ -51,6 +54,8 @@ PAIR = Menu((STRONG, LOCAL), Stats(), default="local")
 UNLIMITED = Pool(tokens=None, nanos=None)
 RICH = Pool(tokens=None, nanos=10**12)
 POLICIES: list[Policy] = [Uniform(), Tiered(), LocalFirst(), Adaptive()]
+#: Adaptive with a target that never binds: what the pool and the gains alone decide.
+OPEN = Adaptive(target=Target(cost_ratio=10))
 
 
 def history(*rows: tuple[Observation, int, int]) -> Stats:
@@ -74,8 +79,22 @@ def seen(
     used: int = 100,
     cut: bool = False,
     nanos: int = 0,
+    signals: Sequence[str] = (),
 ) -> Observation:
-    return Observation(endpoint, difficulty, tags, asked, used, cut, nanos)
+    return Observation(endpoint, difficulty, tags, asked, used, cut, nanos, signals=tuple(signals))
+
+
+def taught(*rows: tuple[Observation, int, int]) -> Stats:
+    """:func:`history`, and a learner that took every verdict of it (rows interleaved)."""
+    fields: dict[str, float] = {}
+    left = [[seen.features(), right, times - right] for seen, times, right in rows]
+    while any(ok or bad for _, ok, bad in left):
+        for item in left:
+            for index, verdict in ((1, True), (2, False)):
+                if item[index]:
+                    learn(fields, str(item[0]), ok=verdict)
+                    item[index] = int(item[index]) - 1
+    return Stats(history(*rows).cells, Weights.from_fields(fields))
 
 
 def tried(
@@ -449,51 +468,72 @@ def test_local_first_custom_failure_signals() -> None:
 
 def test_adaptive_escalates_only_when_the_pool_covers_the_call() -> None:
     out = tried("a", 2, "local", prompt=100)
-    # no history: strong (tier 4) beats local (tier 1) by far more than min_gain
-    price = STRONG.cost(input_tokens=100, output_tokens=TIERS[2])
-    [grant] = Adaptive().escalate(Pool(100 + TIERS[2], price), [out], menu=PAIR)
-    assert grant == Grant("a", 100 + TIERS[2], price, TIERS[2], "strong")
-    assert Adaptive().escalate(Pool(None, price - 1), [out], menu=PAIR) == []
-    assert Adaptive().escalate(Pool(100 + TIERS[2] - 1, None), [out], menu=PAIR) == []
-    assert Adaptive().escalate(Pool(0, 0), [out], menu=PAIR) == []
+    # no history: strong (tier 4) beats local (tier 1) by far more than min_gain; cold, it
+    # is sized from the reply it improves on (twice its 100 tokens, at least the 256 floor),
+    # not the 512 ladder
+    price = STRONG.cost(input_tokens=100, output_tokens=256)
+    [grant] = OPEN.escalate(Pool(100 + 256, price), [out], menu=PAIR)
+    assert grant == Grant("a", 100 + 256, price, 256, "strong")
+    assert OPEN.escalate(Pool(None, price - 1), [out], menu=PAIR) == []
+    assert OPEN.escalate(Pool(100 + 256 - 1, None), [out], menu=PAIR) == []
+    long = tried("a", 2, "local", prompt=100, used=400)
+    [grant] = OPEN.escalate(RICH, [long], menu=PAIR)
+    assert grant.max_output_tokens == 800  # room for twice the reply it improves on
+    assert OPEN.escalate(Pool(0, 0), [out], menu=PAIR) == []
 
 
 def test_adaptive_honours_max_attempts_and_unknown_endpoints() -> None:
-    assert Adaptive().escalate(RICH, [tried("a", 2, "local", attempt=3)], menu=PAIR) == []
-    assert len(Adaptive().escalate(RICH, [tried("a", 2, "local", attempt=2)], menu=PAIR)) == 1
-    assert Adaptive().escalate(RICH, [tried("a", 2, "nowhere")], menu=PAIR) == []
-    # the strongest endpoint is asked again only for a reply cut short, and only once
-    # history says cut replies fail
-    assert Adaptive().escalate(RICH, [tried("a", 2, "strong")], menu=PAIR) == []
+    assert OPEN.escalate(RICH, [tried("a", 2, "local", attempt=3)], menu=PAIR) == []
+    assert len(OPEN.escalate(RICH, [tried("a", 2, "local", attempt=2)], menu=PAIR)) == 1
+    assert OPEN.escalate(RICH, [tried("a", 2, "nowhere")], menu=PAIR) == []
+    # the strongest endpoint is asked again only for a reply cut short (no answer to keep),
+    # at least one tier higher
+    assert OPEN.escalate(RICH, [tried("a", 2, "strong")], menu=PAIR) == []
     cut = tried("a", 2, "strong", asked=512, cut=True)
-    assert Adaptive().escalate(RICH, [cut], menu=PAIR) == []
+    [again] = OPEN.escalate(RICH, [cut], menu=Menu((STRONG,), Stats(), "strong"))
+    assert (again.endpoint, again.max_output_tokens) == ("strong", 1_024)
+    # with a free endpoint beside it, a cut reply's best gain per dollar is the free one
+    [down] = OPEN.escalate(RICH, [cut], menu=PAIR)
+    assert down.endpoint == "local"
     stats = history(
         (seen("strong", 2, used=100), 20, 20),
         (seen("strong", 2, "cut_short", asked=128, used=128, cut=True), 10, 1),
     )
-    learned = Menu(PAIR.options, stats, "local")
+    learned = Menu((STRONG,), stats, "strong")
     assert Adaptive().tier("strong", 2, stats) == 267  # 128 * 1.25 * (1 + 2 * 10 / 30)
-    [again] = Adaptive().escalate(RICH, [cut], menu=learned)
+    [again] = OPEN.escalate(RICH, [cut], menu=learned)
     assert (again.endpoint, again.max_output_tokens) == ("strong", 1_024)  # a tier above 512
     uncut = tried("a", 2, "strong", asked=512)
-    assert Adaptive().escalate(RICH, [uncut], menu=learned) == []
+    assert OPEN.escalate(RICH, [uncut], menu=learned) == []
 
 
 def test_adaptive_prefers_the_best_gain_per_nano_dollar() -> None:
-    # no history: mid gains 0.08 for ~0.11 mUSD, strong 0.24 for ~1.1 mUSD
-    [grant] = Adaptive().escalate(RICH, [tried("a", 2, "local")], menu=MENU)
+    # no history: mid gains 0.08 for ~0.03 mUSD, strong 0.24 for ~0.5 mUSD
+    [grant] = OPEN.escalate(RICH, [tried("a", 2, "local")], menu=MENU)
     assert grant.endpoint == "mid"
     # a gain below min_gain does not count, however cheap
-    [grant] = Adaptive(min_gain=0.1).escalate(RICH, [tried("a", 2, "local")], menu=MENU)
+    [grant] = replace(OPEN, min_gain=0.1).escalate(RICH, [tried("a", 2, "local")], menu=MENU)
     assert grant.endpoint == "strong"
-    assert Adaptive(min_gain=0.25).escalate(RICH, [tried("a", 2, "local")], menu=MENU) == []
+    assert replace(OPEN, min_gain=0.25).escalate(RICH, [tried("a", 2, "local")], menu=MENU) == []
+
+
+def test_adaptive_counts_the_prompt_in_the_price_of_an_escalation() -> None:
+    # the same gain: the subtask with the long prompt costs more to escalate, so it waits
+    short = tried("short", 2, "local", prompt=50)
+    long = tried("long", 2, "local", prompt=20_000)
+    ranked = OPEN.escalate(RICH, [long, short], menu=PAIR)
+    assert [g.subtask_id for g in ranked] == ["short", "long"]
+    one = ranked[0].nanos
+    assert one is not None
+    [only] = OPEN.escalate(Pool(None, one), [long, short], menu=PAIR)
+    assert only.subtask_id == "short"
 
 
 # -- leftovers go where the policy says -------------------------------------------
 
-CALC_HISTORY = history(
-    (seen("local", 2, "clean"), 20, 18),
-    (seen("local", 2, "calc-bad"), 20, 2),
+CALC_HISTORY = taught(
+    (seen("local", 2, signals=["clean"]), 20, 18),
+    (seen("local", 2, signals=["calc-bad"]), 20, 2),
     (seen("strong", 2, nanos=500), 20, 19),
 )
 
@@ -502,13 +542,14 @@ def test_adaptive_hands_returned_money_to_the_worst_signals_first() -> None:
     menu = Menu(PAIR.options, CALC_HISTORY, "local")
     clean = tried("x", 2, "local", signals=["clean"])
     worst = tried("y", 2, "local", signals=["calc-bad"])
-    tier = Adaptive().tier("strong", 2, CALC_HISTORY)
-    one = STRONG.cost(input_tokens=100, output_tokens=tier)
-    assert Adaptive().escalate(Pool(None, one - 1), [clean, worst], menu=menu) == []
-    small = Adaptive().escalate(Pool(None, 2 * one - 1), [clean, worst], menu=menu)
+    [alone] = OPEN.escalate(RICH, [worst], menu=menu)
+    one = alone.nanos
+    assert one is not None
+    assert OPEN.escalate(Pool(None, one - 1), [clean, worst], menu=menu) == []
+    small = OPEN.escalate(Pool(None, 2 * one - 1), [clean, worst], menu=menu)
     assert [(g.subtask_id, g.endpoint) for g in small] == [("y", "strong")]
     # more money came back: both, in order of gain per nano-dollar
-    big = Adaptive().escalate(Pool(None, 2 * one), [clean, worst], menu=menu)
+    big = OPEN.escalate(Pool(None, 2 * one), [clean, worst], menu=menu)
     assert [g.subtask_id for g in big] == ["y", "x"]
     assert totals(big)[1] == 2 * one
 
@@ -558,8 +599,11 @@ def test_adaptive_tier_shrinks_to_what_history_used() -> None:
     assert (grant.endpoint, grant.max_output_tokens) == ("strong", expected)
     # other difficulties learn from the all-difficulty cell
     assert Adaptive().tier("strong", 2, short) == expected
-    # an endpoint without history keeps the ladder
-    assert Adaptive().tier("mid", 4, short) == TIERS[4]
+    # cold start: an endpoint without history is sized from what the others used, twice
+    # (here 2 x 90, so the 256 floor)
+    assert Adaptive().tier("mid", 4, short) == 256
+    # or from the reply it is asked to improve on
+    assert Adaptive().tier("mid", 4, short, hint=300) == 600
 
 
 def test_adaptive_tier_needs_min_calls() -> None:
@@ -590,22 +634,23 @@ def test_adaptive_tier_is_clamped() -> None:
 
 
 def test_a_signal_history_ties_to_failure_raises_escalation() -> None:
-    stats = history(
-        (seen("local", 2, "clean"), 40, 38),
-        (seen("local", 2, "calc-bad"), 10, 1),
+    stats = taught(
+        (seen("local", 2, signals=["clean"]), 40, 38),
+        (seen("local", 2, signals=["calc-bad"]), 10, 1),
         (seen("strong", 2), 50, 40),
     )
     menu = Menu(PAIR.options, stats, "local")
-    plain = tried("a", 2, "local")
+    policy = replace(OPEN, min_gain=0.05)
+    clean = tried("a", 2, "local", signals=["clean"])
     flagged = tried("a", 2, "local", signals=["calc-bad"])
-    assert Adaptive().chance(LOCAL, 2, ("calc-bad",), stats) < Adaptive().chance(
-        LOCAL, 2, (), stats
+    assert policy.chance(LOCAL, 2, (), stats, signals=["calc-bad"]) < policy.chance(
+        LOCAL, 2, (), stats, signals=["clean"]
     )
-    assert Adaptive().escalate(RICH, [plain], menu=menu) == []
-    assert [g.endpoint for g in Adaptive().escalate(RICH, [flagged], menu=menu)] == ["strong"]
-    # a signal history never saw carries no evidence
-    unseen = tried("a", 2, "local", signals=["never-seen"])
-    assert Adaptive().escalate(RICH, [unseen], menu=menu) == []
+    assert policy.escalate(RICH, [clean], menu=menu) == []
+    assert [g.endpoint for g in policy.escalate(RICH, [flagged], menu=menu)] == ["strong"]
+    # a signal history never saw carries no evidence of its own: the base rate decides
+    unseen = tried("a", 2, "local", signals=["clean", "never-seen"])
+    assert policy.escalate(RICH, [unseen], menu=menu) == []
 
 
 # -- choosing a policy ------------------------------------------------------------

@@ -8,6 +8,7 @@ import multiprocessing as mp
 import random
 from collections import Counter
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from importlib import resources
 
 import pytest
@@ -334,13 +335,17 @@ async def test_the_record_script_checks_everything_before_its_first_write(
         resources.files("budgets").joinpath("lua", "stats_record.lua").read_text()
     )
     keys = StatsKeys("t:a")
-    where = [keys.cells, keys.outcome_seen("o9"), keys.verdict_seen("o9")]
-    args = [60, "cheap|2|*|\ncheap|0|*|", 5, 1, "cheap|2|*|max", "cheap|2|*|n", 1]
+    where = [
+        keys.cells, keys.outcome_seen("o9"), keys.verdict_seen("o9"), keys.features_seen("o9")
+    ]  # fmt: skip
+    feats = "cheap|q\tbias=1.0"
+    args = [60, "cheap|2|*|\ncheap|0|*|", 5, feats, 1, "cheap|2|*|max", "cheap|2|*|n", 1]
     for wrong in (["cheap|2|*|u", "5.5"], ["cheap|2|*|u", "-1"], ["cheap|2|*|u"]):
         assert (await script(keys=where, args=[*args, *wrong]))[0] == -1
         assert await everything(book) == {}
     assert await script(keys=where, args=args) == 1
     assert await book.redis.get(keys.outcome_seen("o9")) == b"cheap|2|*|\ncheap|0|*|"
+    assert await book.redis.get(keys.features_seen("o9")) == feats.encode()
 
 
 # -- a verdict moves counts only in the cells its outcome was recorded in ------------
@@ -444,7 +449,9 @@ async def test_clear_forgets_a_scope(book: StatsBook) -> None:
 MID = Option("mid", "remote", 2, Price.of("0.1", "0.4"))
 
 
-async def test_a_tag_every_call_carries_moves_no_chance(book: StatsBook) -> None:
+async def test_a_tag_every_call_carries_leaves_each_difficulty_at_its_own_rate(
+    book: StatsBook,
+) -> None:
     """Easy calls all right, hard ones mostly wrong, all tagged ``x``: ``x`` says nothing."""
     for i in range(20):
         for difficulty, ok in ((1, True), (5, i < 6)):
@@ -452,10 +459,26 @@ async def test_a_tag_every_call_carries_moves_no_chance(book: StatsBook) -> None
             await book.record("t:a", oid, _bad(endpoint="mid", difficulty=difficulty, tags=("x",)))
             await judge(book, "t:a", oid, ok=ok)
     stats, policy = await book.read("t:a"), Adaptive()
-    for difficulty in (1, 5):
-        alone = policy.chance(MID, difficulty, [], stats)
-        assert policy.chance(MID, difficulty, ["x", "X "], stats) == pytest.approx(alone)
-    assert policy.chance(MID, 5, [], stats) < 0.4  # the hard calls' own rate, not everyone's
+    assert stats.model.updates("mid", "q") == 40  # the learner took every verdict
+    easy, hard = (policy.chance(MID, d, ["x", "X "], stats) for d in (1, 5))
+    assert easy > 0.8
+    assert hard < 0.45  # the hard calls' own rate (6 in 20), not everyone's (26 in 40)
+
+
+async def test_correlated_signals_are_not_counted_twice(book: StatsBook) -> None:
+    """Two signals that always come together are one piece of evidence, not two."""
+    for i in range(40):
+        ok = i % 2 == 0
+        signals = () if ok else ("no-final", "few-steps")
+        seen = _bad(endpoint="mid", difficulty=3, tags=())
+        await book.record("t:a", f"o{i}", replace(seen, signals=signals))
+        await judge(book, "t:a", f"o{i}", ok=ok)
+    stats, policy = await book.read("t:a"), Adaptive()
+    both = policy.chance(MID, 3, [], stats, signals=["no-final", "few-steps"])
+    one = policy.chance(MID, 3, [], stats, signals=["no-final"])
+    clean = policy.chance(MID, 3, [], stats, signals=[])
+    assert both < one < clean
+    assert both > 0.05  # the pair's own rate (0 in 20) shrunk, not its square
 
 
 async def test_a_tag_seen_only_on_wrong_answers_lowers_the_chance(book: StatsBook) -> None:
