@@ -11,7 +11,7 @@ two logistic regressions over sparse features,
 * head ``r`` — after this endpoint's own reply: the same, plus each of the
   reply's signals (``s:<signal>``).
 
-The weights live in Redis beside the scope's cells (``pm:{s:<scope>}:model``):
+The weights live in Redis beside the scope's cells (:attr:`~budgets.keys.StatsKeys.model`):
 ``w|<endpoint>|<head>|<feature>`` the weight, ``g|…`` the sum of squared
 gradients (AdaGrad's per-feature step), ``n|<endpoint>|<head>`` how many
 verdicts it learned from. A try's features are stored with its outcome when it
