@@ -61,7 +61,7 @@ from agents.tokens import load_encoding
 from agents.verifier import reply_signals
 from budgets import Amount, Budget, BudgetExceeded, Ledger, Price, usd_to_nanos
 from budgets.keys import ROOT, name_part
-from budgets.learner import reply_features
+from budgets.learner import Weights, reply_features
 from budgets.policy import (
     Adaptive,
     Grant,
@@ -424,6 +424,7 @@ class Run:
     budget_usd: Decimal | None  # None: the automatic cap (see Replay.run)
     decisions: dict[str, tuple[str, ...]] = field(default_factory=dict)  # qid -> endpoints tried
     per_question: dict[str, tuple[int, bool]] = field(default_factory=dict)  # qid -> nanos, right
+    learned: list[Weights] = field(default_factory=list)  # the learner as each task read it
     task_ids: list[str] = field(default_factory=list)
     correct: int = 0
     questions: int = 0
@@ -496,7 +497,7 @@ class Replay:
         for start in range(0, len(questions), self.task_size):
             group = questions[start : start + self.task_size]
             task_id = f"{scope}.{os.getpid()}.{run_no}.{start}"
-            tries = await self._task(policy, group, budget_usd, scope, task_id)
+            tries = await self._task(policy, group, budget_usd, scope, task_id, run)
             run.task_ids.append(task_id)
             await self._reveal(group, tries, scope, task_id)  # labels only after it closed
             self._score(run, group, tries)
@@ -510,6 +511,7 @@ class Replay:
         budget_usd: Decimal | None,
         scope: str,
         task_id: str,
+        run: Run,
     ) -> dict[str, list[Try]]:
         if budget_usd is None:
             cap = sum(
@@ -521,6 +523,7 @@ class Replay:
             budget = Budget(usd=budget_usd * len(group))
         await self.ledger.open_task(task_id, budget)
         menu = Menu(self.options, await self.book.read(scope), self.default)
+        run.learned.append(menu.stats.model)
         by_id = {q.qid: q for q in group}
         needs = [Need(q.qid, q.difficulty, q.tags, prompt_tokens=q.prompt_tokens) for q in group]
         tries: dict[str, list[Try]] = {q.qid: [] for q in group}

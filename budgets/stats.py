@@ -116,7 +116,7 @@ class Cell:
         """Share of asked-for output tokens that went unused."""
         return 1 - self.used / self.asked if self.asked else 0.0
 
-    def length_ratio(self, prior_weight: float = 200.0) -> float:
+    def length_ratio(self, prior_weight: float = 50.0) -> float:
         """Output tokens per output token of the try escalated from, shrunk toward 1."""
         return (self.pair_used + prior_weight) / (self.pair_before + prior_weight)
 
