@@ -718,7 +718,9 @@ class Adaptive:
                 extra = max(
                     1, other.cost(input_tokens=out.need.prompt_tokens, output_tokens=out_tokens)
                 )
-                mean = self.expected_cost(other, out.need, stats)
+                # once the endpoint has history, never charged below its mean call
+                seen = stats.cell(other.name).calls > 0
+                mean = self.expected_cost(other, out.need, stats) if seen else 0
                 charge = max(extra, mean)
                 found.append(
                     _Candidate(gain / extra, gain, extra, charge, out, other, output, forced)

@@ -818,3 +818,127 @@ def test_stats_of_summed_observations_count_each_cell() -> None:
     assert stats.cell("cheap", 4, "math").calls == 0
     assert every.quantile(0.5) == bucket_bound(bucket_of(300))
     assert every.quantile(1.0) == bucket_bound(bucket_of(1_024))
+
+
+# -- targets, cold start, exploration ------------------------------------------------------
+
+
+def test_targets_parse_and_refuse_what_they_cannot_mean() -> None:
+    assert Target.parse("0.35") == Target(cost_ratio=0.35)
+    assert Target.parse("ratio:0.2") == Target(cost_ratio=0.2)
+    assert Target.parse(" usd_per_point:0.0005 ") == Target(
+        cost_ratio=None, usd_per_point=Decimal("0.0005")
+    )
+    for bad in ("ratio:0", "ratio:-1", "ratio:11", "usd_per_point:-0.1", "cheap", "speed:1", "nan"):
+        with pytest.raises(ValueError, match=r"target|ratio|point"):
+            Target.parse(bad)
+    with pytest.raises(ValueError, match="exactly one"):
+        Target(cost_ratio=0.3, usd_per_point=Decimal(1))
+    chosen = make_policy("adaptive", target=Target(cost_ratio=0.2), explore=0.0)
+    assert isinstance(chosen, Adaptive)
+    assert (chosen.target, chosen.explore) == (Target(cost_ratio=0.2), 0.0)
+    assert make_policy("tiered", target=Target(cost_ratio=0.2)) == Tiered()
+    with pytest.raises(ValueError, match="exploration share"):
+        make_policy("adaptive", explore=1.5)
+
+
+def test_a_cost_ratio_escalates_the_best_gain_per_dollar_until_the_ratio_is_spent() -> None:
+    # ten cheap tries, one of them flagged: at a ratio of one strong call in ten, only
+    # the flagged one is escalated; at half, five
+    stats = taught(
+        (seen("local", 2, signals=["clean"]), 30, 27),
+        (seen("local", 2, signals=["calc-bad"]), 30, 3),
+        (seen("strong", 2, used=100), 30, 27),
+    )
+    menu = Menu(PAIR.options, stats, "local")
+    outs = [
+        tried(f"s{i}", 2, "local", signals=["calc-bad" if i == 3 else "clean"]) for i in range(10)
+    ]
+    one = Adaptive(target=Target(cost_ratio=0.12), explore=0.0)
+    assert [g.subtask_id for g in one.escalate(RICH, outs, menu=menu)] == ["s3"]
+    half = Adaptive(target=Target(cost_ratio=0.52), explore=0.0)
+    grants = half.escalate(RICH, outs, menu=menu)
+    assert grants[0].subtask_id == "s3"
+    assert len(grants) == 5
+    # a price per point: pays only where the gain is worth it
+    # a strong call's price per 50 points: worth paying for a gain of 0.5 or more
+    worth = STRONG.cost(input_tokens=100, output_tokens=100) / 1e9 / 50
+    strict = Adaptive(target=Target(cost_ratio=None, usd_per_point=Decimal(str(worth))))
+    picked = [g.subtask_id for g in replace(strict, explore=0.0).escalate(RICH, outs, menu=menu)]
+    assert picked == ["s3"]  # its gain is ~0.58; the others' ~0.2
+
+
+def test_a_task_of_one_subtask_still_spends_its_ratio_on_average() -> None:
+    policy = Adaptive(target=Target(cost_ratio=0.3), explore=0.0)
+    granted = sum(
+        bool(policy.escalate(RICH, [tried(f"t{i}", 2, "local")], menu=PAIR)) for i in range(400)
+    )
+    assert 0.15 < granted / 400 < 0.35  # ~0.3 of one strong call each: the policy's dice
+
+
+def test_cold_start_escalates_the_most_valuable_at_a_low_budget() -> None:
+    # No history: every cheap try has the same chance, so the value of an escalation is its
+    # price. The pool cannot pay one strong call at the 512 ladder, but it pays one sized
+    # from the reply it improves on (256 tokens): the cheapest to improve goes, not none.
+    outs = [
+        tried("long-prompt", 2, "local", used=120, prompt=3_000),
+        tried("short", 2, "local", used=120, prompt=100),
+        tried("long-reply", 2, "local", used=400, prompt=100),
+    ]
+    ladder = STRONG.cost(input_tokens=100, output_tokens=TIERS[2])
+    small = Pool(None, ladder - 1)
+    grants = Adaptive().escalate(small, outs, menu=PAIR)
+    assert [(g.subtask_id, g.max_output_tokens) for g in grants] == [("short", 256)]
+    # with more money, the next most valuable: the long reply (its prompt is short)
+    more = OPEN.escalate(Pool(None, 3 * ladder), outs, menu=PAIR)
+    assert [g.subtask_id for g in more][:2] == ["short", "long-reply"]
+    # ...and a split without history still probes the cheap endpoint
+    [first] = Adaptive().split(Pool(None, 10**7), [Need("a", 2)], pending_after=0, menu=PAIR)
+    assert first.endpoint == "local"
+
+
+def test_the_learner_changes_the_choice_when_an_endpoint_fails_or_wastes_tokens() -> None:
+    need = Need("a", 3, ("q:percent",), prompt_tokens=100)
+    twin = Option("twin", "remote", 2, MID.price)
+    menu = Menu((MID, twin), Stats(), "mid")
+    [grant] = Adaptive().split(RICH, [need], pending_after=0, menu=menu)
+    assert grant.endpoint == "mid"  # equal: the first cheapest
+    # mid wastes tokens: ten times twin's output for the same work
+    wasteful = taught(
+        (seen("mid", 3, "q:percent", used=2_000, asked=2_048), 20, 18),
+        (seen("twin", 3, "q:percent", used=200), 20, 18),
+    )
+    [grant] = Adaptive().split(RICH, [need], pending_after=0, menu=Menu(menu.options, wasteful))
+    assert grant.endpoint == "twin"
+    # the local endpoint fails on percentages (the learner, not only the base rate)
+    failing = taught(
+        (seen("local", 3, "q:percent"), 80, 4),
+        (seen("local", 3, "q:plain"), 80, 76),
+    )
+    learned = Menu(MENU.options, failing, "local")
+    [grant] = Adaptive().split(RICH, [need], pending_after=0, menu=learned)
+    assert grant.endpoint != "local"
+    plain = Need("b", 3, ("q:plain",), prompt_tokens=100)
+    [grant] = Adaptive().split(RICH, [plain], pending_after=0, menu=learned)
+    assert grant.endpoint == "local"
+
+
+def test_exploration_keeps_a_share_of_cheap_tries_and_escalations() -> None:
+    failing = taught((seen("local", 3), 40, 1))
+    menu = Menu(PAIR.options, failing, "local")
+    needs = [Need(f"n{i}", 3, prompt_tokens=100) for i in range(400)]
+    policy = Adaptive(explore=0.1)
+    firsts = [policy.split(RICH, [n], pending_after=0, menu=menu)[0].endpoint for n in needs]
+    assert 0.05 < firsts.count("local") / 400 < 0.15  # history says local fails: ~10% still
+    assert Adaptive(explore=0.0).split(RICH, needs[:50], pending_after=0, menu=menu)[
+        0
+    ].endpoint == ("strong")
+    # a strong answer history says is right is escalated to the cheap endpoint ~10% of the time
+    good = taught((seen("strong", 3), 40, 39), (seen("local", 3), 40, 1))
+    menu = Menu(PAIR.options, good, "local")
+    tries = [tried(n.subtask_id, 3, "strong") for n in needs]
+    opened = replace(policy, target=Target(cost_ratio=10))
+    explored = [g.endpoint for g in opened.escalate(RICH, tries, menu=menu)]
+    assert set(explored) <= {"local"}
+    assert 0.05 < len(explored) / 400 < 0.15
+    assert replace(opened, explore=0.0).escalate(RICH, tries, menu=menu) == []
