@@ -62,7 +62,9 @@ _OPS: dict[type[ast.operator], Callable[[float, float], float]] = {
     ast.Div: operator.truediv,
 }
 
-#: Every signal :func:`reply_signals` can give, but the ``len:<n>`` buckets.
+#: Every signal :func:`reply_signals` can give, but the ``len:<n>`` buckets; those of them
+#: that say the reply failed or contradicts itself are the policy's
+#: :data:`budgets.learner.FAULT_SIGNALS`.
 SIGNALS = frozenset(
     {
         "empty",

@@ -37,6 +37,23 @@ from budgets.keys import clean_tag
 Head = Literal["q", "r"]
 #: Run-time signals the flow lists among a try's tags: the learner counts them as the reply's.
 RUNTIME_SIGNALS = frozenset({"cut_short", "empty", "rejected"})
+#: Signals of a reply that failed or whose own work does not add up (the verifier's, in
+#: ``agents/verifier.py``): before the learner has seen many verdicts, each lowers the
+#: chance of the reply being right by a prior amount, so a cold policy escalates them first.
+FAULT_SIGNALS = frozenset(
+    {
+        "cut_short",
+        "empty",
+        "rejected",
+        "no-final",
+        "final-not-number",
+        "calc-bad",
+        "eq-bad",
+        "final-not-last",
+        "final-unsupported",
+        "fraction",
+    }
+)
 #: AdaGrad's base step and the L2 pull toward zero of each step.
 LEARNING_RATE = 0.3
 L2 = 1e-3
@@ -139,6 +156,7 @@ def learn(
 
 
 __all__ = [
+    "FAULT_SIGNALS",
     "L2",
     "LEARNING_RATE",
     "RUNTIME_SIGNALS",

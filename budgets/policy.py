@@ -28,7 +28,13 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from typing import Literal, Protocol
 
-from budgets.learner import RUNTIME_SIGNALS, Head, question_features, reply_features
+from budgets.learner import (
+    FAULT_SIGNALS,
+    RUNTIME_SIGNALS,
+    Head,
+    question_features,
+    reply_features,
+)
 from budgets.money import Price
 from budgets.stats import ANY_DIFFICULTY, Stats, clean_tag
 
@@ -425,7 +431,8 @@ class _Candidate:
     value: float
     gain: float
     extra_nanos: int
-    charge_nanos: int  # what the target's allowance is charged: never below the mean call
+    expected_nanos: int  # what it is expected to cost: never below the mean call
+    charge_nanos: int  # what the allowance is charged until it ran: never below its hold
     out: Outcome
     option: Option
     output_tokens: int
@@ -448,7 +455,10 @@ class Adaptive:
     model (:mod:`budgets.learner`) over difficulty, tags, prompt size and, after
     a reply, that reply's signals; blended with the endpoint's success rate at
     this difficulty (shrunk toward a prior that rises with its tier) until it
-    learned from ``model_weight`` verdicts.
+    learned from ``model_weight`` verdicts. After a reply, that base rate is
+    lowered by ``fault_prior`` (in log-odds) for each of up to two fault signals
+    (:data:`~budgets.learner.FAULT_SIGNALS`) the reply shows, so a policy with
+    no history escalates the replies whose own work does not add up first.
 
     *Choice*: the cheapest endpoint is tried first when it costs at most
     ``probe_ratio`` of the most likely one and its chance is at least
@@ -480,6 +490,7 @@ class Adaptive:
     max_output: int = 4096
     prior_weight: float = 4.0
     model_weight: float = 30.0
+    fault_prior: float = 1.5
     probe_ratio: float = 0.25
     probe_floor: float = 0.2
     min_gain: float = 0.02
@@ -579,6 +590,8 @@ class Adaptive:
             head = "r"
             shown = [*signals, *(t for t in tags if clean_tag(t) in RUNTIME_SIGNALS)]
             feats = reply_features(difficulty, plain, prompt_tokens, shown)
+            faults = len({clean_tag(s) for s in shown} & FAULT_SIGNALS)
+            base = 1 / (1 + math.exp(self.fault_prior * min(2, faults) - _logit(base)))
         n = stats.model.updates(option.name, head)
         if n == 0:
             return base
@@ -704,6 +717,8 @@ class Adaptive:
             for other in menu.options:
                 if other.name == here.name and not out.cut_short:
                     continue  # the same endpoint again only helps a reply cut short
+                if out.need.attempt > 1 and other.tier < here.tier:
+                    continue  # a later try never goes back down: that answer is known
                 gain = self._before(other, out.need, stats) - now
                 forced = other is wild
                 if gain < self.min_gain and not forced:
@@ -721,9 +736,20 @@ class Adaptive:
                 # once the endpoint has history, never charged below its mean call
                 seen = stats.cell(other.name).calls > 0
                 mean = self.expected_cost(other, out.need, stats) if seen else 0
-                charge = max(extra, mean)
+                held = other.cost(input_tokens=out.need.prompt_tokens, output_tokens=output)
+                expected = max(extra, mean)
                 found.append(
-                    _Candidate(gain / extra, gain, extra, charge, out, other, output, forced)
+                    _Candidate(
+                        gain / extra,
+                        gain,
+                        extra,
+                        expected,
+                        max(expected, held),
+                        out,
+                        other,
+                        output,
+                        forced,
+                    )
                 )
         return found
 
@@ -741,12 +767,13 @@ class Adaptive:
             if sid in taken:
                 continue
             if allowed is not None and c.charge_nanos > allowed:
-                # The first that does not fit whole is granted by the policy's dice with the
-                # share that does, so a task of one subtask still spends its ratio on average.
-                lucky = not rolled and _unit("fit", sid, c.out.need.attempt) * c.charge_nanos
-                rolled = True
-                if not lucky or lucky >= max(0, allowed):
+                # The first whose hold does not fit is granted by the policy's dice with the
+                # share of its expected cost that does, so a task of one subtask still spends
+                # its ratio on average.
+                if rolled or _unit("fit", sid, c.out.need.attempt) * c.expected_nanos >= allowed:
+                    rolled = True
                     continue
+                rolled = True
             if point_nanos is not None and not c.explore and c.gain * point_nanos < c.extra_nanos:
                 continue
             grant = _priced_grant(pool, c.out.need, c.option, c.output_tokens)
