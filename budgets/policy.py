@@ -462,7 +462,9 @@ class Adaptive:
 
     *Choice*: the cheapest endpoint is tried first when it costs at most
     ``probe_ratio`` of the most likely one and its chance is at least
-    ``probe_floor``; otherwise the most likely endpoint the share can pay for.
+    ``probe_floor``; otherwise the most likely endpoint the share can pay for
+    and, under a cost ratio, that costs at most the ratio of the reference's
+    call (or is the cheapest).
 
     *Escalation*: every finished try is scored by the gain in chance of another
     endpoint over this try's (which now includes its own signals) per extra
@@ -470,7 +472,9 @@ class Adaptive:
     scores are granted while the task's spend stays within the ratio of what the
     strongest endpoint would cost for its subtasks; under ``usd_per_point``,
     every one whose price per expected point is low enough. Always only what
-    the pool covers, and only gains of at least ``min_gain``.
+    the pool covers, and only gains of at least ``min_gain``. A reply cut short
+    is finished on its own endpoint, a tier up, whatever the target (only the
+    pool limits it): it is the answer the target already paid for.
 
     *Exploration*: a share ``explore`` of subtasks (chosen by a hash of their
     id, so a replay repeats) is first tried on the cheapest endpoint however bad
@@ -629,10 +633,15 @@ class Adaptive:
 
         affordable = [o for o in menu.options if share is None or reservation(o) <= share]
         candidates = affordable or menu.by_cost()[:1]
-        chances = {o.name: self._before(o, need, stats) for o in candidates}
-        best = max(candidates, key=lambda o: (chances[o.name], -o.rank[1]))
         cost = {o.name: self.expected_cost(o, need, stats) for o in candidates}
         cheap = min(candidates, key=lambda o: (cost[o.name], o.rank))
+        ratio, ref = self.target.cost_ratio, self.reference(menu)
+        if ratio is not None and ref is not None:
+            # a first try costs no more than the ratio allows, unless nothing is cheaper
+            cap = max(cost[cheap.name], ratio * self.expected_cost(ref, need, stats))
+            candidates = [o for o in candidates if cost[o.name] <= cap]
+        chances = {o.name: self._before(o, need, stats) for o in candidates}
+        best = max(candidates, key=lambda o: (chances[o.name], -o.rank[1]))
         probe = cost[cheap.name] <= self.probe_ratio * cost[best.name]
         if cheap is best or (probe and chances[cheap.name] >= self.probe_floor):
             return cheap
@@ -766,7 +775,10 @@ class Adaptive:
             sid = c.out.need.subtask_id
             if sid in taken:
                 continue
-            if allowed is not None and c.charge_nanos > allowed:
+            # finishing a reply cut short on its own endpoint is paid by the pool alone: it
+            # is the answer the target already paid for, not a second opinion
+            finish = c.out.cut_short and c.option.name == c.out.endpoint
+            if allowed is not None and not finish and c.charge_nanos > allowed:
                 # The first whose hold does not fit is granted by the policy's dice with the
                 # share of its expected cost that does, so a task of one subtask still spends
                 # its ratio on average.
@@ -782,7 +794,7 @@ class Adaptive:
             grants.append(grant)
             taken.add(sid)
             pool = pool.less(grant)
-            if allowed is not None:
+            if allowed is not None and not finish:
                 allowed -= c.charge_nanos
         return grants
 
