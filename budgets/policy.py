@@ -464,7 +464,7 @@ class Adaptive:
     ``probe_ratio`` of the most likely one and its chance is at least
     ``probe_floor``; otherwise the most likely endpoint the share can pay for
     and, under a cost ratio, that costs at most the ratio of the reference's
-    call (or is the cheapest).
+    call (or is the cheapest) unless the cheapest is below ``probe_floor``.
 
     *Escalation*: every finished try is scored by the gain in chance of another
     endpoint over this try's (which now includes its own signals) per extra
@@ -635,12 +635,13 @@ class Adaptive:
         candidates = affordable or menu.by_cost()[:1]
         cost = {o.name: self.expected_cost(o, need, stats) for o in candidates}
         cheap = min(candidates, key=lambda o: (cost[o.name], o.rank))
+        chances = {o.name: self._before(o, need, stats) for o in candidates}
         ratio, ref = self.target.cost_ratio, self.reference(menu)
-        if ratio is not None and ref is not None:
-            # a first try costs no more than the ratio allows, unless nothing is cheaper
+        if ratio is not None and ref is not None and chances[cheap.name] >= self.probe_floor:
+            # a first try costs no more than the ratio allows, unless nothing is cheaper or
+            # the cheapest is hopeless (then its try and an escalation would cost more)
             cap = max(cost[cheap.name], ratio * self.expected_cost(ref, need, stats))
             candidates = [o for o in candidates if cost[o.name] <= cap]
-        chances = {o.name: self._before(o, need, stats) for o in candidates}
         best = max(candidates, key=lambda o: (chances[o.name], -o.rank[1]))
         probe = cost[cheap.name] <= self.probe_ratio * cost[best.name]
         if cheap is best or (probe and chances[cheap.name] >= self.probe_floor):
