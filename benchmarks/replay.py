@@ -759,25 +759,28 @@ class Line:
 def logistic_reference(
     questions: Sequence[Question], models: Sequence[Model]
 ) -> tuple[list[str], list[tuple[float, float]]]:
-    """An honest offline router: a logistic model of the weak reply being right.
+    """An honest offline router: a logistic model of the cheaper model's reply being right.
 
-    Fitted on the first half of the questions (prompt features and the weak
-    reply's signals, as the policy sees them), it escalates the second half's
-    questions least likely right first. Returns the second half's ids and its
+    Fitted on the first half of the questions (prompt features and that reply's
+    signals, as the policy sees them), it escalates the second half's questions
+    least likely right first to the other model. Returns the second half's ids and its
     curve: (cost, quality) against always-strong on the same questions, every 5%.
     """
     import numpy as np
 
-    weak, strong = models
+    strong = models[1]
     half = len(questions) // 2
+    # the router starts on the cheaper model (by its cost on the first half) and escalates
+    # to the other; its curve is against always-strong, the more accurate model
+    first, other = sorted(models, key=lambda m: sum(_full_cost(q, m) for q in questions[:half]))
     rows = []
     for q in questions:
-        a = q.answers[weak.key]
+        a = q.answers[first.key]
         shown = signals(q.text, a.text, a.output_tokens)
         rows.append(reply_features(q.difficulty, q.tags, q.prompt_tokens, shown))
     names = sorted({f for r in rows for f in r})
     x = np.array([[r.get(f, 0.0) for f in names] for r in rows])
-    y = np.array([float(q.answers[weak.key].correct) for q in questions])
+    y = np.array([float(q.answers[first.key].correct) for q in questions])
     w = np.zeros(len(names))
     for _ in range(2000):  # gradient descent on the L2-regularized log loss, first half only
         p = 1 / (1 + np.exp(-x[:half] @ w))
@@ -785,16 +788,16 @@ def logistic_reference(
     test = list(questions[half:])
     chance = 1 / (1 + np.exp(-x[half:] @ w))
     order = [test[i] for i in np.argsort(chance, kind="stable")]
-    weak_cost = {q.qid: _full_cost(q, weak) for q in test}
-    strong_cost = {q.qid: _full_cost(q, strong) for q in test}
-    all_strong = sum(strong_cost.values())
+    base_cost = {q.qid: _full_cost(q, first) for q in test}
+    up_cost = {q.qid: _full_cost(q, other) for q in test}
+    all_strong = sum(_full_cost(q, strong) for q in test)
     strong_right = sum(q.answers[strong.key].correct for q in test)
     curve = []
     for step in range(21):
         k = round(len(test) * step / 20)
         up = {q.qid for q in order[:k]}
-        cost = sum(weak_cost[q.qid] + (strong_cost[q.qid] if q.qid in up else 0) for q in test)
-        right = sum(q.answers[(strong if q.qid in up else weak).key].correct for q in test)
+        cost = sum(base_cost[q.qid] + (up_cost[q.qid] if q.qid in up else 0) for q in test)
+        right = sum(q.answers[(other if q.qid in up else first).key].correct for q in test)
         curve.append((cost / all_strong, right / strong_right))
     return [q.qid for q in test], curve
 

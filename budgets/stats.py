@@ -322,7 +322,7 @@ class StatsBook:
     ) -> None:
         if retention_s < 1:
             raise ValueError(f"retention_s must be at least 1, got {retention_s}")
-        if not (learning_rate >= 0 and l2 >= 0):
+        if not all(math.isfinite(x) and x >= 0 for x in (learning_rate, l2)):
             raise ValueError(f"learning_rate and l2 must be >= 0, got {learning_rate}, {l2}")
         self.redis = redis
         self.retention_s = retention_s
@@ -395,6 +395,10 @@ class StatsBook:
         moved = await self._verdict(keys=where, args=args)
         if moved == -1:
             raise UnknownOutcome(scope, outcome_id)
+        if moved == -2:  # Python's checks should have caught it
+            raise InvalidObservation(
+                "learning_rate", (self.learning_rate, self.l2), "and l2 must be numbers >= 0"
+            )
         return bool(moved)
 
     async def clear(self, scope: str) -> None:

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from budgets.errors import InvalidName, InvalidObservation, PaymasterError, UnknownOutcome
 from budgets.keys import StatsKeys
+from budgets.learner import learn
 from budgets.money import Price
 from budgets.policy import Adaptive, Option
 from budgets.stats import ANY_DIFFICULTY, Observation, Stats, StatsBook, bucket_bound, bucket_of
@@ -506,3 +507,49 @@ async def test_quantiles_above_the_last_bucket_bound_report_the_observed_maximum
     await book.record("t:a", "small", _bad(used=100))
     cell = (await book.read("t:a")).cell("cheap", 3)
     assert (cell.peak, cell.quantile(0.05)) == (2_000_000, bucket_bound(bucket_of(100)))
+
+
+# -- the learner's step, in the verdict's script ------------------------------------------
+
+
+async def test_a_verdict_takes_the_learners_step_once_as_learn_does(book: StatsBook) -> None:
+    rows = [
+        ("o1", replace(_bad(), signals=("calc-bad",), prompt_tokens=300), False),
+        ("o2", replace(_bad(tags=("math", "q:percent")), prompt_tokens=80), True),
+        ("o3", replace(_bad(endpoint="mid", cut_short=True), before_used=40), False),
+    ]
+    expected: dict[str, float] = {}
+    for oid, seen, ok in rows:
+        await book.record("t:a", oid, seen)
+        assert await judge(book, "t:a", oid, ok=ok)
+        learn(expected, seen.features(), ok=ok)
+    model = StatsKeys("t:a").model
+    stored = {text(k): float(text(v)) for k, v in (await book.redis.hgetall(model)).items()}
+    assert stored.keys() == expected.keys()
+    for name, value in expected.items():
+        assert stored[name] == pytest.approx(value, rel=1e-12, abs=1e-15), name
+    weights = (await book.read("t:a")).model
+    assert weights.updates("cheap", "q") == 2
+    assert weights.updates("cheap", "r") == 2
+    assert weights.updates("mid", "r") == 1
+    # a repeated verdict takes no step; a changed one takes one toward the new label
+    before = await book.redis.hgetall(model)
+    assert not await judge(book, "t:a", "o1", ok=False)
+    assert await book.redis.hgetall(model) == before
+    low = weights.chance("cheap", "r", {"bias": 1.0, "s:calc-bad": 1.0, "d:3": 1.0})
+    assert await judge(book, "t:a", "o1", ok=True)
+    after = (await book.read("t:a")).model
+    assert after.updates("cheap", "r") == 3
+    assert after.chance("cheap", "r", {"bias": 1.0, "s:calc-bad": 1.0, "d:3": 1.0}) > low
+
+
+async def test_a_verdict_with_a_bad_learning_rate_changes_nothing(book: StatsBook) -> None:
+    await book.record("t:a", "o1", _bad())
+    before = await everything(book)
+    wrong = StatsBook(book.redis, learning_rate=0.3)
+    wrong.learning_rate = float("nan")  # past the constructor's check: the script refuses it
+    with pytest.raises(InvalidObservation, match="learning_rate"):
+        await wrong.verdict("t:a", "o1", ok=True)
+    assert await everything(book) == before
+    with pytest.raises(ValueError, match="learning_rate"):
+        StatsBook(book.redis, learning_rate=-1)

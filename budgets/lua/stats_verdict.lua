@@ -5,15 +5,18 @@
 -- ARGV[1] marker ttl (s)  ARGV[2] 'ok' or 'bad'  ARGV[3] learning rate  ARGV[4] L2 pull
 -- returns 1 when counted or moved, 0 when the same verdict was already counted,
 --   -1 when the outcome was never recorded (or its marker expired; nothing was changed),
---   -2 when ARGV[3] or ARGV[4] is not a non-negative number (nothing was changed)
+--   -2 when ARGV[3] or ARGV[4] is not a finite number >= 0 (nothing was changed)
 -- The cells are the ones stored when the outcome was recorded, never the caller's: a verdict
 -- can only move counts between ok and bad of cells that counted this outcome. When counts
 -- move, the learner takes one AdaGrad step per head on the features stored with the outcome
 -- (lines '<endpoint>|<head>\t<feature>=<value>\t…'), the same step as budgets.learner.learn.
 local cells = redis.call('GET', KEYS[2])
 if not cells or not string.find(cells, '|', 1, true) then return -1 end
+local function finite(x)
+  return x ~= nil and x == x and x >= 0 and x < math.huge
+end
 local rate, pull = tonumber(ARGV[3]), tonumber(ARGV[4])
-if not rate or rate < 0 or not pull or pull < 0 then return -2 end
+if not finite(rate) or not finite(pull) then return -2 end
 local old = redis.call('GET', KEYS[3])
 local new = ARGV[2]
 if old == new then return 0 end
