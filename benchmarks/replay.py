@@ -882,6 +882,7 @@ async def replay(args: argparse.Namespace, dataset: Dataset) -> int:
     apgr = line.apgr(curve)
     print(f"APGR (RouteLLM's, random mix = 0.500): {apgr:.3f} over {len(curve)} targets")
     ref_text = ""
+    reference: list[tuple[float, float]] = []
     if len(questions) >= 40:
         qids, reference = logistic_reference(questions, models)
         half = [_on(r, qids, always_strong) for _, r in adaptive]
@@ -900,6 +901,7 @@ async def replay(args: argparse.Namespace, dataset: Dataset) -> int:
             "adaptive (target sweep)": curve,
             "local-first (verifier rules)": [(local.nanos / s_cost, local.accuracy / s_acc)],
             "random mix": [line.weak, line.strong],
+            **({"logistic reference (second half)": reference} if reference else {}),
             "oracle": [(best_nanos / s_cost, best_acc / s_acc)],
         }
         _plot(Path(args.plot), dataset.name, points)
