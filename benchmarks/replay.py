@@ -616,6 +616,7 @@ class Replay:
                 prompt_tokens=q.prompt_tokens,
                 signals=tuple(sorted(seen)),
                 before_used=tries[q.qid][-1].used if tries[q.qid] else 0,
+                explored=grant.explore,
             ),
         )
         return t

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 
 from budgets.grants import (
@@ -58,7 +58,7 @@ class Target:
     chance) of a right answer. Exactly one of the two is set.
     """
 
-    cost_ratio: float | None = 0.35
+    cost_ratio: float | None = 0.4
     usd_per_point: Decimal | None = None
 
     def __post_init__(self) -> None:
@@ -360,14 +360,19 @@ class Adaptive:
         if ratio is None or ref is None:
             return None
         stats, ladder = menu.stats, menu.by_cost()
+        every = stats.cell(ref.name)
         strong = spent = 0
         for out in outcomes:
             here = menu.option(out.endpoint)
             if out.endpoint == ref.name and not out.cut_short:
                 strong += ref.cost(input_tokens=out.need.prompt_tokens, output_tokens=out.used)
-            else:
+            elif out.cut_short or (unbiased := every.length_explored(out.used)) is None:
                 hint = None if out.cut_short else out.used
                 strong += self.expected_cost(ref, out.need, stats, hint=hint)
+            else:  # escalations chosen at random tell how long the reference answers any subtask
+                strong += ref.cost(
+                    input_tokens=out.need.prompt_tokens, output_tokens=math.ceil(unbiased)
+                )
             if here is not None:
                 spent += here.cost(input_tokens=out.need.prompt_tokens, output_tokens=out.used)
             earlier = max(0, out.need.attempt - 1)
@@ -458,7 +463,7 @@ class Adaptive:
             grant = _priced_grant(pool, c.out.need, c.option, c.output_tokens)
             if grant is None:
                 continue
-            grants.append(grant)
+            grants.append(replace(grant, explore=True) if c.explore else grant)
             taken.add(sid)
             pool = pool.less(grant)
             if allowed is not None and not finish:

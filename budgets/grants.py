@@ -57,6 +57,8 @@ class Grant:
     """A subtask's budget: limits, the output tokens to ask for, and the endpoint to use.
 
     ``endpoint=None`` means the configuration's default worker endpoint.
+    ``explore``: the policy chose it to learn, not for its gain; its outcome is
+    recorded with ``Observation(explored=True)``, an unbiased sample.
     """
 
     subtask_id: str
@@ -64,6 +66,7 @@ class Grant:
     nanos: int | None
     max_output_tokens: int
     endpoint: str | None = None
+    explore: bool = False
 
 
 @dataclass(frozen=True, slots=True)

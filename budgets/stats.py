@@ -91,6 +91,8 @@ class Cell:
     pairs: int = 0
     pair_before_sq: int = 0
     pair_cross: int = 0
+    #: The same sums over explored escalations only (chosen at random, so unbiased).
+    explored: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
 
     @property
     def judged(self) -> int:
@@ -127,13 +129,13 @@ class Cell:
         seen; the shrunk ratio before. A line, not a ratio: the short replies escalated
         first are often followed by long ones.
         """
-        n = self.pairs
-        spread = self.pair_before_sq - self.pair_before**2 / n if n else 0.0
-        if n < min_pairs or spread <= 0:
-            return before * self.length_ratio()
-        slope = (self.pair_cross - self.pair_before * self.pair_used / n) / spread
-        slope = min(3.0, max(0.0, slope))
-        return max(1.0, (self.pair_used - slope * self.pair_before) / n + slope * before)
+        sums = (self.pairs, self.pair_before, self.pair_used, self.pair_before_sq, self.pair_cross)
+        line = _line(sums, before, min_pairs)
+        return before * self.length_ratio() if line is None else line
+
+    def length_explored(self, before: int, *, min_pairs: int = 8) -> float | None:
+        """:meth:`length_after` from explored escalations only; ``None`` with too few."""
+        return _line(self.explored, before, min_pairs)
 
     def quantile(self, q: float) -> int | None:
         """Output tokens that ``q`` of calls stayed within (a bucket bound); ``None`` if none.
@@ -154,6 +156,16 @@ class Cell:
         if index >= _HIST_BUCKETS - 1 and self.peak:
             return self.peak
         return bucket_bound(index)
+
+
+def _line(sums: tuple[int, int, int, int, int], before: int, min_pairs: int) -> float | None:
+    """Least squares of u on b at ``before`` from (n, Σb, Σu, Σb², Σbu); slope within 0-3."""
+    n, sb, su, sbb, sbu = sums
+    spread = sbb - sb**2 / n if n else 0.0
+    if n < min_pairs or spread <= 0:
+        return None
+    slope = min(3.0, max(0.0, (sbu - sb * su / n) / spread))
+    return max(1.0, (su - slope * sb) / n + slope * before)
 
 
 _EMPTY = Cell()
@@ -203,6 +215,13 @@ class Stats:
                 pairs=metrics.get("pn", 0),
                 pair_before_sq=metrics.get("pbb", 0),
                 pair_cross=metrics.get("pbu", 0),
+                explored=(
+                    metrics.get("xn", 0),
+                    metrics.get("xb", 0),
+                    metrics.get("xu", 0),
+                    metrics.get("xbb", 0),
+                    metrics.get("xbu", 0),
+                ),
             )
         return cls(cells, Weights.from_fields(model or {}))
 
@@ -226,6 +245,8 @@ class Observation:
     signals: tuple[str, ...] = ()
     #: Output tokens of the try this one escalated from (0: a first try, or unknown).
     before_used: int = 0
+    #: The policy escalated it to learn (``Grant.explore``), not for its gain.
+    explored: bool = False
 
     def check(self) -> None:
         """Raise :class:`InvalidObservation` naming the first field of the wrong type or range."""
@@ -243,7 +264,7 @@ class Observation:
                 raise InvalidObservation(name, value, "must not be negative")
             if value > MAX_COUNT:
                 raise InvalidObservation(name, value, f"must be at most {MAX_COUNT}")
-        for name in ("cut_short", "escalated"):
+        for name in ("cut_short", "escalated", "explored"):
             if type(getattr(self, name)) is not bool:
                 raise InvalidObservation(name, getattr(self, name), "must be a bool")
 
@@ -281,7 +302,10 @@ class Observation:
         }
         if self.before_used:
             b = self.before_used
-            values |= {"pn": 1, "pb": b, "pu": self.used, "pbb": b * b, "pbu": b * self.used}
+            pair = {"n": 1, "b": b, "u": self.used, "bb": b * b, "bu": b * self.used}
+            values |= {f"p{m}": v for m, v in pair.items()}
+            if self.explored:
+                values |= {f"x{m}": v for m, v in pair.items()}
         out: list[tuple[str, int]] = []
         for prefix in self.prefixes():
             out.extend((prefix + m, v) for m, v in values.items() if v)

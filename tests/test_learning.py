@@ -157,7 +157,7 @@ async def test_adaptive_probes_the_cheap_endpoint_then_leaves_it_when_history_sa
         ],
         default="cheap",
     )
-    # a target that never binds: the pool and the gains decide (the default is ratio:0.35)
+    # a target that never binds: the pool and the gains decide (the default is ratio:0.4)
     pm = make_pm(redis_url, config, tmp_path, policy="adaptive", target="ratio:10")
     budget = Budget(tokens=50_000, usd="1")
     try:

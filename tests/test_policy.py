@@ -945,3 +945,30 @@ def test_exploration_keeps_a_share_of_cheap_tries_and_escalations() -> None:
     assert set(explored) <= {"local"}
     assert 0.05 < len(explored) / 400 < 0.15
     assert replace(opened, explore=0.0).escalate(RICH, tries, menu=menu) == []
+
+
+def test_exploration_grants_say_so_and_their_pairs_price_the_reference() -> None:
+    good = taught((seen("strong", 3), 40, 39), (seen("local", 3), 40, 1))
+    menu = Menu(PAIR.options, good, "local")
+    tries = [tried(f"n{i}", 3, "strong") for i in range(400)]
+    opened = Adaptive(explore=0.1, target=Target(cost_ratio=10))
+    grants = opened.escalate(RICH, tries, menu=menu)
+    assert grants
+    assert all(g.explore for g in grants)
+    plain = OPEN.escalate(RICH, [tried("a", 2, "local")], menu=PAIR)
+    assert [g.explore for g in plain] == [False]
+    # the reference's cost of a subtask it never answered: from explored pairs once there
+    # are enough (the strong endpoint answers 3x as long as the cheap one did), before that
+    # from every escalated pair (here 1x)
+    outs = [tried("x", 2, "local", used=100)]
+    biased = history((seen("strong", 2, used=100), 20, 20))
+    rows = [
+        (replace(seen("strong", 2, used=3 * b), before_used=b, explored=True), 1, 1)
+        for b in range(50, 210, 20)
+    ]
+    unbiased = history((seen("strong", 2, used=100), 20, 20), *rows)
+    policy = Adaptive(target=Target(cost_ratio=1.0), explore=0.0)
+    low = policy.allowance(outs, Menu(PAIR.options, biased, "local"))
+    high = policy.allowance(outs, Menu(PAIR.options, unbiased, "local"))
+    assert low == STRONG.cost(input_tokens=100, output_tokens=100)
+    assert high == STRONG.cost(input_tokens=100, output_tokens=300)

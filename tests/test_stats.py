@@ -21,7 +21,15 @@ from budgets.keys import StatsKeys
 from budgets.learner import learn
 from budgets.money import Price
 from budgets.policy import Adaptive, Option
-from budgets.stats import ANY_DIFFICULTY, Observation, Stats, StatsBook, bucket_bound, bucket_of
+from budgets.stats import (
+    ANY_DIFFICULTY,
+    Cell,
+    Observation,
+    Stats,
+    StatsBook,
+    bucket_bound,
+    bucket_of,
+)
 
 SEEN = Observation(
     endpoint="cheap",
@@ -553,3 +561,20 @@ async def test_a_verdict_with_a_bad_learning_rate_changes_nothing(book: StatsBoo
     assert await everything(book) == before
     with pytest.raises(ValueError, match="learning_rate"):
         StatsBook(book.redis, learning_rate=-1)
+
+
+async def test_explored_escalations_keep_their_own_length_line(book: StatsBook) -> None:
+    """Escalations chosen at random are an unbiased sample of how long an endpoint answers."""
+    for i in range(12):
+        before = 50 + 10 * i
+        chosen = replace(_bad(endpoint="big", used=2 * before), before_used=before)
+        await book.record("t:a", f"c{i}", chosen)  # chosen for their gain: three times longer
+        await book.record("t:a", f"e{i}", replace(chosen, used=before + 20, explored=True))
+    cell = (await book.read("t:a")).cell("big")
+    assert cell.pairs == 24
+    assert cell.explored[0] == 12
+    assert cell.length_explored(100) == pytest.approx(120)
+    assert cell.length_after(100) == pytest.approx((200 + 120) / 2)
+    assert Cell().length_explored(100) is None  # too few explored pairs
+    with pytest.raises(InvalidObservation, match="explored"):
+        await book.record("t:a", "bad", replace(_bad(), explored=1))  # type: ignore[arg-type]
