@@ -168,6 +168,10 @@ class Adaptive:
     target: Target = field(default_factory=Target)
     explore: float = 0.02
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.explore <= 1:
+            raise ValueError(f"the exploration share must be in [0, 1], got {self.explore}")
+
     def synthesis_reserve(self, pool: Pool) -> Pool:
         """``manager_share`` of the pool in each unit."""
         return _reserve(pool, self.manager_share)

@@ -202,8 +202,6 @@ def make_policy(name: str, *, target: Target | None = None, explore: float | Non
             f"unknown allocation policy {name!r}; choose one of {', '.join(policy_names())}"
         ) from None
     if make is Adaptive:
-        if explore is not None and not 0 <= explore <= 1:
-            raise ValueError(f"the exploration share must be in [0, 1], got {explore}")
         chosen = Adaptive(target=target or Target())
         return chosen if explore is None else replace(chosen, explore=explore)
     return make()
