@@ -58,8 +58,10 @@ from pathlib import Path
 import tiktoken
 
 from agents.tokens import load_encoding
+from agents.verifier import reply_signals
 from budgets import Amount, Budget, BudgetExceeded, Ledger, Price, usd_to_nanos
-from budgets.keys import ROOT
+from budgets.keys import ROOT, name_part
+from budgets.learner import Weights, reply_features
 from budgets.policy import (
     Adaptive,
     Grant,
@@ -70,10 +72,10 @@ from budgets.policy import (
     Outcome,
     Policy,
     Pool,
-    Tiered,
+    Target,
     Uniform,
 )
-from budgets.stats import Observation, StatsBook
+from budgets.stats import Observation, StatsBook, clean_tag
 from orchestrator.redis_server import RedisServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,7 +102,7 @@ VERIFIER_FAILURES = frozenset({"no-final", "calc-bad", "eq-bad", "fraction", "fi
 class Answer:
     """One model's recorded reply to a question."""
 
-    text: str
+    text: str | None  # None: the dataset has no reply texts
     correct: bool
     output_tokens: int
     cost_nanos: int | None = None  # the recorded cost, when the dataset has one
@@ -156,42 +158,153 @@ def _count(encoding: tiktoken.Encoding | None, text: str) -> int:
     return len(encoding.encode(text, disallowed_special=()))
 
 
-def load_gsm8k(data: Path) -> tuple[list[Question], list[Model]]:
-    """RouteLLM's GSM8K answers of GPT-4-1106 (strong) and Mixtral-8x7B (weak)."""
-    path = data / "routellm" / "gsm8k_responses.csv"
-    if not path.is_file():
-        raise SystemExit(f"no dataset at {path}; pass --data or set PAYMASTER_DATASETS")
+class DatasetError(ValueError):
+    """A dataset the replay cannot read; the message names the file and what is wrong."""
+
+
+@dataclass(frozen=True, slots=True)
+class Dataset:
+    """Questions with every model's recorded answer, and the two models as endpoints."""
+
+    name: str
+    questions: list[Question]
+    models: list[Model]  # weak first, strong second
+    reply_texts: bool = True  # False: no response columns, so no reply signals
+
+
+#: Short endpoint names of the GSM8K models (the statistics and tests use them).
+_ALIASES = {GSM8K_STRONG: "gpt-4", GSM8K_WEAK: "mixtral"}
+_TRUE, _FALSE = frozenset({"true", "1"}), frozenset({"false", "0"})
+
+
+def _label(value: str | None, *, where: str, column: str) -> bool:
+    low = (value or "").strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise DatasetError(f"{where}: column {column!r} holds {value!r}; expected True or False")
+
+
+def _csv_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(path.glob("*.csv"))
+        if not files:
+            raise DatasetError(f"{path}: a folder without any .csv file")
+        return files
+    raise DatasetError(f"{path}: no such file or folder")
+
+
+def load_csv(
+    path: Path,
+    *,
+    strong: str,
+    weak: str,
+    prices: dict[str, Price],
+    output_tokens: dict[str, int] | None = None,
+    name: str | None = None,
+) -> Dataset:
+    """A CSV file, or a folder of them, in RouteLLM's layout.
+
+    Columns: ``prompt``, one ``True``/``False`` column per model (was its answer
+    right), and optional ``<model>_response`` texts. Without a model's response
+    column its output tokens come from ``output_tokens[model]`` and its replies
+    show no signals. In a folder, each file's name becomes a ``cat:<name>`` tag.
+    Raises :class:`DatasetError` for a missing column, a label that is not a
+    boolean, an empty file, or a model without a price.
+    """
+    files = _csv_files(path)
+    for model in (strong, weak):
+        if model not in prices:
+            raise DatasetError(f"no price for model {model!r}; pass --price {model}=IN:OUT")
     encoding = load_encoding()
     csv.field_size_limit(sys.maxsize)
-    questions = []
-    with path.open(newline="", encoding="utf-8") as f:
-        for i, row in enumerate(csv.DictReader(f)):
-            text = row["prompt"]
-            difficulty, tags = question_tags(text)
-            answers = {
-                m: Answer(
-                    text=row[f"{m}_response"],
-                    correct=row[m] == "True",
-                    output_tokens=_count(encoding, row[f"{m}_response"]),
+    output_tokens = output_tokens or {}
+    questions: list[Question] = []
+    texts = True
+    for file in files:
+        category = f"cat:{clean_tag(file.stem)}" if len(files) > 1 or path.is_dir() else None
+        with file.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            columns = reader.fieldnames or []
+            missing = [c for c in ("prompt", strong, weak) if c not in columns]
+            if missing:
+                raise DatasetError(
+                    f"{file}: no column {', '.join(map(repr, missing))}; "
+                    f"the columns are {', '.join(map(repr, columns)) or 'none'}"
                 )
-                for m in (GSM8K_STRONG, GSM8K_WEAK)
-            }
-            questions.append(
-                Question(f"q{i}", text, _count(encoding, text) + 7, difficulty, tags, answers)
-            )
+            for model in (strong, weak):
+                if f"{model}_response" not in columns and model not in output_tokens:
+                    raise DatasetError(
+                        f"{file}: no {model + '_response'!r} column to count {model}'s output "
+                        f"tokens; pass --output-tokens {model}=N"
+                    )
+            texts = texts and all(f"{m}_response" in columns for m in (strong, weak))
+            rows = 0
+            for i, row in enumerate(reader):
+                rows += 1
+                where = f"{file}:{i + 2}"
+                text = row["prompt"] or ""
+                difficulty, tags = question_tags(text)
+                answers = {}
+                for model in (strong, weak):
+                    reply = row.get(f"{model}_response")
+                    answers[model] = Answer(
+                        text=reply,
+                        correct=_label(row[model], where=where, column=model),
+                        output_tokens=_count(encoding, reply)
+                        if reply is not None
+                        else output_tokens[model],
+                    )
+                qid = f"q{len(questions)}" if category is None else f"{file.stem}.{i}"
+                questions.append(
+                    Question(
+                        name_part(qid),
+                        text,
+                        _count(encoding, text) + 7,
+                        difficulty,
+                        (*tags, category) if category else tags,
+                        answers,
+                    )
+                )
+            if rows == 0:
+                raise DatasetError(f"{file}: no rows (an empty file, or a header only)")
     models = [
-        Model(GSM8K_WEAK, Option("mixtral", "remote", 2, Price.of(*GSM8K_PRICES[GSM8K_WEAK]))),
-        Model(GSM8K_STRONG, Option("gpt-4", "remote", 5, Price.of(*GSM8K_PRICES[GSM8K_STRONG]))),
+        Model(weak, Option(_endpoint_name(weak), "remote", 2, prices[weak])),
+        Model(strong, Option(_endpoint_name(strong), "remote", 5, prices[strong])),
     ]
-    return questions, models
+    return Dataset(name or path.stem, questions, models, reply_texts=texts)
+
+
+def load_gsm8k(data: Path) -> tuple[list[Question], list[Model]]:
+    """RouteLLM's GSM8K answers of GPT-4-1106 (strong) and Mixtral-8x7B (weak)."""
+    dataset = gsm8k_dataset(data)
+    return dataset.questions, dataset.models
+
+
+def gsm8k_dataset(data: Path) -> Dataset:
+    """The ``gsm8k`` shortcut: RouteLLM's file at its list prices."""
+    path = data / "routellm" / "gsm8k_responses.csv"
+    if not path.is_file():
+        raise DatasetError(f"no dataset at {path}; pass --data or set PAYMASTER_DATASETS")
+    prices = {m: Price.of(*p) for m, p in GSM8K_PRICES.items()}
+    return load_csv(path, strong=GSM8K_STRONG, weak=GSM8K_WEAK, prices=prices, name="gsm8k")
 
 
 def load_routerarena(data: Path) -> tuple[list[Question], list[Model]]:
     """RouterArena's answers of its two cached models; the more accurate one is 'strong'."""
+    dataset = routerarena_dataset(data)
+    return dataset.questions, dataset.models
+
+
+def routerarena_dataset(data: Path) -> Dataset:
+    """The ``routerarena`` shortcut: its two cached models, recorded costs charged."""
     folder = data / "routerarena"
     files = sorted(folder.glob("*.jsonl"))
     if len(files) < 2:
-        raise SystemExit(
+        raise DatasetError(
             f"no RouterArena answers in {folder}; pass --data or set PAYMASTER_DATASETS"
         )
     prices = json.loads((folder / "cost.json").read_text(encoding="utf-8"))
@@ -202,14 +315,14 @@ def load_routerarena(data: Path) -> tuple[list[Question], list[Model]]:
     names = list(by_model)
     shared = sorted(set(by_model[names[0]]) & set(by_model[names[1]]))
     questions = []
-    for qid in shared:
-        first = by_model[names[0]][qid]
+    for raw_id in shared:
+        first = by_model[names[0]][raw_id]
         text = str(first["question"])
         difficulty, tags = question_tags(text)
         answers = {}
         prompt_tokens = 0
         for name in names:
-            row = by_model[name][qid]
+            row = by_model[name][raw_id]
             usage = row["token_usage"]
             result = row["evaluation_result"]
             assert isinstance(usage, dict)
@@ -221,8 +334,11 @@ def load_routerarena(data: Path) -> tuple[list[Question], list[Model]]:
                 output_tokens=int(usage.get("output_tokens", 0)),
                 cost_nanos=usd_to_nanos(Decimal(str(result.get("inference_cost", 0)))),
             )
-        cat = "cat:" + re.sub(r"[^a-z0-9]+", "-", qid.rsplit("_", 1)[0].lower())
-        questions.append(Question(qid, text, prompt_tokens, difficulty, (*tags, cat), answers))
+        cat = "cat:" + clean_tag(raw_id.rsplit("_", 1)[0])
+        # the id holds spaces ('MMLUPro_computer science_9075'): a valid name is made of it
+        questions.append(
+            Question(name_part(raw_id), text, prompt_tokens, difficulty, (*tags, cat), answers)
+        )
     accuracy = {n: sum(q.answers[n].correct for q in questions) for n in names}
     weak, strong = sorted(names, key=lambda n: accuracy[n])
 
@@ -237,69 +353,24 @@ def load_routerarena(data: Path) -> tuple[list[Question], list[Model]]:
         Model(weak, Option(_endpoint_name(weak), "remote", 2, price(weak))),
         Model(strong, Option(_endpoint_name(strong), "remote", 5, price(strong))),
     ]
-    return questions, models
+    return Dataset("routerarena", questions, models)
 
 
 def _endpoint_name(model: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.\-]+", "-", model)[:64]
+    return _ALIASES.get(model) or re.sub(r"[^A-Za-z0-9_.\-]+", "-", model).strip("-.")[:64]
 
 
 # -- run-time signals ----------------------------------------------------------
 
-_CALC = re.compile(r"<<([^=<>]+)=([^<>]+)>>")
-_EQUATION = re.compile(
-    r"(\d[\d,.]*\s*[-+*/x\u00d7]\s*[\d,.]+(?:\s*[-+*/x\u00d7]\s*[\d,.]+)*)\s*=\s*\$?(-?\d[\d,]*\.?\d*)"
-)
-_FINAL = re.compile(r"(?:####|answer is|\\boxed\{)\s*\$?(-?[\d,]*\.?\d+)", re.IGNORECASE)
-_ARITH = re.compile(r"^[\d\s.+\-*/()]+$")
-_HEDGES = ("assum", "however", "not possible", "cannot", "approximately", "round")
 
+def signals(question: str, reply: str | None, output_tokens: int) -> frozenset[str]:
+    """What a reply shows about itself (:func:`agents.verifier.reply_signals`), as in production.
 
-def _checks(expression: str, value: str) -> bool | None:
-    """Whether ``expression`` evaluates to ``value``; ``None`` when it is not plain arithmetic."""
-    expr = expression.replace(",", "").replace("x", "*").replace("\u00d7", "*").strip()
-    target = _number(value)
-    if target is None or not _ARITH.match(expr) or "**" in expr or len(expr) > 80:
-        return None
-    try:
-        got = eval(expr, {"__builtins__": {}}, {})  # digits and + - * / ( ) only
-    except (SyntaxError, ZeroDivisionError, TypeError, ValueError):
-        return None
-    return abs(float(got) - target) <= 1e-2 * max(1.0, abs(target))
-
-
-def signals(question: str, reply: str, output_tokens: int) -> frozenset[str]:
-    """What a reply shows about itself, read without knowing the right answer."""
-    out: set[str] = {f"len:{min(4, output_tokens // 100)}"}
-    found = _FINAL.search(reply)
-    final = _number(found.group(1)) if found else None
-    if final is None:
-        out.add("no-final")
-    else:
-        if final != round(final):
-            out.add("fraction")
-        if final < 0:
-            out.add("negative")
-        body = _CALC.sub("", reply[: found.start()] if found else reply)
-        computed = [n for n in (_number(x) for x in _NUMBER.findall(body)) if n is not None]
-        if not computed or computed[-1] != final:
-            out.add("final-not-last")
-    calcs = _CALC.findall(reply)
-    if any(_checks(e, v) is False for e, v in calcs):
-        out.add("calc-bad")
-    equations = _EQUATION.findall(_CALC.sub("", reply))
-    if any(_checks(e, v) is False for e, v in equations):
-        out.add("eq-bad")
-    if len(calcs) + len(equations) < 2:
-        out.add("few-steps")
-    low = reply.lower()
-    if any(h in low for h in _HEDGES):
-        out.add("hedge")
-    asked = {n for n in (_number(x) for x in _NUMBER.findall(question)) if n is not None}
-    used = {n for n in (_number(x) for x in _NUMBER.findall(reply)) if n is not None}
-    if len(asked - used) >= 2:
-        out.add("unused-numbers")
-    return frozenset(out)
+    ``None`` (a dataset without reply texts) shows nothing.
+    """
+    if reply is None:
+        return frozenset()
+    return frozenset(reply_signals(reply, question=question, output_tokens=output_tokens))
 
 
 # -- baselines that are policies -----------------------------------------------
@@ -350,8 +421,10 @@ class Run:
     """What one policy did over the stream."""
 
     name: str
-    budget_usd: Decimal
+    budget_usd: Decimal | None  # None: the automatic cap (see Replay.run)
     decisions: dict[str, tuple[str, ...]] = field(default_factory=dict)  # qid -> endpoints tried
+    per_question: dict[str, tuple[int, bool]] = field(default_factory=dict)  # qid -> nanos, right
+    learned: list[Weights] = field(default_factory=list)  # the learner as each task read it
     task_ids: list[str] = field(default_factory=list)
     correct: int = 0
     questions: int = 0
@@ -407,11 +480,16 @@ class Replay:
         policy: Policy,
         questions: Sequence[Question],
         *,
-        budget_usd: Decimal,
+        budget_usd: Decimal | None,
         scope: str,
         name: str | None = None,
     ) -> Run:
-        """Every question through ``policy``; statistics kept in ``scope`` (cleared first)."""
+        """Every question through ``policy``; statistics kept in ``scope`` (cleared first).
+
+        Each task's budget, a hard cap, is ``budget_usd`` per question, or with
+        ``None`` what one call of the priciest endpoint with the question's prompt
+        and 1,024 output tokens costs (list prices, known before any reply).
+        """
         await self.book.clear(scope)
         run = Run(name or policy.name, budget_usd)
         run_no = next(_RUNS)
@@ -419,7 +497,7 @@ class Replay:
         for start in range(0, len(questions), self.task_size):
             group = questions[start : start + self.task_size]
             task_id = f"{scope}.{os.getpid()}.{run_no}.{start}"
-            tries = await self._task(policy, group, budget_usd, scope, task_id)
+            tries = await self._task(policy, group, budget_usd, scope, task_id, run)
             run.task_ids.append(task_id)
             await self._reveal(group, tries, scope, task_id)  # labels only after it closed
             self._score(run, group, tries)
@@ -430,13 +508,22 @@ class Replay:
         self,
         policy: Policy,
         group: Sequence[Question],
-        budget_usd: Decimal,
+        budget_usd: Decimal | None,
         scope: str,
         task_id: str,
+        run: Run,
     ) -> dict[str, list[Try]]:
-        budget = Budget(usd=budget_usd * len(group))
+        if budget_usd is None:
+            cap = sum(
+                max(o.cost(input_tokens=q.prompt_tokens, output_tokens=1024) for o in self.options)
+                for q in group
+            )
+            budget = Budget.from_nanos(tokens=None, nanos=cap)
+        else:
+            budget = Budget(usd=budget_usd * len(group))
         await self.ledger.open_task(task_id, budget)
         menu = Menu(self.options, await self.book.read(scope), self.default)
+        run.learned.append(menu.stats.model)
         by_id = {q.qid: q for q in group}
         needs = [Need(q.qid, q.difficulty, q.tags, prompt_tokens=q.prompt_tokens) for q in group]
         tries: dict[str, list[Try]] = {q.qid: [] for q in group}
@@ -511,7 +598,7 @@ class Replay:
             return None
         finally:
             await self.ledger.close_account(task_id, account, force=True)
-        reply = answer.text if not cut else ""
+        reply = None if answer.text is None else answer.text if not cut else ""
         seen = signals(q.text, reply, used) | ({"cut_short"} if cut else set())
         t = Try(q.qid, endpoint, attempt, asked, used, cut, cost, frozenset(seen))
         await self.book.record(
@@ -520,12 +607,16 @@ class Replay:
             Observation(
                 endpoint=endpoint,
                 difficulty=q.difficulty,
-                tags=(*q.tags, *seen),
+                tags=q.tags,
                 asked=asked,
                 used=used,
                 cut_short=cut,
                 nanos=cost,
                 escalated=attempt > 1,
+                prompt_tokens=q.prompt_tokens,
+                signals=tuple(sorted(seen)),
+                before_used=tries[q.qid][-1].used if tries[q.qid] else 0,
+                explored=grant.explore,
             ),
         )
         return t
@@ -547,9 +638,12 @@ class Replay:
             mine = tries[q.qid]
             run.questions += 1
             run.decisions[q.qid] = tuple(t.endpoint for t in mine)
-            run.nanos += sum(t.nanos for t in mine)
+            nanos = sum(t.nanos for t in mine)
+            right = bool(mine) and _right(q, mine[-1], self.models)
+            run.per_question[q.qid] = (nanos, right)
+            run.nanos += nanos
             run.cut_short += sum(t.cut_short for t in mine)
-            run.correct += bool(mine) and _right(q, mine[-1], self.models)
+            run.correct += right
 
 
 def _right(q: Question, t: Try, models: dict[str, Model]) -> bool:
@@ -579,16 +673,17 @@ def _full_cost(q: Question, m: Model) -> int:
 # -- the command ---------------------------------------------------------------
 
 
-def _table(rows: list[tuple[str, str, float, float, float, float, str]]) -> str:
+def _table(rows: list[tuple[str, str, float, float, float, float, float]]) -> str:
     head = (
-        f"{'policy':<14} {'budget $/q':>10} {'accuracy':>8} {'quality':>8} {'cost':>8} "
-        f"{'escal.':>7} {'time':>7}"
+        f"{'policy':<14} {'target':>10} {'accuracy':>8} {'quality':>8} {'cost':>8} "
+        f"{'random@cost':>11} {'escal.':>7}"
     )
     lines = [head, "-" * len(head)]
-    for name, budget, acc, quality, cost, esc, secs in rows:
+    for name, target, acc, quality, cost, rand, esc in rows:
+        shown = "-" if rand != rand else f"{rand:.3f}"  # NaN: not a point on the cost axis
         lines.append(
-            f"{name:<14} {budget:>10} {acc:>8.3f} {quality:>8.3f} {cost:>8.3f} "
-            f"{esc:>7.3f} {secs:>7}"
+            f"{name:<14} {target:>10} {acc:>8.3f} {quality:>8.3f} {cost:>8.3f} "
+            f"{shown:>11} {esc:>7.3f}"
         )
     return "\n".join(lines)
 
@@ -617,16 +712,115 @@ def _plot(path: Path, dataset: str, points: dict[str, list[tuple[float, float]]]
     plt.close(fig)
 
 
-async def replay(args: argparse.Namespace) -> int:
+def curve_at(points: Sequence[tuple[float, float]], cost: float) -> float:
+    """A curve's quality at ``cost``: linear between its (cost, quality) points, flat beyond."""
+    xy = sorted(points)
+    if cost <= xy[0][0]:
+        return xy[0][1]
+    for (x0, y0), (x1, y1) in itertools.pairwise(xy):
+        if x0 <= cost <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (cost - x0) / (x1 - x0)
+    return xy[-1][1]
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    """The random mix of the two models: every cost between theirs, at the mixed quality."""
+
+    weak: tuple[float, float]  # (cost, quality) of always-weak
+    strong: tuple[float, float]  # of always-strong
+
+    def share(self, cost: float) -> float:
+        """Share of questions the mix must send to the strong model to cost ``cost``."""
+        span = self.strong[0] - self.weak[0]
+        return min(1.0, max(0.0, (cost - self.weak[0]) / span)) if span else 1.0
+
+    def quality(self, cost: float) -> float:
+        """The random mix's expected quality at ``cost``."""
+        return self.weak[1] + (self.strong[1] - self.weak[1]) * self.share(cost)
+
+    def apgr(self, points: Sequence[tuple[float, float]]) -> float:
+        """RouteLLM's APGR: the mean over the mix's share of the policy's gap recovered.
+
+        The policy's curve runs from always-weak through its points to always-strong
+        (points past either end are clipped to it); the random mix scores 0.5.
+        """
+        gap = self.strong[1] - self.weak[1]
+        if not gap:
+            return 0.5
+        shaped = sorted({(0.0, 0.0), (1.0, 1.0)} | {
+            (self.share(c), (q - self.weak[1]) / gap) for c, q in points
+        })  # fmt: skip
+        area = 0.0
+        for (x0, y0), (x1, y1) in itertools.pairwise(shaped):
+            area += (x1 - x0) * (y0 + y1) / 2
+        return area
+
+
+def logistic_reference(
+    questions: Sequence[Question], models: Sequence[Model]
+) -> tuple[list[str], list[tuple[float, float]]]:
+    """An honest offline router: a logistic model of the cheaper model's reply being right.
+
+    Fitted on the first half of the questions (prompt features and that reply's
+    signals, as the policy sees them), it escalates the second half's questions
+    least likely right first to the other model. Returns the second half's ids and its
+    curve: (cost, quality) against always-strong on the same questions, every 5%.
+    """
+    import numpy as np
+
+    strong = models[1]
+    half = len(questions) // 2
+    # the router starts on the cheaper model (by its cost on the first half) and escalates
+    # to the other; its curve is against always-strong, the more accurate model
+    first, other = sorted(models, key=lambda m: sum(_full_cost(q, m) for q in questions[:half]))
+    rows = []
+    for q in questions:
+        a = q.answers[first.key]
+        shown = signals(q.text, a.text, a.output_tokens)
+        rows.append(reply_features(q.difficulty, q.tags, q.prompt_tokens, shown))
+    names = sorted({f for r in rows for f in r})
+    x = np.array([[r.get(f, 0.0) for f in names] for r in rows])
+    y = np.array([float(q.answers[first.key].correct) for q in questions])
+    w = np.zeros(len(names))
+    for _ in range(2000):  # gradient descent on the L2-regularized log loss, first half only
+        p = 1 / (1 + np.exp(-x[:half] @ w))
+        w -= 1.0 * (x[:half].T @ (p - y[:half]) / half + 1e-3 * w)
+    test = list(questions[half:])
+    chance = 1 / (1 + np.exp(-x[half:] @ w))
+    order = [test[i] for i in np.argsort(chance, kind="stable")]
+    base_cost = {q.qid: _full_cost(q, first) for q in test}
+    up_cost = {q.qid: _full_cost(q, other) for q in test}
+    all_strong = sum(_full_cost(q, strong) for q in test)
+    strong_right = sum(q.answers[strong.key].correct for q in test)
+    curve = []
+    for step in range(21):
+        k = round(len(test) * step / 20)
+        up = {q.qid for q in order[:k]}
+        cost = sum(base_cost[q.qid] + (up_cost[q.qid] if q.qid in up else 0) for q in test)
+        right = sum(q.answers[(other if q.qid in up else first).key].correct for q in test)
+        curve.append((cost / all_strong, right / strong_right))
+    return [q.qid for q in test], curve
+
+
+def _on(run: Run, qids: Sequence[str], strong: Run) -> tuple[float, float]:
+    """A run's (cost, quality) on some questions, against always-strong on the same ones."""
+    nanos = sum(run.per_question[q][0] for q in qids)
+    right = sum(run.per_question[q][1] for q in qids)
+    s_nanos = sum(strong.per_question[q][0] for q in qids)
+    s_right = sum(strong.per_question[q][1] for q in qids)
+    return nanos / max(1, s_nanos), right / max(1, s_right)
+
+
+async def replay(args: argparse.Namespace, dataset: Dataset) -> int:
     """Run every policy and baseline, print the table, plot, and the RESULT line."""
-    data = data_dir(args.data)
-    loader = load_gsm8k if args.dataset == "gsm8k" else load_routerarena
-    questions, models = loader(data)
+    questions, models = dataset.questions, dataset.models
     if args.quick:
         questions = questions[: args.quick_questions]
     weak, strong = (m.option.name for m in models)
-    budgets = [Decimal(b) for b in args.sweep.split(",")] if args.sweep else []
-    budget = Decimal(args.budget)
+    target = Target.parse(args.target)
+    targets = [Target.parse(t) for t in args.targets.split(",")] if args.targets else []
+    budget = None if args.budget == "auto" else Decimal(args.budget)
     ample = Decimal("1")
     server = None if args.redis_url else RedisServer().start()
     url = args.redis_url or (server.url if server else "")
@@ -635,36 +829,32 @@ async def replay(args: argparse.Namespace) -> int:
     try:
         replay_strong = Replay(ledger, book, models, task_size=args.task_size, default=strong)
         replay_weak = Replay(ledger, book, models, task_size=args.task_size, default=weak)
-        runs: list[Run] = []
-        runs.append(
-            await replay_strong.run(
-                Uniform(), questions, budget_usd=ample, scope="r.strong", name="always-strong"
-            )
+        always_strong = await replay_strong.run(
+            Uniform(), questions, budget_usd=ample, scope="r.strong", name="always-strong"
         )
-        runs.append(
-            await replay_weak.run(
-                Uniform(), questions, budget_usd=ample, scope="r.weak", name="always-weak"
-            )
-        )
-        runs.append(
-            await replay_strong.run(Tiered(), questions, budget_usd=ample, scope="r.tiered")
+        always_weak = await replay_weak.run(
+            Uniform(), questions, budget_usd=ample, scope="r.weak", name="always-weak"
         )
         lf = LocalFirst(failure_signals=VERIFIER_FAILURES)
-        runs.append(await replay_weak.run(lf, questions, budget_usd=budget, scope="r.local"))
-        adaptive: list[Run] = []
-        for b in sorted({*budgets, budget}):
-            r = await replay_weak.run(Adaptive(), questions, budget_usd=b, scope=f"r.adaptive.{b}")
-            adaptive.append(r)
-        runs.extend(adaptive)
-        always_strong, always_weak = runs[0], runs[1]
-        point = next(r for r in adaptive if r.budget_usd == budget)
-        span = always_strong.nanos - always_weak.nanos
-        share = min(1.0, max(0.0, (point.nanos - always_weak.nanos) / span)) if span else 0.0
-        mix = RandomMix(weak=weak, strong=strong, share=share)
-        runs.append(
-            await replay_weak.run(
-                mix, questions, budget_usd=ample, scope="r.random", name="random-mix"
-            )
+        local = await replay_weak.run(lf, questions, budget_usd=budget, scope="r.local")
+        adaptive: list[tuple[Target, Run]] = []
+        for i, t in enumerate(sorted({*targets, target}, key=_target_key)):
+            policy = Adaptive(target=t)
+            r = await replay_weak.run(policy, questions, budget_usd=budget, scope=f"r.ad.{i}")
+            adaptive.append((t, r))
+        point = next(r for t, r in adaptive if t == target)
+        line = Line(
+            (
+                always_weak.nanos / always_strong.nanos,
+                always_weak.accuracy / always_strong.accuracy,
+            ),
+            (1.0, 1.0),
+        )
+        mix = RandomMix(
+            weak=weak, strong=strong, share=line.share(point.nanos / always_strong.nanos)
+        )
+        random_run = await replay_weak.run(
+            mix, questions, budget_usd=ample, scope="r.random", name="random-mix"
         )
         best_acc, best_nanos = oracle(questions, models)
     finally:
@@ -672,48 +862,145 @@ async def replay(args: argparse.Namespace) -> int:
         if server is not None:
             server.stop()
     s_acc, s_cost = always_strong.accuracy, always_strong.nanos
+    curve = [(r.nanos / s_cost, r.accuracy / s_acc) for _, r in adaptive]
     rows = []
-    points: dict[str, list[tuple[float, float]]] = {}
-    for r in runs:
+    for r, shown in (
+        (always_strong, "-"), (always_weak, "-"), (local, "-"),
+        *((r, _target_text(t)) for t, r in adaptive), (random_run, "-"),
+    ):  # fmt: skip
         quality, cost = r.accuracy / s_acc, r.nanos / s_cost
-        label = "adaptive" if r.name == "adaptive" else r.name
-        points.setdefault(label, []).append((cost, quality))
-        shown = str(r.budget_usd) if r.budget_usd != ample else "ample"
-        rows.append((r.name, shown, r.accuracy, quality, cost, r.escalated(), f"{r.seconds:.1f}s"))
-    rows.append(("oracle", "-", best_acc, best_acc / s_acc, best_nanos / s_cost, 0.0, "-"))
-    points["oracle"] = [(best_nanos / s_cost, best_acc / s_acc)]
+        rows.append((r.name, shown, r.accuracy, quality, cost, line.quality(cost), r.escalated()))
+    rows.append(("oracle", "-", best_acc, best_acc / s_acc, best_nanos / s_cost, float("nan"), 0.0))
+    cap = "auto (one 1,024-token call of the priciest model)" if budget is None else f"${budget}"
     print(
-        f"dataset {args.dataset}: {len(questions)} questions, {args.task_size} per task; "
-        f"weak {weak}, strong {strong}"
+        f"dataset {dataset.name}: {len(questions)} questions, {args.task_size} per task; "
+        f"weak {weak}, strong {strong}; per-question cap {cap}"
     )
+    if not dataset.reply_texts:
+        print("reply signals: unavailable (no <model>_response columns): only cut_short is seen")
     print(_table(rows))
+    p_cost, p_quality = point.nanos / s_cost, point.accuracy / s_acc
+    apgr = line.apgr(curve)
+    print(f"APGR (RouteLLM's, random mix = 0.500): {apgr:.3f} over {len(curve)} targets")
+    ref_text = ""
+    reference: list[tuple[float, float]] = []
+    if len(questions) >= 40:
+        qids, reference = logistic_reference(questions, models)
+        half = [_on(r, qids, always_strong) for _, r in adaptive]
+        beats = [q - curve_at(reference, c) for c, q in half]
+        h_cost, h_quality = _on(point, qids, always_strong)
+        ref_q = curve_at(reference, h_cost)
+        print(
+            f"logistic reference (fitted on the first half, scored on the second): "
+            f"{ref_q:.3f} at the policy's second-half cost {h_cost:.3f}; the policy: "
+            f"{h_quality:.3f}; policy minus reference over the targets: "
+            + ", ".join(f"{b:+.3f}" for b in beats)
+        )
+        ref_text = f" reference_quality_at_cost={ref_q:.4f}"
     if args.plot:
-        _plot(Path(args.plot), args.dataset, points)
+        points = {
+            "adaptive (target sweep)": curve,
+            "local-first (verifier rules)": [(local.nanos / s_cost, local.accuracy / s_acc)],
+            "random mix": [line.weak, line.strong],
+            **({"logistic reference (second half)": reference} if reference else {}),
+            "oracle": [(best_nanos / s_cost, best_acc / s_acc)],
+        }
+        _plot(Path(args.plot), dataset.name, points)
         print(f"plot: {args.plot}")
     print(
-        f"RESULT dataset={args.dataset} strong_acc={s_acc:.4f} policy_acc={point.accuracy:.4f} "
-        f"quality_ratio={point.accuracy / s_acc:.4f} cost_ratio={point.nanos / s_cost:.4f}"
+        f"RESULT dataset={dataset.name} strong_acc={s_acc:.4f} policy_acc={point.accuracy:.4f} "
+        f"quality_ratio={p_quality:.4f} cost_ratio={p_cost:.4f} "
+        f"random_quality_at_cost={line.quality(p_cost):.4f} apgr={apgr:.4f}"
+        f" target={_target_text(target)}{ref_text}"
     )
     return 0
 
 
+def _target_key(t: Target) -> tuple[float, float]:
+    return (t.cost_ratio or 0.0, float(t.usd_per_point or 0))
+
+
+def _target_text(t: Target) -> str:
+    return (
+        f"ratio:{t.cost_ratio:g}"
+        if t.cost_ratio is not None
+        else f"usd_per_point:{t.usd_per_point}"
+    )
+
+
+def _pairs(values: Sequence[str], flag: str) -> dict[str, str]:
+    out = {}
+    for value in values:
+        model, sep, rest = value.rpartition("=")
+        if not sep or not model or not rest:
+            raise DatasetError(f"{flag} {value!r}: expected MODEL=VALUE")
+        out[model] = rest
+    return out
+
+
+def open_dataset(args: argparse.Namespace, data: Path) -> Dataset:
+    """The dataset ``--dataset`` names: a shortcut, or a CSV file or folder with its flags."""
+    if args.dataset == "gsm8k":
+        return gsm8k_dataset(data)
+    if args.dataset == "routerarena":
+        return routerarena_dataset(data)
+    if not args.strong or not args.weak:
+        raise DatasetError(f"--dataset {args.dataset}: name its models with --strong and --weak")
+    prices = {m: Price.of(*p) for m, p in GSM8K_PRICES.items()}
+    for model, value in _pairs(args.price, "--price").items():
+        given, sep, out = value.partition(":")
+        try:
+            prices[model] = Price.of(given, out if sep else given)
+        except Exception as e:  # Price says what is wrong with the number
+            raise DatasetError(f"--price {model}={value}: {e}") from e
+    tokens = {}
+    for model, value in _pairs(args.output_tokens, "--output-tokens").items():
+        if not value.isdigit() or int(value) < 1:
+            raise DatasetError(f"--output-tokens {model}={value}: expected a positive integer")
+        tokens[model] = int(value)
+    path = Path(args.dataset)
+    return load_csv(path, strong=args.strong, weak=args.weak, prices=prices, output_tokens=tokens)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse arguments and run the replay."""
+    """Parse arguments and run the replay; a dataset it cannot read is one clear line, code 2."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--dataset", choices=["gsm8k", "routerarena"], default="gsm8k")
+    parser.add_argument(
+        "--dataset",
+        default="gsm8k",
+        help="gsm8k, routerarena, or a CSV file or folder of CSV files in RouteLLM's layout",
+    )
+    parser.add_argument("--strong", help="the strong model's column (CSV datasets)")
+    parser.add_argument("--weak", help="the weak model's column (CSV datasets)")
+    parser.add_argument(
+        "--price", action="append", default=[], metavar="MODEL=IN:OUT",
+        help="USD per million input and output tokens of a model (CSV datasets)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--output-tokens", action="append", default=[], metavar="MODEL=N",
+        help="output tokens of every reply of a model without a response column",
+    )  # fmt: skip
     parser.add_argument(
         "--data", help="folder of the datasets (default: $PAYMASTER_DATASETS or ../shared/datasets)"
     )
-    parser.add_argument("--quick", action="store_true", help="a slice of the questions, one budget")
+    parser.add_argument("--quick", action="store_true", help="a slice of the questions, one target")
     parser.add_argument("--quick-questions", type=int, default=400)
     parser.add_argument("--task-size", type=int, default=20, help="questions per task")
     parser.add_argument(
-        "--budget", default="0.0018", help="adaptive's operating point, USD per question"
+        "--budget",
+        default="auto",
+        help="each task's hard cap, USD per question; 'auto': one 1,024-token call of the "
+        "priciest model per question",
     )
     parser.add_argument(
-        "--sweep",
-        default="0.0008,0.0012,0.0015,0.0022,0.003,0.005",
-        help="more budgets for adaptive's curve (comma-separated USD per question)",
+        "--target",
+        default=os.environ.get("PAYMASTER_TARGET") or _target_text(Target()),
+        help="adaptive's operating point (PAYMASTER_TARGET syntax: ratio:0.35, usd_per_point:X)",
+    )
+    parser.add_argument(
+        "--targets",
+        default="ratio:0.1,ratio:0.2,ratio:0.3,ratio:0.45,ratio:0.6,ratio:0.8",
+        help="more targets for adaptive's curve (comma-separated)",
     )
     parser.add_argument(
         "--plot", default=None, help="PNG to write (default docs/replay_<dataset>.png)"
@@ -721,10 +1008,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--redis-url", default=None, help="use this Redis instead of a private one")
     args = parser.parse_args(argv)
     if args.quick:
-        args.sweep = ""
+        args.targets = ""
+    try:
+        data = data_dir(args.data)
+        dataset = open_dataset(args, data)
+    except DatasetError as e:
+        print(f"replay: {e}", file=sys.stderr)
+        return 2
     if args.plot is None:
-        args.plot = str(REPO / "docs" / f"replay_{args.dataset}.png") if not args.quick else ""
-    return asyncio.run(replay(args))
+        stem = clean_tag(dataset.name)
+        args.plot = str(REPO / "docs" / f"replay_{stem}.png") if not args.quick else ""
+    return asyncio.run(replay(args, dataset))
 
 
 if __name__ == "__main__":

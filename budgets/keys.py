@@ -183,6 +183,34 @@ def outcome_id(task_id: str, account: str) -> str:
     return f"{task_id}:h:{digest}"
 
 
+def name_part(text: str, *, max_len: int = 48) -> str:
+    """A name made from any text, valid as an account segment and inside op and outcome ids.
+
+    Text that is already 1-``max_len`` of ``[A-Za-z0-9_.-]`` starting alphanumeric is kept;
+    anything else becomes its cleaned start and a digest of the whole, so two different
+    texts never share a name (``'MMLUPro_computer science_9075'`` ->
+    ``'MMLUPro_computer-science_9075-<16 hex digits>'``).
+    """
+    if max_len < 24:
+        raise ValueError(f"max_len must leave room for a digest (>= 24), got {max_len}")
+    if len(text) <= max_len and _SEGMENT.match(text):
+        return text
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    head = re.sub(r"[^A-Za-z0-9_.\-]+", "-", text).strip("-.")[: max_len - len(digest) - 1]
+    return f"{head}-{digest}" if head and head[0].isalnum() else f"h{digest}"
+
+
+_TAG_CLEAN = re.compile(r"[^a-z0-9_.:\-]+")
+_TAG_MAX = 64
+
+
+def clean_tag(tag: str) -> str:
+    """A tag as a cell key: lowercase, ``[a-z0-9_.:-]``, at most 64 characters; idempotent."""
+    # strip the dashes again after cutting: a cut can end on one, which a second pass would strip
+    cleaned = _TAG_CLEAN.sub("-", tag.strip().lower()).strip("-")[:_TAG_MAX].strip("-")
+    return cleaned or "-"
+
+
 #: The scope statistics are kept in when they are shared by every tenant.
 SHARED_SCOPE = "shared"
 
@@ -358,6 +386,15 @@ class StatsKeys:
     def cells(self) -> str:
         """Hash: ``<endpoint>|<difficulty>|<tag>|<metric>`` -> count."""
         return self.base + "cells"
+
+    @property
+    def model(self) -> str:
+        """Hash: the learner's weights, ``w|<endpoint>|<head>|<feature>`` -> float, and counts."""
+        return self.base + "model"
+
+    def features_seen(self, outcome: str) -> str:
+        """String: an outcome's features for the learner, kept until its verdict can come."""
+        return self.base + "seen:f:" + outcome
 
     def outcome_seen(self, outcome: str) -> str:
         """String: set once an outcome has been counted; expires."""

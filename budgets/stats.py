@@ -18,7 +18,6 @@ keeps for ``retention_s``. Reading is one ``HGETALL``; the result is a pure
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -27,7 +26,16 @@ from typing import Any
 from redis.asyncio import Redis
 
 from budgets.errors import InvalidObservation, UnknownOutcome
-from budgets.keys import SHARED_SCOPE, StatsKeys, check_name, check_scope
+from budgets.keys import SHARED_SCOPE, StatsKeys, check_name, check_scope, clean_tag
+from budgets.learner import (
+    L2,
+    LEARNING_RATE,
+    RUNTIME_SIGNALS,
+    Weights,
+    encode,
+    question_features,
+    reply_features,
+)
 
 #: Tag of the cell that counts every call of an endpoint and difficulty.
 ANY_TAG = "*"
@@ -37,8 +45,6 @@ ANY_DIFFICULTY = 0
 
 _HIST_BASE = 16
 _HIST_BUCKETS = 32
-_TAG_CLEAN = re.compile(r"[^a-z0-9_.:\-]+")
-_TAG_MAX = 64
 #: Largest count one observation may add to a field (the Lua refuses more than 16 digits).
 MAX_COUNT = 10**15
 
@@ -59,18 +65,15 @@ def bucket_bound(index: int) -> int:
     return math.floor(_HIST_BASE * 2 ** (index / 2))
 
 
-def clean_tag(tag: str) -> str:
-    """A tag as a cell key: lowercase, ``[a-z0-9_.:-]``, at most 64 characters; idempotent."""
-    # strip the dashes again after cutting: a cut can end on one, which a second pass would strip
-    cleaned = _TAG_CLEAN.sub("-", tag.strip().lower()).strip("-")[:_TAG_MAX].strip("-")
-    return cleaned or "-"
-
-
 @dataclass(frozen=True, slots=True)
 class Cell:
     """The counts of one endpoint x difficulty x tag.
 
     ``peak`` is the most output tokens one call used (kept on ``*`` cells, with the histogram).
+    ``pairs``, ``pair_before``, ``pair_used``, ``pair_before_sq``, ``pair_cross``: over
+    escalated calls that know the output tokens *b* of the try they escalated from, their
+    count and the sums of *b*, of their own output *u*, of *b²* and of *b·u* — a line of how
+    long this endpoint answers a subtask given how long the escalated-from reply was.
     """
 
     calls: int = 0
@@ -83,6 +86,13 @@ class Cell:
     nanos: int = 0
     hist: tuple[int, ...] = ()
     peak: int = 0
+    pair_before: int = 0
+    pair_used: int = 0
+    pairs: int = 0
+    pair_before_sq: int = 0
+    pair_cross: int = 0
+    #: The same sums over explored escalations only (chosen at random, so unbiased).
+    explored: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
 
     @property
     def judged(self) -> int:
@@ -108,6 +118,25 @@ class Cell:
         """Share of asked-for output tokens that went unused."""
         return 1 - self.used / self.asked if self.asked else 0.0
 
+    def length_ratio(self, prior_weight: float = 50.0) -> float:
+        """Output tokens per output token of the try escalated from, shrunk toward 1."""
+        return (self.pair_used + prior_weight) / (self.pair_before + prior_weight)
+
+    def length_after(self, before: int, *, min_pairs: int = 10) -> float:
+        """Expected output tokens after a reply of ``before`` tokens was escalated here.
+
+        A least-squares line over the pairs (slope clamped to 0-3), once ``min_pairs`` were
+        seen; the shrunk ratio before. A line, not a ratio: the short replies escalated
+        first are often followed by long ones.
+        """
+        sums = (self.pairs, self.pair_before, self.pair_used, self.pair_before_sq, self.pair_cross)
+        line = _line(sums, before, min_pairs)
+        return before * self.length_ratio() if line is None else line
+
+    def length_explored(self, before: int, *, min_pairs: int = 8) -> float | None:
+        """:meth:`length_after` from explored escalations only; ``None`` with too few."""
+        return _line(self.explored, before, min_pairs)
+
     def quantile(self, q: float) -> int | None:
         """Output tokens that ``q`` of calls stayed within (a bucket bound); ``None`` if none.
 
@@ -129,22 +158,34 @@ class Cell:
         return bucket_bound(index)
 
 
+def _line(sums: tuple[int, int, int, int, int], before: int, min_pairs: int) -> float | None:
+    """Least squares of u on b at ``before`` from (n, Σb, Σu, Σb², Σbu); slope within 0-3."""
+    n, sb, su, sbb, sbu = sums
+    spread = sbb - sb**2 / n if n else 0.0
+    if n < min_pairs or spread <= 0:
+        return None
+    slope = min(3.0, max(0.0, (sbu - sb * su / n) / spread))
+    return max(1.0, (su - slope * sb) / n + slope * before)
+
+
 _EMPTY = Cell()
 
 
 @dataclass(frozen=True, slots=True)
 class Stats:
-    """A scope's cells as read at one moment; pure, safe to share."""
+    """A scope's cells and learner weights as read at one moment; pure, safe to share."""
 
     cells: Mapping[tuple[str, int, str], Cell] = field(default_factory=dict)
+    model: Weights = field(default_factory=Weights)
 
     def cell(self, endpoint: str, difficulty: int = ANY_DIFFICULTY, tag: str = ANY_TAG) -> Cell:
         """One cell (empty when nothing was counted there yet)."""
         return self.cells.get((endpoint, difficulty, tag), _EMPTY)
 
     @classmethod
-    def from_fields(cls, raw: Mapping[Any, Any]) -> Stats:
-        """Parse the Redis hash (``<endpoint>|<difficulty>|<tag>|<metric>`` -> count)."""
+    def from_fields(cls, raw: Mapping[Any, Any], model: Mapping[Any, Any] | None = None) -> Stats:
+        """Parse the Redis hashes: cells (``<endpoint>|<difficulty>|<tag>|<metric>`` -> count)
+        and, when given, the learner's (:meth:`Weights.from_fields`)."""
         counts: dict[tuple[str, int, str], dict[str, int]] = {}
         for key, value in raw.items():
             text = key.decode() if isinstance(key, bytes) else str(key)
@@ -169,8 +210,20 @@ class Stats:
                 nanos=metrics.get("nanos", 0),
                 hist=tuple(hist),
                 peak=metrics.get("max", 0),
+                pair_before=metrics.get("pb", 0),
+                pair_used=metrics.get("pu", 0),
+                pairs=metrics.get("pn", 0),
+                pair_before_sq=metrics.get("pbb", 0),
+                pair_cross=metrics.get("pbu", 0),
+                explored=(
+                    metrics.get("xn", 0),
+                    metrics.get("xb", 0),
+                    metrics.get("xu", 0),
+                    metrics.get("xbb", 0),
+                    metrics.get("xbu", 0),
+                ),
             )
-        return cls(cells)
+        return cls(cells, Weights.from_fields(model or {}))
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,16 +238,25 @@ class Observation:
     cut_short: bool
     nanos: int
     escalated: bool = False
+    #: The prompt's tokens (a feature of the learner; 0 when unknown).
+    prompt_tokens: int = 0
+    #: The reply's own signals, apart from the subtask's tags. Run-time signals the
+    #: flow puts among the tags (``cut_short``, ``empty``, ``rejected``) count as signals too.
+    signals: tuple[str, ...] = ()
+    #: Output tokens of the try this one escalated from (0: a first try, or unknown).
+    before_used: int = 0
+    #: The policy escalated it to learn (``Grant.explore``), not for its gain.
+    explored: bool = False
 
     def check(self) -> None:
         """Raise :class:`InvalidObservation` naming the first field of the wrong type or range."""
         check_name("endpoint", self.endpoint)
         _check_difficulty(self.difficulty)
-        if not isinstance(self.tags, (tuple, list)) or not all(
-            isinstance(t, str) for t in self.tags
-        ):
-            raise InvalidObservation("tags", self.tags, "must be a tuple of strings")
-        for name in ("asked", "used", "nanos"):
+        for name in ("tags", "signals"):
+            value = getattr(self, name)
+            if not isinstance(value, (tuple, list)) or not all(isinstance(t, str) for t in value):
+                raise InvalidObservation(name, value, "must be a tuple of strings")
+        for name in ("asked", "used", "nanos", "prompt_tokens", "before_used"):
             value = getattr(self, name)
             if type(value) is not int:  # bool, float, NaN, str ... are refused
                 raise InvalidObservation(name, value, "must be an int")
@@ -202,13 +264,27 @@ class Observation:
                 raise InvalidObservation(name, value, "must not be negative")
             if value > MAX_COUNT:
                 raise InvalidObservation(name, value, f"must be at most {MAX_COUNT}")
-        for name in ("cut_short", "escalated"):
+        for name in ("cut_short", "escalated", "explored"):
             if type(getattr(self, name)) is not bool:
                 raise InvalidObservation(name, getattr(self, name), "must be a bool")
 
     def prefixes(self) -> list[str]:
         """The ``<endpoint>|<difficulty>|<tag>|`` prefix of every cell this call counts in."""
-        return cell_prefixes(self.endpoint, self.difficulty, self.tags)
+        return cell_prefixes(self.endpoint, self.difficulty, (*self.tags, *self.signals))
+
+    def features(self) -> str:
+        """The try's features for the learner, encoded as the outcome's marker keeps them."""
+        tags = [t for t in self.tags if clean_tag(t) not in RUNTIME_SIGNALS]
+        signals = [*self.signals, *(t for t in self.tags if clean_tag(t) in RUNTIME_SIGNALS)]
+        if self.cut_short:
+            signals.append("cut_short")
+        return encode(
+            self.endpoint,
+            {
+                "q": question_features(self.difficulty, tags, self.prompt_tokens),
+                "r": reply_features(self.difficulty, tags, self.prompt_tokens, signals),
+            },
+        )
 
     def peaks(self) -> list[str]:
         """The ``max`` field of every cell that keeps a histogram: raised to ``used`` if below."""
@@ -224,6 +300,12 @@ class Observation:
             "e": int(self.escalated),
             "nanos": self.nanos,
         }
+        if self.before_used:
+            b = self.before_used
+            pair = {"n": 1, "b": b, "u": self.used, "bb": b * b, "bu": b * self.used}
+            values |= {f"p{m}": v for m, v in pair.items()}
+            if self.explored:
+                values |= {f"x{m}": v for m, v in pair.items()}
         out: list[tuple[str, int]] = []
         for prefix in self.prefixes():
             out.extend((prefix + m, v) for m, v in values.items() if v)
@@ -254,18 +336,33 @@ def _read_lua(name: str) -> str:
 class StatsBook:
     """Reads and updates the statistics of each scope in Redis."""
 
-    def __init__(self, redis: Redis, *, retention_s: int = 30 * 86400) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        retention_s: int = 30 * 86400,
+        learning_rate: float = LEARNING_RATE,
+        l2: float = L2,
+    ) -> None:
         if retention_s < 1:
             raise ValueError(f"retention_s must be at least 1, got {retention_s}")
+        if not all(math.isfinite(x) and x >= 0 for x in (learning_rate, l2)):
+            raise ValueError(f"learning_rate and l2 must be >= 0, got {learning_rate}, {l2}")
         self.redis = redis
         self.retention_s = retention_s
+        self.learning_rate = learning_rate
+        self.l2 = l2
         self._record = redis.register_script(_read_lua("stats_record"))
         self._verdict = redis.register_script(_read_lua("stats_verdict"))
 
     async def read(self, scope: str) -> Stats:
-        """Every cell of ``scope``."""
-        raw = await self.redis.hgetall(StatsKeys(check_scope(scope)).cells)
-        return Stats.from_fields(raw)
+        """Every cell of ``scope`` and its learner's weights (two reads of one slot)."""
+        keys = StatsKeys(check_scope(scope))
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hgetall(keys.cells)
+            pipe.hgetall(keys.model)
+            cells, model = await pipe.execute()
+        return Stats.from_fields(cells, model)
 
     async def record(self, scope: str, outcome_id: str, seen: Observation) -> bool:
         """Count a call once; ``False`` when ``outcome_id`` was already counted.
@@ -278,11 +375,22 @@ class StatsBook:
         seen.check()
         prefixes = seen.prefixes()
         peaks = seen.peaks()
-        args: list[str | int] = [self.retention_s, "\n".join(prefixes), seen.used, len(peaks)]
+        args: list[str | int] = [
+            self.retention_s,
+            "\n".join(prefixes),
+            seen.used,
+            seen.features(),
+            len(peaks),
+        ]
         args.extend(peaks)
         for name, inc in seen.fields():
             args.extend((name, inc))
-        where = [keys.cells, keys.outcome_seen(outcome_id), keys.verdict_seen(outcome_id)]
+        where = [
+            keys.cells,
+            keys.outcome_seen(outcome_id),
+            keys.verdict_seen(outcome_id),
+            keys.features_seen(outcome_id),
+        ]
         counted = await self._record(keys=where, args=args)
         if isinstance(counted, list):  # {-1, index}: Python's checks should have caught it
             index = int(counted[1])
@@ -300,15 +408,27 @@ class StatsBook:
         check_name("outcome id", outcome_id)
         if type(ok) is not bool:
             raise InvalidObservation("ok", ok, "must be a bool")
-        where = [keys.cells, keys.outcome_seen(outcome_id), keys.verdict_seen(outcome_id)]
-        moved = await self._verdict(keys=where, args=[self.retention_s, "ok" if ok else "bad"])
+        where = [
+            keys.cells,
+            keys.outcome_seen(outcome_id),
+            keys.verdict_seen(outcome_id),
+            keys.features_seen(outcome_id),
+            keys.model,
+        ]
+        args = [self.retention_s, "ok" if ok else "bad", repr(self.learning_rate), repr(self.l2)]
+        moved = await self._verdict(keys=where, args=args)
         if moved == -1:
             raise UnknownOutcome(scope, outcome_id)
+        if moved == -2:  # Python's checks should have caught it
+            raise InvalidObservation(
+                "learning_rate", (self.learning_rate, self.l2), "and l2 must be numbers >= 0"
+            )
         return bool(moved)
 
     async def clear(self, scope: str) -> None:
-        """Forget a scope's counts (its markers expire on their own)."""
-        await self.redis.delete(StatsKeys(check_scope(scope)).cells)
+        """Forget a scope's counts and weights (its markers expire on their own)."""
+        keys = StatsKeys(check_scope(scope))
+        await self.redis.delete(keys.cells, keys.model)
 
 
 __all__ = [

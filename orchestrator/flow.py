@@ -38,6 +38,7 @@ from langgraph.func import entrypoint, task
 
 from agents.manager import ManagerAgent, PlanOutcome
 from agents.plan import Plan, Subtask, single_subtask_plan
+from agents.verifier import reply_signals
 from agents.worker import WorkerAgent, WorkerResult
 from budgets import Amount, Budget, BudgetExceeded, Ledger, nanos_to_usd
 from budgets.errors import AccountClosed
@@ -64,6 +65,8 @@ log = logging.getLogger(__name__)
 
 #: The least output a subtask's share must pay for besides its prompt to be worth starting.
 USEFUL_OUTPUT_TOKENS = 64
+#: The prompt size assumed for a result saved without one (by an older version).
+DEFAULT_PROMPT_TOKENS = 256
 #: With reviews on ``auto``, the least planned difficulty a result is reviewed at...
 REVIEW_AUTO_DIFFICULTY = 4
 #: ...and only when the reviews reserve at most 1/10 of the level's pool.
@@ -133,7 +136,16 @@ class SubtaskResult(TypedDict):
     endpoint: str
     difficulty: int
     tags: list[str]
+    #: The reply's own signals (:func:`agents.verifier.reply_signals`, ``rejected``).
     signals: list[str]
+    input_tokens: int
+    #: The prompt as the metered call counted it when the try was granted (what another
+    #: try is priced with; ``input_tokens`` is what the server billed).
+    counted_prompt: int
+    #: Output tokens of the try this one escalated from (0 for a first try).
+    before_used: int
+    #: The policy chose this try to learn (``Grant.explore``).
+    explored: bool
     #: The id statistics count it under ("" when not counted).
     outcome: str
     attempt: int
@@ -167,6 +179,10 @@ def _result(
         "difficulty": sub.difficulty,
         "tags": list(sub.tags),
         "signals": [],
+        "input_tokens": 0,
+        "counted_prompt": 0,
+        "before_used": 0,
+        "explored": False,
         "outcome": "",
         "attempt": attempt,
         "short": [],
@@ -175,21 +191,24 @@ def _result(
     return out
 
 
-def _from_worker(
-    res: WorkerResult, sub: Subtask, *, attempt: int, asked: int, outcome: str
-) -> SubtaskResult:
+def _from_worker(res: WorkerResult, item: WorkItem, *, outcome: str) -> SubtaskResult:
+    sub = item.subtask
     return _result(
         sub,
-        attempt,
+        item.attempt,
         text=res.text,
         finished=res.finished,
         cut_short=res.cut_short,
         tokens=res.input_tokens + res.output_tokens,
+        input_tokens=res.input_tokens,
+        counted_prompt=item.prompt_tokens,
         output_tokens=res.output_tokens,
-        asked=asked,
+        asked=item.max_output,
         cost_nanos=res.cost_nanos,
         endpoint=res.endpoint,
-        signals=["empty"] if not res.text.strip() else [],
+        signals=reply_signals(res.text, question=sub.instruction, output_tokens=res.output_tokens),
+        before_used=item.before_used,
+        explored=item.explore,
         outcome=outcome,
     )
 
@@ -280,6 +299,12 @@ class WorkItem:
     unpaid: bool = False
     #: Its result is reviewed by the level's manager.
     review: bool = False
+    #: The policy chose it to learn (``Grant.explore``).
+    explore: bool = False
+    #: Output tokens of the try it escalates (0 for a first try).
+    before_used: int = 0
+    #: Its prompt as the metered call counts it (an upper bound of the bill), for the policy.
+    prompt_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -587,7 +612,9 @@ class Flow:
         for g in deps.policy.escalate(pool, finished, menu=menu):
             if g.subtask_id in by_id and g.subtask_id not in busy:
                 sub = by_id[g.subtask_id]
-                work.append(self._item(lv, sub, g, attempts.get(sub.id, 1) + 1, results))
+                prompt = results[sub.id]["counted_prompt"] or DEFAULT_PROMPT_TOKENS
+                attempt = attempts.get(sub.id, 1) + 1
+                work.append(self._item(lv, sub, g, attempt, results, prompt))
                 pool = pool.less(g)
         if not ready:
             return work
@@ -616,7 +643,9 @@ class Flow:
             paid = [g for g in alone if _useful(g, prompts)]
         # A subtask whose share cannot pay a useful call waits until a running
         # one gives its leftover back.
-        work.extend(self._item(lv, by_id[g.subtask_id], g, 1, results) for g in paid)
+        work.extend(
+            self._item(lv, by_id[g.subtask_id], g, 1, results, prompts[g.subtask_id]) for g in paid
+        )
         return work
 
     def _item(
@@ -626,6 +655,7 @@ class Flow:
         grant: Grant,
         attempt: int,
         results: Mapping[str, SubtaskResult],
+        prompt_tokens: int,
     ) -> WorkItem:
         context = _context(sub, results)
         composite = sub.composite and attempt == 1 and self._can_nest(lv, sub, grant, context)
@@ -639,6 +669,11 @@ class Flow:
             endpoint=grant.endpoint,
             context=context,
             composite=composite,
+            explore=grant.explore,
+            prompt_tokens=prompt_tokens,
+            before_used=results[sub.id]["output_tokens"]
+            if attempt > 1 and sub.id in results
+            else 0,
         )
 
     def _can_nest(self, lv: Level, sub: Subtask, grant: Grant, context: Mapping[str, str]) -> bool:
@@ -688,9 +723,7 @@ class Flow:
             # A delivery before this one paid for this try and died before
             # saving it: the reply was kept with the payment; no second call.
             outcome = outcome_id(run.task_id, item.paid.account)
-            out = _from_worker(
-                item.paid, sub, attempt=attempt, asked=item.max_output, outcome=outcome
-            )
+            out = _from_worker(item.paid, item, outcome=outcome)
             return await self._finish(run, item, out)
         if item.unpaid:
             return None if attempt > 1 else _result(sub, attempt, exhausted=True)
@@ -710,9 +743,7 @@ class Flow:
                     attempt=attempt,
                 )
                 outcome = outcome_id(run.task_id, account)
-                out = _from_worker(
-                    result, sub, attempt=attempt, asked=item.max_output, outcome=outcome
-                )
+                out = _from_worker(result, item, outcome=outcome)
         except BudgetExceeded:
             out = _result(sub, attempt, exhausted=True)
         except BaseException:
@@ -806,16 +837,19 @@ class Flow:
     async def _count(self, scope: str, out: SubtaskResult) -> None:
         if not out["endpoint"] or not out["outcome"]:
             return
-        sub_tags = [*out["tags"], *out["signals"], *(["cut_short"] if out["cut_short"] else [])]
         seen = Observation(
             endpoint=out["endpoint"],
             difficulty=int(out["difficulty"]),
-            tags=tuple(sub_tags),
+            tags=tuple(out["tags"]),
             asked=int(out["asked"]),
             used=int(out["output_tokens"]),
             cut_short=bool(out["cut_short"]),
             nanos=int(out["cost_nanos"]),
             escalated=int(out["attempt"]) > 1,
+            prompt_tokens=int(out["input_tokens"]),
+            signals=tuple(out["signals"]),
+            before_used=int(out["before_used"]),
+            explored=bool(out["explored"]),
         )
         await self.deps.stats.record(scope, out["outcome"], seen)
         if out["reviewed"]:  # the review's verdict is feedback; repeating it changes nothing
@@ -850,7 +884,9 @@ class Flow:
 
 def outcome_of(sub: Subtask, res: SubtaskResult, attempts: int) -> Outcome:
     """A saved result as the policy sees it."""
-    need = Need(sub.id, sub.difficulty, tuple(sub.tags), attempt=attempts)
+    # As counted when it was granted; a result saved by an older version has a guess.
+    prompt = res["counted_prompt"] or DEFAULT_PROMPT_TOKENS
+    need = Need(sub.id, sub.difficulty, tuple(sub.tags), attempt=attempts, prompt_tokens=prompt)
     return Outcome(
         need=need,
         endpoint=res["endpoint"],

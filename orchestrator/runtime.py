@@ -70,7 +70,9 @@ class Runtime:
         # An outcome's marker lives as long as its task: a verdict needs the task's
         # record, and a task id reused after its retention is a new task.
         stats = StatsBook(ledger.redis, retention_s=settings.retention_s)
-        chosen = policy or make_policy(settings.policy)
+        chosen = policy or make_policy(
+            settings.policy, target=settings.policy_target(), explore=settings.explore
+        )
         deps = FlowDeps(
             ledger=ledger,
             records=records,

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from budgets.policy import DEFAULT_POLICY, policy_names
+from budgets.policy import DEFAULT_POLICY, Target, policy_names
 
 
 class Settings(BaseModel):
@@ -34,6 +34,13 @@ class Settings(BaseModel):
     )
     max_task_chars: int = Field(default=20_000, ge=1)
     policy: str = Field(default=DEFAULT_POLICY, description="PAYMASTER_POLICY: allocation policy")
+    target: str | None = Field(
+        default=None,
+        description="PAYMASTER_TARGET: adaptive's target, ratio:<share> or usd_per_point:<usd>",
+    )
+    explore: float | None = Field(
+        default=None, ge=0, le=1, description="PAYMASTER_EXPLORE: adaptive's exploration share"
+    )
     stats_scope: Literal["tenant", "shared"] = Field(
         default="tenant",
         description="PAYMASTER_STATS_SCOPE: 'tenant' keeps each tenant's statistics apart",
@@ -45,6 +52,17 @@ class Settings(BaseModel):
         if value not in policy_names():
             raise ValueError(f"unknown policy {value!r}; choose one of {', '.join(policy_names())}")
         return value
+
+    @field_validator("target")
+    @classmethod
+    def _known_target(cls, value: str | None) -> str | None:
+        if value is not None:
+            Target.parse(value)  # its ValueError says what is wrong
+        return value
+
+    def policy_target(self) -> Target | None:
+        """The adaptive policy's target, parsed; ``None``: the policy's default."""
+        return None if self.target is None else Target.parse(self.target)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -62,11 +80,13 @@ class Settings(BaseModel):
             "PAYMASTER_MAX_DELIVERIES": "max_deliveries",
             "PAYMASTER_RETENTION_S": "retention_s",
             "PAYMASTER_MAX_DEPTH": "max_depth",
+            "PAYMASTER_EXPLORE": "explore",
         }
         named = {
             "PAYMASTER_POLICY": "policy",
             "PAYMASTER_STATS_SCOPE": "stats_scope",
             "PAYMASTER_REVIEW": "review",
+            "PAYMASTER_TARGET": "target",
         }
         for var, field in (numeric | named).items():
             if env.get(var):

@@ -101,6 +101,8 @@ def parse(key: str) -> tuple[Any, ...]:
             return ("stats", owner, "outcome_seen", rest.removeprefix("seen:o:"))
         if rest.startswith("seen:v:"):
             return ("stats", owner, "verdict_seen", rest.removeprefix("seen:v:"))
+        if rest.startswith("seen:f:"):
+            return ("stats", owner, "features_seen", rest.removeprefix("seen:f:"))
         return ("stats", owner, rest)
     raise AssertionError(f"no family {fam!r}: {key}")
 
@@ -120,10 +122,10 @@ TASK_FIXED = {
     "plans": "plans",
 }
 TENANT_FIXED = {"config": "cfg", "events": "events"}
-STATS_FIXED = {"cells": "cells"}
+STATS_FIXED = {"cells": "cells", "model": "model"}
 TASK_OTHER = {"account", "base", "account_prefix", "script_keys", "task_id"}
 TENANT_OTHER = {"period", "funding", "base", "period_prefix", "tenant"}
-STATS_OTHER = {"outcome_seen", "verdict_seen", "base", "scope"}
+STATS_OTHER = {"outcome_seen", "verdict_seen", "features_seen", "base", "scope"}
 GLOBALS = ["TENANTS", "OPEN_TASKS", "QUEUE", "DEAD_LETTER", "WORKERS"]
 
 
@@ -173,6 +175,7 @@ def test_no_valid_names_make_two_families_share_a_key(
     expect(sk.cells, ("stats", scope, "cells"))
     expect(sk.outcome_seen(outcome), ("stats", scope, "outcome_seen", outcome))
     expect(sk.verdict_seen(outcome), ("stats", scope, "verdict_seen", outcome))
+    expect(sk.features_seen(outcome), ("stats", scope, "features_seen", outcome))
     for name in GLOBALS:
         expect(getattr(K, name), ("global", getattr(K, name)))
     # The script keys and prefixes are what the builders above make.

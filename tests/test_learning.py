@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Iterator
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from agents.endpoints import Endpoint, EndpointsConfig
 from agents.stub_server import RecordedRequest, Reply, ScriptedModelServer
 from budgets import Budget
+from budgets.policy import Adaptive, Target
 from orchestrator.api import Paymaster
 from orchestrator.errors import SubtaskNotFound, TaskNotFound
 from orchestrator.settings import Settings
@@ -155,7 +157,8 @@ async def test_adaptive_probes_the_cheap_endpoint_then_leaves_it_when_history_sa
         ],
         default="cheap",
     )
-    pm = make_pm(redis_url, config, tmp_path, policy="adaptive")
+    # a target that never binds: the pool and the gains decide (the default is ratio:0.4)
+    pm = make_pm(redis_url, config, tmp_path, policy="adaptive", target="ratio:10")
     budget = Budget(tokens=50_000, usd="1")
     try:
         first = await pm.arun("two things", budget=budget)
@@ -194,3 +197,24 @@ async def cheap_outcomes(pm: Paymaster, task_id: str) -> list[str]:
         if name[0] in "ab" and name.endswith(".1") and free:
             ids.append(f"{task_id}:{acct.path.replace('/', ':')}")
     return ids
+
+
+async def test_the_target_setting_reaches_the_policy_and_bad_ones_are_refused(
+    redis_url: str, stub: ScriptedModelServer, tmp_path: Path
+) -> None:
+    config = EndpointsConfig(endpoints=[endpoint(stub, "stub", kind="local")])
+    pm = make_pm(redis_url, config, tmp_path, policy="adaptive", target="usd_per_point:0.001")
+    try:
+        chosen = pm.runtime().policy
+        assert isinstance(chosen, Adaptive)
+        assert chosen.target == Target(cost_ratio=None, usd_per_point=Decimal("0.001"))
+    finally:
+        await pm.aclose()
+    env = {"HOME": str(tmp_path), "PAYMASTER_TARGET": "ratio:0.2", "PAYMASTER_EXPLORE": "0.1"}
+    settings = Settings.from_env(env)
+    assert (settings.policy_target(), settings.explore) == (Target(cost_ratio=0.2), 0.1)
+    for bad in ("ratio:0", "cheap", "usd_per_point:-1", "speed:3"):
+        with pytest.raises(ValueError, match=r"target|ratio|point"):
+            Settings.from_env({**env, "PAYMASTER_TARGET": bad})
+    with pytest.raises(ValueError, match="explore"):
+        Settings.from_env({**env, "PAYMASTER_EXPLORE": "2"})

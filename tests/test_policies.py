@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from budgets import Price
+from budgets.learner import Weights, learn
 from budgets.policy import (
     TIERS,
     Adaptive,
@@ -19,6 +20,7 @@ from budgets.policy import (
     Outcome,
     Policy,
     Pool,
+    Target,
     Tiered,
     Uniform,
     make_policy,
@@ -147,10 +149,16 @@ def test_adaptive_sizes_tiers_from_tokens_really_used() -> None:
 
 
 def test_adaptive_spends_returned_money_on_the_worst_signals_first() -> None:
-    bad = Observation("local", 2, ("calc-bad",), asked=512, used=100, cut_short=False, nanos=0)
-    good = Observation("local", 2, ("clean",), asked=512, used=100, cut_short=False, nanos=0)
-    strong = Observation("strong", 2, (), asked=512, used=100, cut_short=False, nanos=500)
-    stats = history((bad, 20, 2), (good, 20, 18), (strong, 20, 18))
+    def obs(endpoint: str, *signals: str, nanos: int = 0) -> Observation:
+        return Observation(endpoint, 2, (), 512, 100, False, nanos, signals=signals)
+
+    rows = [(obs("local", "calc-bad"), 2, 20), (obs("local", "clean"), 18, 20)]
+    rows.append((obs("strong", nanos=500), 18, 20))
+    fields: dict[str, float] = {}
+    for step in range(20):  # every verdict, interleaved
+        for seen, right, _times in rows:
+            learn(fields, seen.features(), ok=step < right)
+    stats = Stats(history(*((o, t, r) for o, r, t in rows)).cells, Weights.from_fields(fields))
     menu = Menu(MENU.options, stats, "local")
     tries = [
         Outcome(Need("x", 2, prompt_tokens=100), "local", 512, 100, signals=frozenset({"clean"})),
@@ -158,11 +166,12 @@ def test_adaptive_spends_returned_money_on_the_worst_signals_first() -> None:
             Need("y", 2, prompt_tokens=100), "local", 512, 100, signals=frozenset({"calc-bad"})
         ),
     ]
-    tier = Adaptive().tier("strong", 2, stats)
-    one = STRONG.cost(input_tokens=100, output_tokens=tier)
-    grants = Adaptive().escalate(Pool(None, one), tries, menu=menu)
+    policy = Adaptive(target=Target(cost_ratio=10))  # only the pool limits
+    [first] = policy.escalate(Pool(None, 10**9), tries[1:], menu=menu)
+    one = first.nanos or 0
+    grants = policy.escalate(Pool(None, one), tries, menu=menu)
     assert [(g.subtask_id, g.endpoint) for g in grants] == [("y", "strong")]
-    assert Adaptive().escalate(Pool(None, one - 1), tries, menu=menu) == []
+    assert policy.escalate(Pool(None, one - 1), tries, menu=menu) == []
 
 
 def test_policies_are_chosen_by_name() -> None:

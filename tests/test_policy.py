@@ -6,6 +6,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import replace
 from decimal import Decimal
 
 import pytest
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 
 from budgets import Price
 from budgets.errors import InvalidName
+from budgets.learner import Weights, learn
 from budgets.policy import (
     FAILURE_SIGNALS,
     TIERS,
@@ -26,6 +28,7 @@ from budgets.policy import (
     Outcome,
     Policy,
     Pool,
+    Target,
     Tiered,
     Uniform,
     make_policy,
@@ -51,6 +54,8 @@ PAIR = Menu((STRONG, LOCAL), Stats(), default="local")
 UNLIMITED = Pool(tokens=None, nanos=None)
 RICH = Pool(tokens=None, nanos=10**12)
 POLICIES: list[Policy] = [Uniform(), Tiered(), LocalFirst(), Adaptive()]
+#: Adaptive with a target that never binds: what the pool and the gains alone decide.
+OPEN = Adaptive(target=Target(cost_ratio=10))
 
 
 def history(*rows: tuple[Observation, int, int]) -> Stats:
@@ -74,8 +79,22 @@ def seen(
     used: int = 100,
     cut: bool = False,
     nanos: int = 0,
+    signals: Sequence[str] = (),
 ) -> Observation:
-    return Observation(endpoint, difficulty, tags, asked, used, cut, nanos)
+    return Observation(endpoint, difficulty, tags, asked, used, cut, nanos, signals=tuple(signals))
+
+
+def taught(*rows: tuple[Observation, int, int]) -> Stats:
+    """:func:`history`, and a learner that took every verdict of it (rows interleaved)."""
+    fields: dict[str, float] = {}
+    left = [[seen.features(), right, times - right] for seen, times, right in rows]
+    while any(ok or bad for _, ok, bad in left):
+        for item in left:
+            for index, verdict in ((1, True), (2, False)):
+                if item[index]:
+                    learn(fields, str(item[0]), ok=verdict)
+                    item[index] = int(item[index]) - 1
+    return Stats(history(*rows).cells, Weights.from_fields(fields))
 
 
 def tried(
@@ -449,51 +468,72 @@ def test_local_first_custom_failure_signals() -> None:
 
 def test_adaptive_escalates_only_when_the_pool_covers_the_call() -> None:
     out = tried("a", 2, "local", prompt=100)
-    # no history: strong (tier 4) beats local (tier 1) by far more than min_gain
-    price = STRONG.cost(input_tokens=100, output_tokens=TIERS[2])
-    [grant] = Adaptive().escalate(Pool(100 + TIERS[2], price), [out], menu=PAIR)
-    assert grant == Grant("a", 100 + TIERS[2], price, TIERS[2], "strong")
-    assert Adaptive().escalate(Pool(None, price - 1), [out], menu=PAIR) == []
-    assert Adaptive().escalate(Pool(100 + TIERS[2] - 1, None), [out], menu=PAIR) == []
-    assert Adaptive().escalate(Pool(0, 0), [out], menu=PAIR) == []
+    # no history: strong (tier 4) beats local (tier 1) by far more than min_gain; cold, it
+    # is sized from the reply it improves on (twice its 100 tokens, at least the 256 floor),
+    # not the 512 ladder
+    price = STRONG.cost(input_tokens=100, output_tokens=256)
+    [grant] = OPEN.escalate(Pool(100 + 256, price), [out], menu=PAIR)
+    assert grant == Grant("a", 100 + 256, price, 256, "strong")
+    assert OPEN.escalate(Pool(None, price - 1), [out], menu=PAIR) == []
+    assert OPEN.escalate(Pool(100 + 256 - 1, None), [out], menu=PAIR) == []
+    long = tried("a", 2, "local", prompt=100, used=400)
+    [grant] = OPEN.escalate(RICH, [long], menu=PAIR)
+    assert grant.max_output_tokens == 800  # room for twice the reply it improves on
+    assert OPEN.escalate(Pool(0, 0), [out], menu=PAIR) == []
 
 
 def test_adaptive_honours_max_attempts_and_unknown_endpoints() -> None:
-    assert Adaptive().escalate(RICH, [tried("a", 2, "local", attempt=3)], menu=PAIR) == []
-    assert len(Adaptive().escalate(RICH, [tried("a", 2, "local", attempt=2)], menu=PAIR)) == 1
-    assert Adaptive().escalate(RICH, [tried("a", 2, "nowhere")], menu=PAIR) == []
-    # the strongest endpoint is asked again only for a reply cut short, and only once
-    # history says cut replies fail
-    assert Adaptive().escalate(RICH, [tried("a", 2, "strong")], menu=PAIR) == []
+    assert OPEN.escalate(RICH, [tried("a", 2, "local", attempt=3)], menu=PAIR) == []
+    assert len(OPEN.escalate(RICH, [tried("a", 2, "local", attempt=2)], menu=PAIR)) == 1
+    assert OPEN.escalate(RICH, [tried("a", 2, "nowhere")], menu=PAIR) == []
+    # the strongest endpoint is asked again only for a reply cut short (no answer to keep),
+    # at least one tier higher
+    assert OPEN.escalate(RICH, [tried("a", 2, "strong")], menu=PAIR) == []
     cut = tried("a", 2, "strong", asked=512, cut=True)
-    assert Adaptive().escalate(RICH, [cut], menu=PAIR) == []
+    [again] = OPEN.escalate(RICH, [cut], menu=Menu((STRONG,), Stats(), "strong"))
+    assert (again.endpoint, again.max_output_tokens) == ("strong", 1_024)
+    # with a free endpoint beside it, a cut reply's best gain per dollar is the free one
+    [down] = OPEN.escalate(RICH, [cut], menu=PAIR)
+    assert down.endpoint == "local"
     stats = history(
         (seen("strong", 2, used=100), 20, 20),
         (seen("strong", 2, "cut_short", asked=128, used=128, cut=True), 10, 1),
     )
-    learned = Menu(PAIR.options, stats, "local")
+    learned = Menu((STRONG,), stats, "strong")
     assert Adaptive().tier("strong", 2, stats) == 267  # 128 * 1.25 * (1 + 2 * 10 / 30)
-    [again] = Adaptive().escalate(RICH, [cut], menu=learned)
+    [again] = OPEN.escalate(RICH, [cut], menu=learned)
     assert (again.endpoint, again.max_output_tokens) == ("strong", 1_024)  # a tier above 512
     uncut = tried("a", 2, "strong", asked=512)
-    assert Adaptive().escalate(RICH, [uncut], menu=learned) == []
+    assert OPEN.escalate(RICH, [uncut], menu=learned) == []
 
 
 def test_adaptive_prefers_the_best_gain_per_nano_dollar() -> None:
-    # no history: mid gains 0.08 for ~0.11 mUSD, strong 0.24 for ~1.1 mUSD
-    [grant] = Adaptive().escalate(RICH, [tried("a", 2, "local")], menu=MENU)
+    # no history: mid gains 0.08 for ~0.03 mUSD, strong 0.24 for ~0.5 mUSD
+    [grant] = OPEN.escalate(RICH, [tried("a", 2, "local")], menu=MENU)
     assert grant.endpoint == "mid"
     # a gain below min_gain does not count, however cheap
-    [grant] = Adaptive(min_gain=0.1).escalate(RICH, [tried("a", 2, "local")], menu=MENU)
+    [grant] = replace(OPEN, min_gain=0.1).escalate(RICH, [tried("a", 2, "local")], menu=MENU)
     assert grant.endpoint == "strong"
-    assert Adaptive(min_gain=0.25).escalate(RICH, [tried("a", 2, "local")], menu=MENU) == []
+    assert replace(OPEN, min_gain=0.25).escalate(RICH, [tried("a", 2, "local")], menu=MENU) == []
+
+
+def test_adaptive_counts_the_prompt_in_the_price_of_an_escalation() -> None:
+    # the same gain: the subtask with the long prompt costs more to escalate, so it waits
+    short = tried("short", 2, "local", prompt=50)
+    long = tried("long", 2, "local", prompt=20_000)
+    ranked = OPEN.escalate(RICH, [long, short], menu=PAIR)
+    assert [g.subtask_id for g in ranked] == ["short", "long"]
+    one = ranked[0].nanos
+    assert one is not None
+    [only] = OPEN.escalate(Pool(None, one), [long, short], menu=PAIR)
+    assert only.subtask_id == "short"
 
 
 # -- leftovers go where the policy says -------------------------------------------
 
-CALC_HISTORY = history(
-    (seen("local", 2, "clean"), 20, 18),
-    (seen("local", 2, "calc-bad"), 20, 2),
+CALC_HISTORY = taught(
+    (seen("local", 2, signals=["clean"]), 20, 18),
+    (seen("local", 2, signals=["calc-bad"]), 20, 2),
     (seen("strong", 2, nanos=500), 20, 19),
 )
 
@@ -502,13 +542,14 @@ def test_adaptive_hands_returned_money_to_the_worst_signals_first() -> None:
     menu = Menu(PAIR.options, CALC_HISTORY, "local")
     clean = tried("x", 2, "local", signals=["clean"])
     worst = tried("y", 2, "local", signals=["calc-bad"])
-    tier = Adaptive().tier("strong", 2, CALC_HISTORY)
-    one = STRONG.cost(input_tokens=100, output_tokens=tier)
-    assert Adaptive().escalate(Pool(None, one - 1), [clean, worst], menu=menu) == []
-    small = Adaptive().escalate(Pool(None, 2 * one - 1), [clean, worst], menu=menu)
+    [alone] = OPEN.escalate(RICH, [worst], menu=menu)
+    one = alone.nanos
+    assert one is not None
+    assert OPEN.escalate(Pool(None, one - 1), [clean, worst], menu=menu) == []
+    small = OPEN.escalate(Pool(None, 2 * one - 1), [clean, worst], menu=menu)
     assert [(g.subtask_id, g.endpoint) for g in small] == [("y", "strong")]
     # more money came back: both, in order of gain per nano-dollar
-    big = Adaptive().escalate(Pool(None, 2 * one), [clean, worst], menu=menu)
+    big = OPEN.escalate(Pool(None, 2 * one), [clean, worst], menu=menu)
     assert [g.subtask_id for g in big] == ["y", "x"]
     assert totals(big)[1] == 2 * one
 
@@ -558,8 +599,11 @@ def test_adaptive_tier_shrinks_to_what_history_used() -> None:
     assert (grant.endpoint, grant.max_output_tokens) == ("strong", expected)
     # other difficulties learn from the all-difficulty cell
     assert Adaptive().tier("strong", 2, short) == expected
-    # an endpoint without history keeps the ladder
-    assert Adaptive().tier("mid", 4, short) == TIERS[4]
+    # cold start: an endpoint without history is sized from what the others used, twice
+    # (here 2 x 90, so the 256 floor)
+    assert Adaptive().tier("mid", 4, short) == 256
+    # or from the reply it is asked to improve on
+    assert Adaptive().tier("mid", 4, short, hint=300) == 600
 
 
 def test_adaptive_tier_needs_min_calls() -> None:
@@ -590,22 +634,23 @@ def test_adaptive_tier_is_clamped() -> None:
 
 
 def test_a_signal_history_ties_to_failure_raises_escalation() -> None:
-    stats = history(
-        (seen("local", 2, "clean"), 40, 38),
-        (seen("local", 2, "calc-bad"), 10, 1),
+    stats = taught(
+        (seen("local", 2, signals=["clean"]), 40, 38),
+        (seen("local", 2, signals=["calc-bad"]), 10, 1),
         (seen("strong", 2), 50, 40),
     )
     menu = Menu(PAIR.options, stats, "local")
-    plain = tried("a", 2, "local")
+    policy = replace(OPEN, min_gain=0.05)
+    clean = tried("a", 2, "local", signals=["clean"])
     flagged = tried("a", 2, "local", signals=["calc-bad"])
-    assert Adaptive().chance(LOCAL, 2, ("calc-bad",), stats) < Adaptive().chance(
-        LOCAL, 2, (), stats
+    assert policy.chance(LOCAL, 2, (), stats, signals=["calc-bad"]) < policy.chance(
+        LOCAL, 2, (), stats, signals=["clean"]
     )
-    assert Adaptive().escalate(RICH, [plain], menu=menu) == []
-    assert [g.endpoint for g in Adaptive().escalate(RICH, [flagged], menu=menu)] == ["strong"]
-    # a signal history never saw carries no evidence
-    unseen = tried("a", 2, "local", signals=["never-seen"])
-    assert Adaptive().escalate(RICH, [unseen], menu=menu) == []
+    assert policy.escalate(RICH, [clean], menu=menu) == []
+    assert [g.endpoint for g in policy.escalate(RICH, [flagged], menu=menu)] == ["strong"]
+    # a signal history never saw carries no evidence of its own: the base rate decides
+    unseen = tried("a", 2, "local", signals=["clean", "never-seen"])
+    assert policy.escalate(RICH, [unseen], menu=menu) == []
 
 
 # -- choosing a policy ------------------------------------------------------------
@@ -773,3 +818,157 @@ def test_stats_of_summed_observations_count_each_cell() -> None:
     assert stats.cell("cheap", 4, "math").calls == 0
     assert every.quantile(0.5) == bucket_bound(bucket_of(300))
     assert every.quantile(1.0) == bucket_bound(bucket_of(1_024))
+
+
+# -- targets, cold start, exploration ------------------------------------------------------
+
+
+def test_targets_parse_and_refuse_what_they_cannot_mean() -> None:
+    assert Target.parse("0.35") == Target(cost_ratio=0.35)
+    assert Target.parse("ratio:0.2") == Target(cost_ratio=0.2)
+    assert Target.parse(" usd_per_point:0.0005 ") == Target(
+        cost_ratio=None, usd_per_point=Decimal("0.0005")
+    )
+    for bad in ("ratio:0", "ratio:-1", "ratio:11", "usd_per_point:-0.1", "cheap", "speed:1", "nan"):
+        with pytest.raises(ValueError, match=r"target|ratio|point"):
+            Target.parse(bad)
+    with pytest.raises(ValueError, match="exactly one"):
+        Target(cost_ratio=0.3, usd_per_point=Decimal(1))
+    chosen = make_policy("adaptive", target=Target(cost_ratio=0.2), explore=0.0)
+    assert isinstance(chosen, Adaptive)
+    assert (chosen.target, chosen.explore) == (Target(cost_ratio=0.2), 0.0)
+    assert make_policy("tiered", target=Target(cost_ratio=0.2)) == Tiered()
+    with pytest.raises(ValueError, match="exploration share"):
+        make_policy("adaptive", explore=1.5)
+
+
+def test_a_cost_ratio_escalates_the_best_gain_per_dollar_until_the_ratio_is_spent() -> None:
+    # ten cheap tries, one of them flagged: at a ratio of one strong call in ten, only
+    # the flagged one is escalated; at half, five
+    stats = taught(
+        (seen("local", 2, signals=["clean"]), 30, 27),
+        (seen("local", 2, signals=["calc-bad"]), 30, 3),
+        (seen("strong", 2, used=100), 30, 27),
+    )
+    menu = Menu(PAIR.options, stats, "local")
+    outs = [
+        tried(f"s{i}", 2, "local", signals=["calc-bad" if i == 3 else "clean"]) for i in range(10)
+    ]
+    one = Adaptive(target=Target(cost_ratio=0.12), explore=0.0)
+    assert [g.subtask_id for g in one.escalate(RICH, outs, menu=menu)] == ["s3"]
+    # until they ran, escalations are charged their hold (here 200 tokens, the expected 100
+    # twice): 0.95 of ten expected calls hold five, and the policy's dice may add a sixth
+    most = Adaptive(target=Target(cost_ratio=0.95), explore=0.0)
+    grants = most.escalate(RICH, outs, menu=menu)
+    assert grants[0].subtask_id == "s3"
+    assert {g.nanos for g in grants} == {STRONG.cost(input_tokens=100, output_tokens=200)}
+    assert 5 <= len(grants) <= 6
+    # a price per point: pays only where the gain is worth it
+    # a strong call's price per 50 points: worth paying for a gain of 0.5 or more
+    worth = STRONG.cost(input_tokens=100, output_tokens=100) / 1e9 / 50
+    strict = Adaptive(target=Target(cost_ratio=None, usd_per_point=Decimal(str(worth))))
+    picked = [g.subtask_id for g in replace(strict, explore=0.0).escalate(RICH, outs, menu=menu)]
+    assert picked == ["s3"]  # its gain is ~0.58; the others' ~0.2
+
+
+def test_a_task_of_one_subtask_still_spends_its_ratio_on_average() -> None:
+    policy = Adaptive(target=Target(cost_ratio=0.3), explore=0.0)
+    granted = sum(
+        bool(policy.escalate(RICH, [tried(f"t{i}", 2, "local")], menu=PAIR)) for i in range(400)
+    )
+    assert 0.15 < granted / 400 < 0.35  # ~0.3 of one strong call each: the policy's dice
+
+
+def test_cold_start_escalates_the_most_valuable_at_a_low_budget() -> None:
+    # No history: every cheap try has the same chance, so the value of an escalation is its
+    # price. The pool cannot pay one strong call at the 512 ladder, but it pays one sized
+    # from the reply it improves on (256 tokens): the cheapest to improve goes, not none.
+    outs = [
+        tried("long-prompt", 2, "local", used=120, prompt=3_000),
+        tried("short", 2, "local", used=120, prompt=100),
+        tried("long-reply", 2, "local", used=400, prompt=100),
+    ]
+    ladder = STRONG.cost(input_tokens=100, output_tokens=TIERS[2])
+    small = Pool(None, ladder - 1)
+    grants = Adaptive().escalate(small, outs, menu=PAIR)
+    assert [(g.subtask_id, g.max_output_tokens) for g in grants] == [("short", 256)]
+    # with more money, the next most valuable: the long reply (its prompt is short)
+    more = OPEN.escalate(Pool(None, 3 * ladder), outs, menu=PAIR)
+    assert [g.subtask_id for g in more][:2] == ["short", "long-reply"]
+    # ...and a split without history still probes the cheap endpoint
+    [first] = Adaptive().split(Pool(None, 10**7), [Need("a", 2)], pending_after=0, menu=PAIR)
+    assert first.endpoint == "local"
+
+
+def test_the_learner_changes_the_choice_when_an_endpoint_fails_or_wastes_tokens() -> None:
+    need = Need("a", 3, ("q:percent",), prompt_tokens=100)
+    twin = Option("twin", "remote", 2, MID.price)
+    menu = Menu((MID, twin), Stats(), "mid")
+    [grant] = Adaptive().split(RICH, [need], pending_after=0, menu=menu)
+    assert grant.endpoint == "mid"  # equal: the first cheapest
+    # mid wastes tokens: ten times twin's output for the same work
+    wasteful = taught(
+        (seen("mid", 3, "q:percent", used=2_000, asked=2_048), 20, 18),
+        (seen("twin", 3, "q:percent", used=200), 20, 18),
+    )
+    [grant] = Adaptive().split(RICH, [need], pending_after=0, menu=Menu(menu.options, wasteful))
+    assert grant.endpoint == "twin"
+    # the local endpoint fails on percentages (the learner, not only the base rate)
+    failing = taught(
+        (seen("local", 3, "q:percent"), 80, 4),
+        (seen("local", 3, "q:plain"), 80, 76),
+    )
+    learned = Menu(MENU.options, failing, "local")
+    [grant] = Adaptive().split(RICH, [need], pending_after=0, menu=learned)
+    assert grant.endpoint != "local"
+    plain = Need("b", 3, ("q:plain",), prompt_tokens=100)
+    [grant] = Adaptive().split(RICH, [plain], pending_after=0, menu=learned)
+    assert grant.endpoint == "local"
+
+
+def test_exploration_keeps_a_share_of_cheap_tries_and_escalations() -> None:
+    failing = taught((seen("local", 3), 40, 1))
+    menu = Menu(PAIR.options, failing, "local")
+    needs = [Need(f"n{i}", 3, prompt_tokens=100) for i in range(400)]
+    policy = Adaptive(explore=0.1)
+    firsts = [policy.split(RICH, [n], pending_after=0, menu=menu)[0].endpoint for n in needs]
+    assert 0.05 < firsts.count("local") / 400 < 0.15  # history says local fails: ~10% still
+    assert Adaptive(explore=0.0).split(RICH, needs[:50], pending_after=0, menu=menu)[
+        0
+    ].endpoint == ("strong")
+    # a strong answer history says is right is escalated to the cheap endpoint ~10% of the time
+    good = taught((seen("strong", 3), 40, 39), (seen("local", 3), 40, 1))
+    menu = Menu(PAIR.options, good, "local")
+    tries = [tried(n.subtask_id, 3, "strong") for n in needs]
+    opened = replace(policy, target=Target(cost_ratio=10))
+    explored = [g.endpoint for g in opened.escalate(RICH, tries, menu=menu)]
+    assert set(explored) <= {"local"}
+    assert 0.05 < len(explored) / 400 < 0.15
+    assert replace(opened, explore=0.0).escalate(RICH, tries, menu=menu) == []
+
+
+def test_exploration_grants_say_so_and_their_pairs_price_the_reference() -> None:
+    good = taught((seen("strong", 3), 40, 39), (seen("local", 3), 40, 1))
+    menu = Menu(PAIR.options, good, "local")
+    tries = [tried(f"n{i}", 3, "strong") for i in range(400)]
+    opened = Adaptive(explore=0.1, target=Target(cost_ratio=10))
+    grants = opened.escalate(RICH, tries, menu=menu)
+    assert grants
+    assert all(g.explore for g in grants)
+    plain = OPEN.escalate(RICH, [tried("a", 2, "local")], menu=PAIR)
+    assert [g.explore for g in plain] == [False]
+    # the reference's cost of a subtask it never answered: from explored pairs once there
+    # are enough (the strong endpoint answers 3x as long as the cheap one did), before that
+    # from every escalated pair (here 1x)
+    outs = [tried("x", 2, "local", used=100)]
+    biased = history((seen("strong", 2, used=100), 20, 20))
+    rows = [
+        (replace(seen("strong", 2, used=3 * b), before_used=b, explored=True), 1, 1)
+        for b in range(50, 210, 20)
+    ]
+    unbiased = history((seen("strong", 2, used=100), 20, 20), *rows)
+    policy = Adaptive(target=Target(cost_ratio=1.0), explore=0.0)
+    low = policy.allowance(outs, Menu(PAIR.options, biased, "local"))
+    high = policy.allowance(outs, Menu(PAIR.options, unbiased, "local"))
+    assert low == STRONG.cost(input_tokens=100, output_tokens=100)
+    assert high == STRONG.cost(input_tokens=100, output_tokens=300)

@@ -70,6 +70,11 @@ async def test_a_decision_never_sees_its_own_label_or_a_later_one(
     )
     upto = [q.qid for q in questions[: cut + TASK]]
     assert [honest.decisions[q] for q in upto] == [flipped.decisions[q] for q in upto]
+    # The learner each task read: the same up to task 3 (it learned from tasks 0-2 only),
+    # and it had learned something by then; task 4 read the flipped verdicts of task 3.
+    assert honest.learned[:4] == flipped.learned[:4]
+    assert honest.learned[3].updates("mixtral", "r") > 0
+    assert honest.learned[4] != flipped.learned[4]
     # ...while what was learned from the flipped labels does change later decisions.
     later = [q.qid for q in questions[cut + TASK :]]
     assert [honest.decisions[q] for q in later] != [flipped.decisions[q] for q in later]

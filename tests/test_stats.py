@@ -8,6 +8,7 @@ import multiprocessing as mp
 import random
 from collections import Counter
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from importlib import resources
 
 import pytest
@@ -17,9 +18,18 @@ from hypothesis import strategies as st
 
 from budgets.errors import InvalidName, InvalidObservation, PaymasterError, UnknownOutcome
 from budgets.keys import StatsKeys
+from budgets.learner import learn
 from budgets.money import Price
 from budgets.policy import Adaptive, Option
-from budgets.stats import ANY_DIFFICULTY, Observation, Stats, StatsBook, bucket_bound, bucket_of
+from budgets.stats import (
+    ANY_DIFFICULTY,
+    Cell,
+    Observation,
+    Stats,
+    StatsBook,
+    bucket_bound,
+    bucket_of,
+)
 
 SEEN = Observation(
     endpoint="cheap",
@@ -334,13 +344,17 @@ async def test_the_record_script_checks_everything_before_its_first_write(
         resources.files("budgets").joinpath("lua", "stats_record.lua").read_text()
     )
     keys = StatsKeys("t:a")
-    where = [keys.cells, keys.outcome_seen("o9"), keys.verdict_seen("o9")]
-    args = [60, "cheap|2|*|\ncheap|0|*|", 5, 1, "cheap|2|*|max", "cheap|2|*|n", 1]
+    where = [
+        keys.cells, keys.outcome_seen("o9"), keys.verdict_seen("o9"), keys.features_seen("o9")
+    ]  # fmt: skip
+    feats = "cheap|q\tbias=1.0"
+    args = [60, "cheap|2|*|\ncheap|0|*|", 5, feats, 1, "cheap|2|*|max", "cheap|2|*|n", 1]
     for wrong in (["cheap|2|*|u", "5.5"], ["cheap|2|*|u", "-1"], ["cheap|2|*|u"]):
         assert (await script(keys=where, args=[*args, *wrong]))[0] == -1
         assert await everything(book) == {}
     assert await script(keys=where, args=args) == 1
     assert await book.redis.get(keys.outcome_seen("o9")) == b"cheap|2|*|\ncheap|0|*|"
+    assert await book.redis.get(keys.features_seen("o9")) == feats.encode()
 
 
 # -- a verdict moves counts only in the cells its outcome was recorded in ------------
@@ -444,7 +458,9 @@ async def test_clear_forgets_a_scope(book: StatsBook) -> None:
 MID = Option("mid", "remote", 2, Price.of("0.1", "0.4"))
 
 
-async def test_a_tag_every_call_carries_moves_no_chance(book: StatsBook) -> None:
+async def test_a_tag_every_call_carries_leaves_each_difficulty_at_its_own_rate(
+    book: StatsBook,
+) -> None:
     """Easy calls all right, hard ones mostly wrong, all tagged ``x``: ``x`` says nothing."""
     for i in range(20):
         for difficulty, ok in ((1, True), (5, i < 6)):
@@ -452,10 +468,26 @@ async def test_a_tag_every_call_carries_moves_no_chance(book: StatsBook) -> None
             await book.record("t:a", oid, _bad(endpoint="mid", difficulty=difficulty, tags=("x",)))
             await judge(book, "t:a", oid, ok=ok)
     stats, policy = await book.read("t:a"), Adaptive()
-    for difficulty in (1, 5):
-        alone = policy.chance(MID, difficulty, [], stats)
-        assert policy.chance(MID, difficulty, ["x", "X "], stats) == pytest.approx(alone)
-    assert policy.chance(MID, 5, [], stats) < 0.4  # the hard calls' own rate, not everyone's
+    assert stats.model.updates("mid", "q") == 40  # the learner took every verdict
+    easy, hard = (policy.chance(MID, d, ["x", "X "], stats) for d in (1, 5))
+    assert easy > 0.8
+    assert hard < 0.45  # the hard calls' own rate (6 in 20), not everyone's (26 in 40)
+
+
+async def test_correlated_signals_are_not_counted_twice(book: StatsBook) -> None:
+    """Two signals that always come together are one piece of evidence, not two."""
+    for i in range(40):
+        ok = i % 2 == 0
+        signals = () if ok else ("no-final", "few-steps")
+        seen = _bad(endpoint="mid", difficulty=3, tags=())
+        await book.record("t:a", f"o{i}", replace(seen, signals=signals))
+        await judge(book, "t:a", f"o{i}", ok=ok)
+    stats, policy = await book.read("t:a"), Adaptive()
+    both = policy.chance(MID, 3, [], stats, signals=["no-final", "few-steps"])
+    one = policy.chance(MID, 3, [], stats, signals=["no-final"])
+    clean = policy.chance(MID, 3, [], stats, signals=[])
+    assert both < one < clean
+    assert both > 0.05  # the pair's own rate (0 in 20) shrunk, not its square
 
 
 async def test_a_tag_seen_only_on_wrong_answers_lowers_the_chance(book: StatsBook) -> None:
@@ -483,3 +515,66 @@ async def test_quantiles_above_the_last_bucket_bound_report_the_observed_maximum
     await book.record("t:a", "small", _bad(used=100))
     cell = (await book.read("t:a")).cell("cheap", 3)
     assert (cell.peak, cell.quantile(0.05)) == (2_000_000, bucket_bound(bucket_of(100)))
+
+
+# -- the learner's step, in the verdict's script ------------------------------------------
+
+
+async def test_a_verdict_takes_the_learners_step_once_as_learn_does(book: StatsBook) -> None:
+    rows = [
+        ("o1", replace(_bad(), signals=("calc-bad",), prompt_tokens=300), False),
+        ("o2", replace(_bad(tags=("math", "q:percent")), prompt_tokens=80), True),
+        ("o3", replace(_bad(endpoint="mid", cut_short=True), before_used=40), False),
+    ]
+    expected: dict[str, float] = {}
+    for oid, seen, ok in rows:
+        await book.record("t:a", oid, seen)
+        assert await judge(book, "t:a", oid, ok=ok)
+        learn(expected, seen.features(), ok=ok)
+    model = StatsKeys("t:a").model
+    stored = {text(k): float(text(v)) for k, v in (await book.redis.hgetall(model)).items()}
+    assert stored.keys() == expected.keys()
+    for name, value in expected.items():
+        assert stored[name] == pytest.approx(value, rel=1e-12, abs=1e-15), name
+    weights = (await book.read("t:a")).model
+    assert weights.updates("cheap", "q") == 2
+    assert weights.updates("cheap", "r") == 2
+    assert weights.updates("mid", "r") == 1
+    # a repeated verdict takes no step; a changed one takes one toward the new label
+    before = await book.redis.hgetall(model)
+    assert not await judge(book, "t:a", "o1", ok=False)
+    assert await book.redis.hgetall(model) == before
+    low = weights.chance("cheap", "r", {"bias": 1.0, "s:calc-bad": 1.0, "d:3": 1.0})
+    assert await judge(book, "t:a", "o1", ok=True)
+    after = (await book.read("t:a")).model
+    assert after.updates("cheap", "r") == 3
+    assert after.chance("cheap", "r", {"bias": 1.0, "s:calc-bad": 1.0, "d:3": 1.0}) > low
+
+
+async def test_a_verdict_with_a_bad_learning_rate_changes_nothing(book: StatsBook) -> None:
+    await book.record("t:a", "o1", _bad())
+    before = await everything(book)
+    wrong = StatsBook(book.redis, learning_rate=0.3)
+    wrong.learning_rate = float("nan")  # past the constructor's check: the script refuses it
+    with pytest.raises(InvalidObservation, match="learning_rate"):
+        await wrong.verdict("t:a", "o1", ok=True)
+    assert await everything(book) == before
+    with pytest.raises(ValueError, match="learning_rate"):
+        StatsBook(book.redis, learning_rate=-1)
+
+
+async def test_explored_escalations_keep_their_own_length_line(book: StatsBook) -> None:
+    """Escalations chosen at random are an unbiased sample of how long an endpoint answers."""
+    for i in range(12):
+        before = 50 + 10 * i
+        chosen = replace(_bad(endpoint="big", used=2 * before), before_used=before)
+        await book.record("t:a", f"c{i}", chosen)  # chosen for their gain: three times longer
+        await book.record("t:a", f"e{i}", replace(chosen, used=before + 20, explored=True))
+    cell = (await book.read("t:a")).cell("big")
+    assert cell.pairs == 24
+    assert cell.explored[0] == 12
+    assert cell.length_explored(100) == pytest.approx(120)
+    assert cell.length_after(100) == pytest.approx((200 + 120) / 2)
+    assert Cell().length_explored(100) is None  # too few explored pairs
+    with pytest.raises(InvalidObservation, match="explored"):
+        await book.record("t:a", "bad", replace(_bad(), explored=1))  # type: ignore[arg-type]
