@@ -149,11 +149,11 @@ class ScriptRunner:
         sha = self._scripts.task.sha
         if len(calls) == 1:
             keys, count, args = calls[0]
-            argv = [keys.account_prefix, count, *args]
+            argv = [*keys.script_argv(), count, *args]
             return [await self._redis.evalsha(sha, 6, *keys.script_keys(), *argv)]
         pipe = self._redis.pipeline(transaction=False)
         for keys, count, args in calls:
-            pipe.evalsha(sha, 6, *keys.script_keys(), keys.account_prefix, count, *args)
+            pipe.evalsha(sha, 6, *keys.script_keys(), *keys.script_argv(), count, *args)
         replies = list(await pipe.execute(raise_on_error=False))
         if any(isinstance(r, rex.NoScriptError) for r in replies):
             raise rex.NoScriptError("NOSCRIPT")

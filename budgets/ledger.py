@@ -9,14 +9,18 @@ errors, ``budgets/keys.py`` builds every key, op id and marker, and
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
 from redis.asyncio import Redis
 
+from budgets._admission import Admissions
 from budgets._runner import ScriptRunner
 from budgets.errors import (
     InvalidAmount,
@@ -71,6 +75,11 @@ from budgets.tree import (
 log = logging.getLogger(__name__)
 
 Tags = Mapping[str, str]
+
+#: The longest a reserve may wait for held money, in seconds.
+MAX_WAIT_S = 3600.0
+# Operations after which this process's waiters of the task look at once.
+_SETTLING = frozenset({Op.COMMIT, Op.RELEASE, Op.WITHDRAW, Op.TRANSFER, Op.CLOSE, Op.REAP})
 
 __all__ = [
     "Closed",
@@ -157,6 +166,7 @@ class Ledger:
         self._runner = ScriptRunner(redis, url=url, batch=batch)
         self._lease_ms = self._lease(lease_s)
         self._tenants = TenantBooks(redis, self._runner, events_max=tenant_events_max)
+        self._admissions = Admissions(redis)
 
     @classmethod
     def from_url(
@@ -202,6 +212,8 @@ class Ledger:
     ) -> list[Any]:
         """Run one operation of the task script; its reply, or the error its refusal means."""
         reply = await self._runner.task_op(TaskKeys(task_id), op, accounts, args)
+        if op in _SETTLING:
+            self._admissions.settled(task_id)
         return check(op.value, reply, ctx or Context(task_id=task_id))
 
     # -- tasks and accounts ---------------------------------------------------
@@ -298,34 +310,76 @@ class Ledger:
         lease_s: float | None = None,
         reservation_id: str | None = None,
         tags: Tags | None = None,
+        wait_s: float = 0.0,
     ) -> Reservation:
         """Hold ``tokens`` and ``nanos`` on ``account`` for one call.
 
         Raises :class:`BudgetExceeded` when the account cannot cover either.
+        With ``wait_s`` > 0, an ask that cannot be covered only because other
+        calls' holds are in flight waits up to ``wait_s`` seconds for them to
+        settle, in line behind earlier waiters of the account; one the account
+        could not cover even if every hold came back unspent is refused at once.
         The hold expires after ``lease_s`` (default: the ledger's) if it is
-        neither committed nor released.
+        neither committed nor released. A cancelled waiter leaves nothing held.
         """
         check_task_id(task_id)
         check_path(account)
         check_tokens(tokens)
         check_nanos(nanos)
         lease_ms = self._lease_ms if lease_s is None else self._lease(lease_s)
+        wait_ms = self._wait_ms(wait_s)
         rid = check_op_id(reservation_id, "reservation id") if reservation_id else new_op_id()
-        reply = await self._run(
-            Op.RESERVE,
-            task_id,
-            [account],
-            [account, rid, tokens, nanos, lease_ms, _tags(tags)],
-            Context(task_id=task_id, reservation_id=rid),
-        )
-        return Reservation(
-            task_id=task_id,
-            account=account,
-            id=rid,
-            tokens=tokens,
-            nanos=nanos,
-            deadline_ms=int(reply[1]),
-        )
+        until = time.monotonic() + wait_ms / 1000
+        while True:
+            reply = await self._run(
+                Op.RESERVE,
+                task_id,
+                [account],
+                [account, rid, tokens, nanos, lease_ms, _tags(tags), wait_ms],
+                Context(task_id=task_id, reservation_id=rid),
+            )
+            deadline_ms: int | None = int(reply[1])
+            if reply[2] == "waiting":
+                deadline_ms = await self._await_grant(task_id, rid, until=until)
+            if deadline_ms is not None:
+                return Reservation(
+                    task_id=task_id,
+                    account=account,
+                    id=rid,
+                    tokens=tokens,
+                    nanos=nanos,
+                    deadline_ms=deadline_ms,
+                )
+            # The wait ended without a hold (the money is spent, or its deadline
+            # passed in Redis first): ask afresh with whatever wait is left.
+            wait_ms = max(0, math.floor((until - time.monotonic()) * 1000))
+
+    async def _await_grant(self, task_id: str, rid: str, *, until: float) -> int | None:
+        """The lease deadline of a waiting reservation once granted; ``None`` if it ended.
+
+        At ``until`` the wait is withdrawn (a grant that came first is kept); a
+        cancelled waiter is withdrawn and any hold it was granted released.
+        """
+        try:
+            return await self._admissions.wait(task_id, rid, timeout_s=until - time.monotonic())
+        except TimeoutError:
+            reply = await self._run(Op.WITHDRAW, task_id, [], [rid, "deadline"])
+            return int(reply[2]) if reply[1] == "held" else None
+        except asyncio.CancelledError:
+            await asyncio.shield(self._cancel_wait(task_id, rid))
+            raise
+
+    async def _cancel_wait(self, task_id: str, rid: str) -> None:
+        reply = await self._run(Op.WITHDRAW, task_id, [], [rid, "cancelled"])
+        if reply[1] == "held":
+            await self.release(task_id, rid, reason="cancelled while waiting")
+
+    @staticmethod
+    def _wait_ms(wait_s: float) -> int:
+        ok = isinstance(wait_s, int | float) and not isinstance(wait_s, bool)
+        if not ok or not 0 <= wait_s <= MAX_WAIT_S:
+            raise InvalidAmount("wait_s", wait_s, f"must be between 0 and {MAX_WAIT_S} seconds")
+        return math.ceil(wait_s * 1000)
 
     async def commit(
         self,

@@ -31,6 +31,7 @@ class Op(StrEnum):
     RESERVE = "reserve"
     COMMIT = "commit"
     RELEASE = "release"
+    WITHDRAW = "withdraw"
     TRANSFER = "transfer"
     CLOSE = "close"
     REAP = "reap"

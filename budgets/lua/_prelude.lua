@@ -4,19 +4,22 @@
 -- KEYS[1] meta hash   KEYS[2] reservations hash   KEYS[3] leases zset
 -- KEYS[4] ops hash    KEYS[5] events stream       KEYS[6] accounts set
 -- ARGV[1] prefix of account hashes ("pm:{k:<task>}:acct:")
--- Account hashes are not in KEYS: every one is ARGV[1] .. path, under the same
--- hash tag as KEYS, so it lives on the same Redis Cluster slot.
+-- ARGV[2] prefix of accounts' wait queues ("pm:{k:<task>}:wait:"): a list per
+--   account of the ids of reservations waiting for held money, oldest first
+-- Account hashes and wait queues are not in KEYS: each is ARGV[1] or ARGV[2]
+-- .. path, under the same hash tag as KEYS, so on the same Redis Cluster slot.
 -- Op ids and the ops-hash markers of open, transfer and close arrive built by
 -- budgets/keys.py; no script spells one.
 -- Inside an operation, A is its argument list and K its account hash keys.
 -- Account hash fields: parent, lt/ln limit (-1 unlimited), rt/rn reserved,
 -- st/sn spent by own calls, at/an carved into open children, ct/cn spent by
 -- closed children, ot/on overrun, nres open reservations, nkids open children,
--- closed ('0'/'1'). Units: t = tokens, n = nano-dollars.
+-- closed ('0'/'1'); nwait waiting reservations, wt/wn what they ask (absent
+-- until an account first has a waiter). Units: t = tokens, n = nano-dollars.
 -- A refusal is {'err', code, ...}; each operation's codes and the one error each
 -- raises are in its contract header and in budgets/replies.py.
 local K_META, K_RES, K_LEASES, K_OPS, K_EVENTS, K_ACCTS = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
-local ACCT_PREFIX = ARGV[1]
+local ACCT_PREFIX, WAIT_PREFIX = ARGV[1], ARGV[2]
 local ROOT = 'root'
 local FIELDS = {'lt', 'ln', 'rt', 'rn', 'st', 'sn', 'at', 'an', 'ct', 'cn', 'ot', 'on', 'nres', 'nkids'}
 local UNITS = {'t', 'n'}
@@ -34,10 +37,12 @@ local OPS = {}
 local function int(x) return string.format('%d', x) end
 
 local function load(key)
-  local v = redis.call('HMGET', key, 'parent', 'closed', unpack(FIELDS))
+  local v = redis.call('HMGET', key, 'parent', 'closed', 'nwait', 'wt', 'wn', unpack(FIELDS))
   if not v[1] then return nil end
-  local a = {key = key, parent = v[1], closed = v[2] == '1'}
-  for i, f in ipairs(FIELDS) do a[f] = tonumber(v[i + 2]) end
+  local a = {key = key, parent = v[1], closed = v[2] == '1',
+    nwait = tonumber(v[3]) or 0, wt = tonumber(v[4]) or 0, wn = tonumber(v[5]) or 0,
+    waits = v[3] ~= false}
+  for i, f in ipairs(FIELDS) do a[f] = tonumber(v[i + 5]) end
   return a
 end
 
@@ -81,7 +86,11 @@ end
 --   state|account|tokens|nanos|deadline ms|used tokens|used nanos|
 --   overrun tokens|overrun nanos|flags|tags JSON
 -- state: 'held' -> 'committed' | 'released' | 'expired'; 'expired' -> 'committed'
--- (a late commit). flags: two characters, late then estimated ('0'/'1').
+-- (a late commit); 'waiting' -> 'held', or the record is deleted (the wait
+-- ended without a hold: nothing of it stays but its events). flags: two
+-- characters, late then estimated ('0'/'1'). While waiting, the deadline is the
+-- wait's, and the used fields hold the lease (ms) the hold will get and the
+-- time (ms) it was queued.
 -- The record is its idempotency too: a repeated reserve, commit or release reads
 -- the state and answers as the first call did. Numbers stay in the text they
 -- arrived in (ts, ns, ...); only t and n are read as numbers.
@@ -94,40 +103,155 @@ local function unpack_res(rec)
     est = string.sub(flags, 2, 2) == '1', tags = tags}
 end
 
-local function save_res(rid, r)
-  redis.call('HSET', K_RES, rid, r.state .. '|' .. r.path .. '|' .. r.ts .. '|' .. r.ns .. '|'
+local function pack_res(r)
+  return r.state .. '|' .. r.path .. '|' .. r.ts .. '|' .. r.ns .. '|'
     .. r.ds .. '|' .. r.uts .. '|' .. r.uns .. '|' .. r.ots .. '|' .. r.ons .. '|'
-    .. (r.late and '1' or '0') .. (r.est and '1' or '0') .. '|' .. r.tags)
+    .. (r.late and '1' or '0') .. (r.est and '1' or '0') .. '|' .. r.tags
 end
 
-local function drop_hold(path, t, n)
-  local key = ACCT_PREFIX .. path
-  redis.call('HINCRBY', key, 'rt', 0 - t)
-  redis.call('HINCRBY', key, 'rn', 0 - n)
-  redis.call('HINCRBY', key, 'nres', -1)
+local function save_res(rid, r)
+  redis.call('HSET', K_RES, rid, pack_res(r))
+end
+
+-- Writes the counters a hold, a wait or a settlement moves, from an account
+-- loaded and changed in memory: one call however many of them changed.
+local function save_holds(a)
+  if a.waits or a.nwait > 0 then
+    redis.call('HSET', a.key, 'rt', a.rt, 'rn', a.rn, 'nres', a.nres, 'st', a.st, 'sn', a.sn,
+      'nwait', a.nwait, 'wt', a.wt, 'wn', a.wn)
+  else
+    redis.call('HSET', a.key, 'rt', a.rt, 'rn', a.rn, 'nres', a.nres, 'st', a.st, 'sn', a.sn)
+  end
+end
+
+-- Admission of an ask {t, n} on an open account a:
+--   'fits'  within the room, less what waiters queued before it ask (the queue
+--           is served first: nobody passes a waiter);
+--   'spent' more than the room even if every hold in flight came back unspent:
+--           waiting cannot help, so it is refused at once;
+--   'wait'  otherwise: held money may settle and make room.
+-- queued: the ask is itself in the queue (its own ask is in wt/wn), at its head.
+local function admit(a, want, queued)
+  local verdict = 'fits'
+  for _, u in ipairs(UNITS) do
+    if limited(a, u) then
+      local r = room(a, u)
+      if want[u] > r + a['r' .. u] then return 'spent' end
+      local ahead = 0
+      if not queued then ahead = a['w' .. u] end
+      if want[u] > r - ahead then verdict = 'wait' end
+    end
+  end
+  return verdict
+end
+
+-- What a newcomer is shown as available in unit u: the room less what waiters ask.
+local function open_room(a, u)
+  return math.max(0, room(a, u) - a['w' .. u])
+end
+
+local function hold(a, t, n)
+  a.rt, a.rn, a.nres = a.rt + t, a.rn + n, a.nres + 1
+end
+
+local function unhold(a, r)
+  a.rt, a.rn, a.nres = a.rt - r.t, a.rn - r.n, a.nres - 1
+end
+
+-- A waiting reservation leaves the queue without a hold (its record goes; a
+-- reserve with its id later is evaluated afresh). The caller removes it from
+-- the queue list.
+local function unwait(a, rid, r, reason)
+  a.nwait, a.wt, a.wn = a.nwait - 1, a.wt - r.t, a.wn - r.n
+  redis.call('HDEL', K_RES, rid)
+  redis.call('ZREM', K_LEASES, rid)
+  event('unwait', r.path, r.ts, r.ns, rid,
+    {'tags', r.tags, 'reason', reason, 'waited_ms', NOW - tonumber(r.uns)})
+end
+
+-- Serve an account's queue, oldest first, after money came back or was added:
+-- the head is granted while it fits, refused while its money is spent, and the
+-- queue stops at the first that must still wait (no later one passes it).
+-- Saves the account's counters.
+local function serve(a)
+  if a.nwait > 0 and not a.closed then
+    local q = WAIT_PREFIX .. a.path
+    while a.nwait > 0 do
+      local rid = redis.call('LINDEX', q, 0)
+      if not rid then break end
+      local rec = redis.call('HGET', K_RES, rid)
+      local r = rec and unpack_res(rec)
+      if r and r.state == 'waiting' then
+        local verdict = admit(a, {t = r.t, n = r.n}, true)
+        if verdict == 'wait' then break end
+        if verdict == 'fits' then
+          a.nwait, a.wt, a.wn = a.nwait - 1, a.wt - r.t, a.wn - r.n
+          hold(a, r.t, r.n)
+          local deadline = NOW + tonumber(r.uts)
+          local waited = NOW - tonumber(r.uns)
+          r.state, r.ds, r.uts, r.uns = 'held', int(deadline), '0', '0'
+          save_res(rid, r)
+          redis.call('ZADD', K_LEASES, deadline, rid)
+          event('reserve', r.path, r.ts, r.ns, rid,
+            {'tags', r.tags, 'deadline', deadline, 'waited_ms', waited})
+        else
+          unwait(a, rid, r, 'spent')
+        end
+      end
+      redis.call('LPOP', q)
+    end
+  end
+  save_holds(a)
+end
+
+-- A waiting reservation leaves its queue at its caller's word (withdraw,
+-- release); whoever waited behind it may fit now.
+local function withdraw_res(rid, r, reason)
+  local a = load(ACCT_PREFIX .. r.path)
+  a.path = r.path
+  unwait(a, rid, r, reason)
+  redis.call('LREM', WAIT_PREFIX .. r.path, 1, rid)
+  serve(a)
 end
 
 -- A held reservation whose lease ran out (or whose account is closed by force)
 -- gives its hold back; a commit may still come, late.
-local function expire_res(rid, r, extra)
-  drop_hold(r.path, r.t, r.n)
+local function expire_res(a, rid, r, extra)
+  unhold(a, r)
   r.state = 'expired'
   save_res(rid, r)
   event('expire', r.path, r.t, r.n, rid, extra)
 end
 
--- Release every reservation whose lease ran out (oldest first, a bounded batch
--- per call so no script runs long; the reaper loops until none are left).
+-- Release every reservation whose lease ran out, and end every wait whose
+-- deadline passed (oldest first, a bounded batch per call so no script runs
+-- long; the reaper loops until none are left).
 local function sweep(limit)
   local ids = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', NOW, 'LIMIT', 0, limit)
   if #ids == 0 then return 0 end
   local recs = redis.call('HMGET', K_RES, unpack(ids))
+  local touched, order = {}, {}
   for i, id in ipairs(ids) do
     if recs[i] then
       local r = unpack_res(recs[i])
-      if r.state == 'held' then expire_res(id, r, {'tags', r.tags}) end
+      if r.state == 'held' or r.state == 'waiting' then
+        local a = touched[r.path]
+        if not a then
+          a = load(ACCT_PREFIX .. r.path)
+          a.path = r.path
+          touched[r.path] = a
+          order[#order + 1] = r.path
+        end
+        if r.state == 'held' then
+          expire_res(a, id, r, {'tags', r.tags})
+        else
+          unwait(a, id, r, 'deadline')
+          redis.call('LREM', WAIT_PREFIX .. r.path, 1, id)
+        end
+      end
     end
   end
   redis.call('ZREM', K_LEASES, unpack(ids))
+  for _, path in ipairs(order) do serve(touched[path]) end
   return #ids
 end

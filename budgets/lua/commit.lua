@@ -14,7 +14,7 @@
 --   four are '', '', -1, -1 unless the commit is late and the task's root is closed:
 --   its tenant was settled already, and the caller reports the root's spend to it.
 -- errors (budgets/replies.py CommitError):
---   'unknown' -> UnknownReservation      the id was never reserved
+--   'unknown' -> UnknownReservation      the id was never reserved (or is still waiting)
 --   'released' -> ReservationSettled     it was released
 --   'conflict' -> OperationConflict      committed already, with other usage
 local function keep(A)
@@ -49,6 +49,8 @@ OPS['commit'] = function(A, K)
     return committed(r)
   end
   if r.state == 'released' then return {'err', 'released'} end
+  -- Still waiting for its hold: there is nothing to commit yet.
+  if r.state == 'waiting' then return {'err', 'unknown'} end
   local late = r.state == 'expired'
   local path = r.path
   local key = ACCT_PREFIX .. path
@@ -60,8 +62,9 @@ OPS['commit'] = function(A, K)
     r.uts, r.uns = A[2], A[3]
   end
   local a = load(key)
+  a.path = path
   if not late then
-    a.rt, a.rn, a.nres = a.rt - r.t, a.rn - r.n, a.nres - 1
+    unhold(a, r)
     redis.call('ZREM', K_LEASES, rid)
   end
   local over = {t = 0, n = 0}
@@ -87,7 +90,7 @@ OPS['commit'] = function(A, K)
       over[u] = math.max(0, -after) - math.max(0, -before)
     end
   end
-  redis.call('HSET', key, 'rt', a.rt, 'rn', a.rn, 'nres', a.nres, 'st', a.st + used.t, 'sn', a.sn + used.n)
+  a.st, a.sn = a.st + used.t, a.sn + used.n
   r.state, r.late, r.est = 'committed', late, estimated
   r.ots = over.t == 0 and '0' or int(over.t)
   r.ons = over.n == 0 and '0' or int(over.n)
@@ -110,5 +113,7 @@ OPS['commit'] = function(A, K)
     redis.call('HINCRBY', key, 'on', over.n)
     event('overrun', path, over.t, over.n, rid, {'tags', tags})
   end
+  -- Money came back: waiters are served in the same step (and the counters saved).
+  serve(a)
   return committed(r)
 end

@@ -1,0 +1,224 @@
+"""Admission that waits for held money: a reserve that cannot be covered only because
+other calls' holds are in flight waits for them to settle, in line, up to its deadline.
+
+Against the real redis-server fixture; a second ``Ledger`` on the same server stands
+in for another process (its commits do not wake this one's waiters, so the poll is
+what notices them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from budgets import Amount, Budget, BudgetExceeded, Ledger
+from budgets.errors import AccountClosed, InvalidAmount
+from budgets.keys import TaskKeys
+from budgets.tree import ReservationState
+
+T = "adm"
+KEYS = TaskKeys(T)
+
+
+@pytest.fixture
+async def other(redis_url: str) -> AsyncIterator[Ledger]:
+    """Another ledger on the same server: another process's view."""
+    led = Ledger.from_url(redis_url)
+    yield led
+    await led.aclose()
+
+
+async def open_root(ledger: Ledger, tokens: int = 100, nanos: int = 1_000) -> None:
+    await ledger.open_task(T, Budget.from_nanos(tokens=tokens, nanos=nanos))
+
+
+async def queue_state(ledger: Ledger) -> tuple[int, int, int, int]:
+    """(waiting on root, queue length, held tokens, open reservations)."""
+    acct = await ledger.account(T, "root")
+    qlen = await ledger.redis.llen(KEYS.wait_queue("root"))
+    return acct.waiting_reservations, qlen, acct.reserved_tokens, acct.open_reservations
+
+
+async def wait_until_queued(ledger: Ledger, count: int) -> None:
+    for _ in range(200):
+        if (await ledger.account(T, "root")).waiting_reservations >= count:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"{count} waiters never queued")
+
+
+async def test_a_waiter_is_granted_when_held_money_settles(ledger: Ledger, other: Ledger) -> None:
+    await open_root(ledger)
+    first = await other.reserve(T, "root", tokens=80, nanos=800)
+    started = time.monotonic()
+    waiter = asyncio.create_task(ledger.reserve(T, "root", tokens=60, nanos=600, wait_s=5))
+    await wait_until_queued(ledger, 1)
+    assert not waiter.done()
+    await other.commit(T, first.id, used=Amount(tokens=30, nanos=300))
+    res = await asyncio.wait_for(waiter, 2)
+    assert time.monotonic() - started < 2
+    assert (await ledger.reservation(T, res.id)).state is ReservationState.HELD
+    acct = await ledger.account(T, "root")
+    assert (acct.reserved_tokens, acct.spent_tokens, acct.waiting_reservations) == (60, 30, 0)
+    # The wait is in the audit trail: queued, then granted with how long it waited.
+    events = [e for e in await ledger.events(T) if e.op_id == res.id]
+    assert [e.op for e in events] == ["wait", "reserve"]
+    assert int(events[1].extra["waited_ms"]) >= 0
+    assert await ledger.redis.llen(KEYS.wait_queue("root")) == 0
+
+
+async def test_spent_money_is_refused_at_once(ledger: Ledger) -> None:
+    await open_root(ledger)
+    held = await ledger.reserve(T, "root", tokens=30, nanos=300)
+    await ledger.commit(T, held.id, used=Amount(tokens=30, nanos=300))
+    in_flight = await ledger.reserve(T, "root", tokens=40, nanos=400)
+    events = len(await ledger.events(T))
+    started = time.monotonic()
+    # 70 left if the hold came back unspent: 80 can never fit, so no wait.
+    with pytest.raises(BudgetExceeded) as err:
+        await ledger.reserve(T, "root", tokens=80, nanos=10, wait_s=5)
+    assert time.monotonic() - started < 0.5
+    assert (err.value.unit, err.value.requested, err.value.available) == ("tokens", 80, 30)
+    assert len(await ledger.events(T)) == events, "a refusal writes nothing"
+    assert await queue_state(ledger) == (0, 0, 40, 1)
+    await ledger.release(T, in_flight.id)
+
+
+async def test_the_callers_deadline_holds(ledger: Ledger) -> None:
+    await open_root(ledger)
+    await ledger.reserve(T, "root", tokens=90, nanos=900)
+    started = time.monotonic()
+    with pytest.raises(BudgetExceeded):
+        await ledger.reserve(T, "root", tokens=50, nanos=500, wait_s=0.3, reservation_id="late")
+    elapsed = time.monotonic() - started
+    assert 0.29 <= elapsed < 1.5
+    # Nothing of the waiter is left: no record, no queue entry, no lease, the hold unchanged.
+    assert await queue_state(ledger) == (0, 0, 90, 1)
+    assert await ledger.redis.hget(KEYS.reservations, "late") is None
+    assert await ledger.redis.zscore(KEYS.leases, "late") is None
+    ended = [e for e in await ledger.events(T) if e.op_id == "late"]
+    assert [e.op for e in ended] == ["wait", "unwait"]
+    assert ended[1].extra["reason"] == "deadline"
+
+
+async def test_without_a_wait_a_held_account_refuses_as_before(ledger: Ledger) -> None:
+    await open_root(ledger)
+    await ledger.reserve(T, "root", tokens=90, nanos=900)
+    with pytest.raises(BudgetExceeded) as err:
+        await ledger.reserve(T, "root", tokens=50, nanos=500)
+    assert err.value.available == 10
+    assert await queue_state(ledger) == (0, 0, 90, 1)
+
+
+async def test_waiters_are_served_in_order_and_none_starves(ledger: Ledger, other: Ledger) -> None:
+    # Room for one 10-token call at a time; 12 waiters queue behind the one in flight.
+    await open_root(ledger, tokens=1_000, nanos=10_000)
+    await ledger.open_account(T, "root/a", Budget.from_nanos(tokens=10, nanos=100))
+    first = await other.reserve(T, "root/a", tokens=10, nanos=0)
+    waiters = []
+    for i in range(12):
+        waiters.append(
+            asyncio.create_task(
+                ledger.reserve(T, "root/a", tokens=10, nanos=0, wait_s=10, reservation_id=f"w{i}")
+            )
+        )
+        await asyncio.sleep(0.01)  # queue them in a known order
+    order: list[str] = []
+    current = first
+    for _ in range(12):
+        await other.release(T, current.id)
+        done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED, timeout=3)
+        assert len(done) == 1, "money for one call is granted to one waiter"
+        task = done.pop()
+        waiters.remove(task)
+        current = task.result()
+        order.append(current.id)
+    assert order == [f"w{i}" for i in range(12)]
+
+
+async def test_a_big_waiter_is_not_passed_by_smaller_later_ones(
+    ledger: Ledger, other: Ledger
+) -> None:
+    await open_root(ledger)
+    held = await other.reserve(T, "root", tokens=60, nanos=0)
+    big = asyncio.create_task(ledger.reserve(T, "root", tokens=80, nanos=0, wait_s=5))
+    await wait_until_queued(ledger, 1)
+    # 40 tokens are free, but the big waiter came first: a small ask waits behind it...
+    small = asyncio.create_task(ledger.reserve(T, "root", tokens=20, nanos=0, wait_s=5))
+    await wait_until_queued(ledger, 2)
+    # ...and one that will not wait is refused, shown nothing free.
+    with pytest.raises(BudgetExceeded) as err:
+        await other.reserve(T, "root", tokens=20, nanos=0)
+    assert err.value.available == 0
+    await other.commit(T, held.id, used=Amount(tokens=10, nanos=0))
+    granted = await asyncio.wait_for(big, 2)
+    assert granted.tokens == 80
+    # 90 left, 80 held: the small one fits only once the big one settles.
+    await asyncio.sleep(0.1)
+    assert not small.done()
+    await ledger.commit(T, granted.id, used=Amount(tokens=80, nanos=0))
+    # Now 10 are left and nothing is in flight: the small ask's money is spent.
+    with pytest.raises(BudgetExceeded):
+        await asyncio.wait_for(small, 2)
+    assert await queue_state(ledger) == (0, 0, 0, 0)
+
+
+async def test_a_cancelled_waiter_leaves_nothing_held(ledger: Ledger, other: Ledger) -> None:
+    await open_root(ledger)
+    held = await other.reserve(T, "root", tokens=70, nanos=700)
+    waiter = asyncio.create_task(
+        ledger.reserve(T, "root", tokens=50, nanos=500, wait_s=5, reservation_id="gone")
+    )
+    await wait_until_queued(ledger, 1)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert await queue_state(ledger) == (0, 0, 70, 1)
+    assert await ledger.redis.hget(KEYS.reservations, "gone") is None
+    # The money it waited for settles later: nobody is granted it.
+    await other.release(T, held.id)
+    assert await queue_state(ledger) == (0, 0, 0, 0)
+    ops = [e.op for e in await ledger.events(T) if e.op_id == "gone"]
+    assert ops == ["wait", "unwait"]
+
+
+async def test_a_waiter_cancelled_after_its_grant_releases_it(ledger: Ledger) -> None:
+    await open_root(ledger)
+    held = await ledger.reserve(T, "root", tokens=70, nanos=700)
+    waiter = asyncio.create_task(
+        ledger.reserve(T, "root", tokens=50, nanos=500, wait_s=5, reservation_id="raced")
+    )
+    await wait_until_queued(ledger, 1)
+    # Granted in Redis by the release; cancelled before the waiter hears of it.
+    await ledger.release(T, held.id)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert await queue_state(ledger) == (0, 0, 0, 0)
+    assert (await ledger.reservation(T, "raced")).state is ReservationState.RELEASED
+
+
+async def test_a_forced_close_ends_every_wait(ledger: Ledger) -> None:
+    await open_root(ledger)
+    await ledger.reserve(T, "root", tokens=70, nanos=700)
+    waiter = asyncio.create_task(ledger.reserve(T, "root", tokens=50, nanos=500, wait_s=5))
+    await wait_until_queued(ledger, 1)
+    await ledger.close_task(T, force=True)
+    with pytest.raises(AccountClosed):
+        await asyncio.wait_for(waiter, 2)
+    assert await ledger.redis.llen(KEYS.wait_queue("root")) == 0
+    assert (await ledger.account(T, "root")).waiting_reservations == 0
+
+
+@pytest.mark.parametrize("wait_s", [-1, float("nan"), float("inf"), 3601, True, "1"])
+async def test_a_bad_wait_is_refused_and_changes_nothing(ledger: Ledger, wait_s: object) -> None:
+    await open_root(ledger)
+    events = len(await ledger.events(T))
+    with pytest.raises(InvalidAmount) as err:
+        await ledger.reserve(T, "root", tokens=1, nanos=1, wait_s=wait_s)  # type: ignore[arg-type]
+    assert err.value.field == "wait_s"
+    assert len(await ledger.events(T)) == events
+    assert await queue_state(ledger) == (0, 0, 0, 0)
