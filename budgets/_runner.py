@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 
 Arg = str | int
 
+#: Separates the fields of one operation in its one script argument (ASCII unit separator).
+SEP = "\x1f"
+
 
 def redact_url(url: str) -> str:
     """The URL without user name or password, for messages and logs."""
@@ -73,8 +76,17 @@ class ScriptRunner:
     async def task_op(
         self, keys: TaskKeys, op: Op, accounts: Sequence[str], args: Sequence[Arg]
     ) -> list[Any]:
-        """Run one operation of the task script and return its reply."""
-        encoded: list[Arg] = [op.value, len(accounts), *accounts, len(args), *args]
+        """Run one operation of the task script and return its reply.
+
+        The operation travels as one argument, its fields joined by :data:`SEP`
+        (which no name, number or JSON text holds; free text is checked by the
+        ledger): packing one string costs the client far less than one argument
+        per field, and the script splits it for about the same as Redis's own
+        argument handling.
+        """
+        encoded: list[Arg] = [
+            SEP.join([op.value, str(len(accounts)), *accounts, *[str(a) for a in args]])
+        ]
         if not self._batching:
             replies = await self._retrying([(keys, 1, encoded)])
             return _first(replies[0])
@@ -179,4 +191,4 @@ def _first(reply: Any) -> list[Any]:
     return first
 
 
-__all__ = ["Script", "ScriptRunner", "redact_url"]
+__all__ = ["SEP", "Script", "ScriptRunner", "redact_url"]

@@ -21,7 +21,7 @@ from typing import Any, cast
 from redis.asyncio import Redis
 
 from budgets._admission import Admissions
-from budgets._runner import ScriptRunner
+from budgets._runner import SEP, ScriptRunner
 from budgets.errors import (
     InvalidAmount,
     InvalidTransfer,
@@ -78,6 +78,8 @@ Tags = Mapping[str, str]
 
 #: The longest a reserve may wait for held money, in seconds.
 MAX_WAIT_S = 3600.0
+# Separates the events of one stream entry written by one script call (see _prelude.lua).
+_EVENT_SEP = "\x1e"
 # Operations after which this process's waiters of the task look at once.
 _SETTLING = frozenset({Op.COMMIT, Op.RELEASE, Op.WITHDRAW, Op.TRANSFER, Op.CLOSE, Op.REAP})
 
@@ -403,6 +405,8 @@ class Ledger:
         check_op_id(reservation_id, "reservation id")
         tokens, nanos = (-1, -1) if used is None else (used.tokens, used.nanos)
         marker, text = ("", "") if keep is None else (kept_marker(keep[0]), keep[1])
+        if SEP in text or _EVENT_SEP in text:
+            raise InvalidAmount("keep", keep, "the text must not hold U+001E or U+001F")
         reply = await self._run(
             Op.COMMIT,
             task_id,
@@ -444,7 +448,7 @@ class Ledger:
             Op.RELEASE,
             task_id,
             [],
-            [reservation_id, reason[:200]],
+            [reservation_id, _free_text(reason[:200])],
             Context(task_id=task_id, reservation_id=reservation_id),
         )
         return bool(reply[4])
@@ -629,13 +633,36 @@ class Ledger:
     async def events(
         self, task_id: str, *, after: str = "-", count: int | None = None
     ) -> list[LedgerEvent]:
-        """The task's audit events, oldest first, strictly after stream id ``after``."""
+        """The task's audit events, oldest first, strictly after event id ``after``.
+
+        One script call that made several events wrote them in one stream entry;
+        they come out one by one, with ids ``<entry id>.<index>``, and ``after``
+        may be either kind of id.
+        """
         check_task_id(task_id)
-        start = after if after == "-" else f"({after}"
-        rows = await self.redis.xrange(TaskKeys(task_id).events, min=start, count=count)
-        return [
-            _event(eid, fields) for eid, fields in cast("list[tuple[str, dict[str, str]]]", rows)
-        ]
+        skip_in, skip_upto = "", -1
+        if after == "-":
+            start = "-"
+        elif "." in after:
+            skip_in, _, index = after.partition(".")
+            skip_upto, start = int(index), skip_in
+        else:
+            start = f"({after}"
+        # The entry of ``after`` is read again, so one more keeps ``count`` events.
+        entries = None if count is None else count + (1 if skip_in else 0)
+        rows = await self.redis.xrange(TaskKeys(task_id).events, min=start, count=entries)
+        out: list[LedgerEvent] = []
+        for eid, fields in cast("list[tuple[str, dict[str, str]]]", rows):
+            if fields.get("op") != "batch":
+                if eid != skip_in:
+                    out.append(_event(eid, fields))
+                continue
+            for i, packed in enumerate(fields.get("events", "").split(_EVENT_SEP)):
+                if eid == skip_in and i <= skip_upto:
+                    continue
+                parts = packed.split(SEP)
+                out.append(_event(f"{eid}.{i}", dict(zip(parts[::2], parts[1::2], strict=True))))
+        return out if count is None else out[:count]
 
     async def note(
         self, task_id: str, account: str, text: str, *, tags: Mapping[str, str] | None = None
@@ -666,6 +693,11 @@ class Ledger:
     async def tenant(self, name: str, *, period_id: str | None = None) -> TenantView:
         """A tenant's limits and one period's use (default: the latest funded period)."""
         return await self._tenants.view(name, period_id=period_id)
+
+
+def _free_text(text: str) -> str:
+    """Audit text safe to travel in an operation's fields (no separator characters)."""
+    return text.replace(SEP, " ").replace(_EVENT_SEP, " ")
 
 
 def _opt(value: Any) -> int | None:

@@ -59,12 +59,35 @@ local function shown(a, u)
   return math.max(0, room(a, u))
 end
 
+-- The audit events of this call, written once at its end (flush_events): one
+-- stream entry as it is when the call made one event, else one entry
+-- {op = 'batch', events = ...} holding them all in order, each event's fields
+-- joined by \31 and the events by \30 (no field holds either: names, numbers,
+-- JSON text and free text that came in through the operation's own fields).
+local EVENTS = {}
+
 local function event(op, path, t, n, id, extra)
-  local args = {'XADD', K_EVENTS, '*', 'op', op, 'acct', path, 't', t, 'n', n, 'id', id}
+  local e = {'op', op, 'acct', path, 't', t, 'n', n, 'id', id}
   if extra then
-    for i = 1, #extra do args[#args + 1] = extra[i] end
+    for i = 1, #extra do e[#e + 1] = extra[i] end
   end
-  redis.call(unpack(args))
+  EVENTS[#EVENTS + 1] = e
+end
+
+local function flush_events()
+  if #EVENTS == 1 then
+    redis.call('XADD', K_EVENTS, '*', unpack(EVENTS[1]))
+  elseif #EVENTS > 1 then
+    local packed = {}
+    for i, e in ipairs(EVENTS) do
+      for j = 1, #e do
+        if type(e[j]) == 'number' then e[j] = int(e[j]) end
+      end
+      packed[i] = table.concat(e, '\31')
+    end
+    redis.call('XADD', K_EVENTS, '*', 'op', 'batch', 'events', table.concat(packed, '\30'))
+  end
+  EVENTS = {}
 end
 
 -- Idempotency of open, transfer and close: the first reply is kept under the
@@ -115,13 +138,49 @@ end
 
 -- Writes the counters a hold, a wait or a settlement moves, from an account
 -- loaded and changed in memory: one call however many of them changed.
-local function save_holds(a)
+local function write_holds(a)
   if a.waits or a.nwait > 0 then
     redis.call('HSET', a.key, 'rt', a.rt, 'rn', a.rn, 'nres', a.nres, 'st', a.st, 'sn', a.sn,
       'nwait', a.nwait, 'wt', a.wt, 'wn', a.wn)
   else
     redis.call('HSET', a.key, 'rt', a.rt, 'rn', a.rn, 'nres', a.nres, 'st', a.st, 'sn', a.sn)
   end
+end
+
+-- The accounts the calls of a batch work on, read once and written once. The
+-- hot operations (reserve, commit, release, withdraw, and the lease sweep) take
+-- an account through acct(): the first reads it, the rest of the batch uses
+-- and changes that copy, and flush_cache() writes every changed one back (at
+-- the end of the call, and before any other operation, which then reads and
+-- writes Redis itself). Only the fields write_holds() writes change in a copy;
+-- anything else an operation writes directly goes to Redis after a flush.
+local CACHE, DIRTY = {}, {}
+
+local function acct(path)
+  local key = ACCT_PREFIX .. path
+  local a = CACHE[key]
+  if a == nil then
+    a = load(key)
+    if not a then return nil end
+    a.path, a.cached = path, true
+    CACHE[key] = a
+  end
+  return a
+end
+
+local function save_holds(a)
+  if not a.cached then
+    write_holds(a)
+  elseif not a.dirty then
+    a.dirty = true
+    DIRTY[#DIRTY + 1] = a
+  end
+end
+
+local function flush_cache()
+  for _, a in ipairs(DIRTY) do write_holds(a) end
+  for _, a in pairs(CACHE) do a.cached = false end
+  CACHE, DIRTY = {}, {}
 end
 
 -- Admission of an ask {t, n} on an open account a:
@@ -207,8 +266,7 @@ end
 -- A waiting reservation leaves its queue at its caller's word (withdraw,
 -- release); whoever waited behind it may fit now.
 local function withdraw_res(rid, r, reason)
-  local a = load(ACCT_PREFIX .. r.path)
-  a.path = r.path
+  local a = acct(r.path)
   unwait(a, rid, r, reason)
   redis.call('LREM', WAIT_PREFIX .. r.path, 1, rid)
   serve(a)
@@ -237,8 +295,7 @@ local function sweep(limit)
       if r.state == 'held' or r.state == 'waiting' then
         local a = touched[r.path]
         if not a then
-          a = load(ACCT_PREFIX .. r.path)
-          a.path = r.path
+          a = acct(r.path)
           touched[r.path] = a
           order[#order + 1] = r.path
         end

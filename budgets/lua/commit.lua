@@ -24,6 +24,7 @@ end
 local function committed(r)
   local tenant, inc, tt, tn = '', '', -1, -1
   if r.late then
+    flush_cache()  -- the root's spend is read from Redis
     local m = redis.call('HMGET', K_META, 'status', 'tenant', 'inc')
     if m[1] == 'closed' and m[2] ~= '' then
       local root = redis.call('HMGET', ACCT_PREFIX .. ROOT, 'st', 'sn', 'ct', 'cn')
@@ -61,8 +62,7 @@ OPS['commit'] = function(A, K)
     used.t, used.n = tonumber(A[2]), tonumber(A[3])
     r.uts, r.uns = A[2], A[3]
   end
-  local a = load(key)
-  a.path = path
+  local a = acct(path)
   if not late then
     unhold(a, r)
     redis.call('ZREM', K_LEASES, rid)
@@ -74,6 +74,8 @@ OPS['commit'] = function(A, K)
     for _, u in ipairs(UNITS) do
       if limited(a, u) then over[u] = used[u] end
     end
+    -- Ancestors are written directly: the batch's copies go to Redis first.
+    flush_cache()
     local p = a.parent
     while p ~= '' do
       local pk = ACCT_PREFIX .. p

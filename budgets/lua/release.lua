@@ -19,8 +19,7 @@ OPS['release'] = function(A, K)
     return {'ok', r.path, 0, 0, 0}
   end
   if r.state == 'held' then
-    local a = load(ACCT_PREFIX .. r.path)
-    a.path = r.path
+    local a = acct(r.path)
     unhold(a, r)
     r.state = 'released'
     save_res(rid, r)
