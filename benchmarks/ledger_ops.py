@@ -28,7 +28,16 @@ from orchestrator.redis_server import RedisServer
 
 TASK = "ops"
 BATCH = 64
-SKIP = {"evalsha", "eval", "info", "config|resetstat", "script|load", "ping"}
+SKIP = {
+    "evalsha",
+    "eval",
+    "fcall",
+    "info",
+    "config|resetstat",
+    "script|load",
+    "function|load",
+    "ping",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +64,7 @@ async def measure(ledger: Ledger, name: str, ops: int, run: Callable[[], Awaitab
         done += await run()
     cpu = time.process_time() - cpu0
     stats = await _stats(ledger)
-    script = stats.get("evalsha", {"usec": 0})
+    script = stats.get("fcall") or stats.get("evalsha", {"usec": 0})
     commands = sum(int(v["calls"]) for k, v in stats.items() if k not in SKIP)
     return Cost(
         name=name,

@@ -163,9 +163,12 @@ class Ledger:
         batch: bool = True,
         lease_s: float = 120.0,
         tenant_events_max: int = TENANT_EVENTS_MAX,
+        functions: bool = True,
     ) -> None:
         self.redis = redis
-        self._runner = ScriptRunner(redis, url=url, batch=batch)
+        # functions: the task script as a Redis Function (FCALL) where the server
+        # has them (7.0+), else by EVALSHA; False always uses EVALSHA.
+        self._runner = ScriptRunner(redis, url=url, batch=batch, functions=functions)
         self._lease_ms = self._lease(lease_s)
         self._tenants = TenantBooks(redis, self._runner, events_max=tenant_events_max)
         self._admissions = Admissions(redis)

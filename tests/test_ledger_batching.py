@@ -97,3 +97,25 @@ async def test_a_batch_mixing_every_kind_of_operation_keeps_the_books(ledger: Le
         "open",
     ]
     assert entries < 3 + 6
+
+
+@pytest.mark.parametrize("functions", [True, False])
+async def test_a_flushed_server_gets_the_scripts_again(redis_url: str, functions: bool) -> None:
+    # With functions the task script is FCALLed, else EVALSHAed; either way a flushed
+    # server is loaded again and the operation goes through.
+    ledger = Ledger.from_url(redis_url)
+    if not functions:
+        ledger = Ledger(ledger.redis, url=redis_url, functions=False)
+    try:
+        await ledger.open_task(T, Budget(tokens=100, usd="1"))
+        await ledger.redis.function_flush()
+        await ledger.redis.script_flush()
+        await ledger.redis.config_resetstat()
+        hold = await ledger.reserve(T, "root", tokens=10, nanos=10)
+        await ledger.commit(T, hold.id, used=Amount(tokens=4, nanos=4))
+        stats = await ledger.redis.info("commandstats")
+        assert ("cmdstat_fcall" in stats) is functions
+        assert ("cmdstat_evalsha" in stats) is not functions
+        assert (await ledger.account(T, "root")).spent_tokens == 4
+    finally:
+        await ledger.aclose()

@@ -6,6 +6,8 @@
 -- errors (budgets/replies.py DispatchError):
 --   'bad_op' -> LedgerError        no operation of that name
 -- Leases that ran out are released once, before the batch, by the same clock.
+-- run(keys, argv) is the whole call; budgets/scripts.py ends the text with
+-- "return run(KEYS, ARGV)" for EVALSHA, or registers run as a Redis Function.
 local function fields(s)
   local out, pos, n = {}, 1, 0
   while true do
@@ -24,30 +26,33 @@ end
 -- finds Redis up to date (flush_cache) and reads and writes it directly.
 local HOT = {reserve = true, commit = true, release = true, withdraw = true, reap = true}
 
-SWEPT = sweep(256)
-local out = {}
-for n = 1, tonumber(ARGV[3]) do
-  local f = fields(ARGV[3 + n])
-  local op = OPS[f[1]]
-  local np = tonumber(f[2])
-  local K, A = {}, {}
-  for j = 1, np do K[j] = ACCT_PREFIX .. f[2 + j] end
-  for j = 3 + np, #f do A[#A + 1] = f[j] end
-  if op then
-    if not HOT[f[1]] then flush_cache() end
-    local ok, reply = pcall(op, A, K)
-    if not ok then
-      -- A script error stops the batch; what the operations before it wrote stays,
-      -- and so do their events.
-      flush_cache()
-      flush_events()
-      error(reply)
+local function run(keys, argv)
+  begin(keys, argv)
+  SWEPT = sweep(256)
+  local out = {}
+  for n = 1, tonumber(argv[3]) do
+    local f = fields(argv[3 + n])
+    local op = OPS[f[1]]
+    local np = tonumber(f[2])
+    local K, A = {}, {}
+    for j = 1, np do K[j] = ACCT_PREFIX .. f[2 + j] end
+    for j = 3 + np, #f do A[#A + 1] = f[j] end
+    if op then
+      if not HOT[f[1]] then flush_cache() end
+      local ok, reply = pcall(op, A, K)
+      if not ok then
+        -- A script error stops the batch; what the operations before it wrote stays,
+        -- and so do their events.
+        flush_cache()
+        flush_events()
+        error(reply)
+      end
+      out[n] = reply
+    else
+      out[n] = {'err', 'bad_op'}
     end
-    out[n] = reply
-  else
-    out[n] = {'err', 'bad_op'}
   end
+  flush_cache()
+  flush_events()
+  return out
 end
-flush_cache()
-flush_events()
-return out

@@ -18,8 +18,11 @@
 -- until an account first has a waiter). Units: t = tokens, n = nano-dollars.
 -- A refusal is {'err', code, ...}; each operation's codes and the one error each
 -- raises are in its contract header and in budgets/replies.py.
-local K_META, K_RES, K_LEASES, K_OPS, K_EVENTS, K_ACCTS = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
-local ACCT_PREFIX, WAIT_PREFIX = ARGV[1], ARGV[2]
+-- The same text runs as a script (EVALSHA: KEYS and ARGV) and as a Redis
+-- Function (FCALL: loaded once, so these definitions are not rebuilt on every
+-- call); begin() sets what belongs to one call.
+local K_META, K_RES, K_LEASES, K_OPS, K_EVENTS, K_ACCTS
+local ACCT_PREFIX, WAIT_PREFIX
 local ROOT = 'root'
 local FIELDS = {'lt', 'ln', 'rt', 'rn', 'st', 'sn', 'at', 'an', 'ct', 'cn', 'ot', 'on', 'nres', 'nkids'}
 local UNITS = {'t', 'n'}
@@ -29,8 +32,7 @@ local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-local NOW = now_ms()
-local SWEPT = 0
+local NOW, SWEPT = 0, 0
 local OPS = {}
 
 -- Integers as text without an exponent (Lua's own tostring would write 1e+15).
@@ -64,7 +66,7 @@ end
 -- {op = 'batch', events = ...} holding them all in order, each event's fields
 -- joined by \31 and the events by \30 (no field holds either: names, numbers,
 -- JSON text and free text that came in through the operation's own fields).
-local EVENTS = {}
+local EVENTS
 
 local function event(op, path, t, n, id, extra)
   local e = {'op', op, 'acct', path, 't', t, 'n', n, 'id', id}
@@ -117,7 +119,9 @@ end
 -- The record is its idempotency too: a repeated reserve, commit or release reads
 -- the state and answers as the first call did. Numbers stay in the text they
 -- arrived in (ts, ns, ...); only t and n are read as numbers.
-local RES_PATTERN = '^' .. string.rep('([^|]*)|', 10) .. '(.*)$'
+-- Spelled out: a Redis Function library may not call string.rep while it loads.
+local RES_PATTERN = '^' .. '([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|'
+  .. '([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$'
 
 local function unpack_res(rec)
   local s, path, t, n, d, ut, un, ot, on, flags, tags = string.match(rec, RES_PATTERN)
@@ -154,7 +158,7 @@ end
 -- the end of the call, and before any other operation, which then reads and
 -- writes Redis itself). Only the fields write_holds() writes change in a copy;
 -- anything else an operation writes directly goes to Redis after a flush.
-local CACHE, DIRTY = {}, {}
+local CACHE, DIRTY
 
 local function acct(path)
   local key = ACCT_PREFIX .. path
@@ -311,4 +315,12 @@ local function sweep(limit)
   redis.call('ZREM', K_LEASES, unpack(ids))
   for _, path in ipairs(order) do serve(touched[path]) end
   return #ids
+end
+
+-- Start one call of the task script: its keys, prefixes and clock.
+local function begin(keys, argv)
+  K_META, K_RES, K_LEASES, K_OPS, K_EVENTS, K_ACCTS = keys[1], keys[2], keys[3], keys[4], keys[5], keys[6]
+  ACCT_PREFIX, WAIT_PREFIX = argv[1], argv[2]
+  NOW, SWEPT = now_ms(), 0
+  EVENTS, CACHE, DIRTY = {}, {}, {}
 end
