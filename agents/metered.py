@@ -57,7 +57,7 @@ from agents.errors import ModelCallFailed
 from agents.redact import scrub
 from agents.replies import Answer, Usage
 from agents.settlement import RULES, Outcome, Pay, Progress, classify, failure
-from agents.tokens import ServerTokenCounter, TokenCounter, counter_for
+from agents.tokens import ServerTokenCounter, TokenCounter, counter_for, is_openai_model
 from agents.wire import http_client, send
 from budgets import Amount, BudgetExceeded, Ledger, Reservation
 from budgets.errors import LedgerUnavailable, UnknownReservation
@@ -177,6 +177,7 @@ class MeteredClient:
         self._admission_wait_s = admission_wait_s
         self._counters = dict(counters or {})
         self._injected = frozenset(self._counters)
+        self._tokenizers: dict[tuple[str, str | bool | None], TokenCounter] = {}
         self._server_counters: dict[str, ServerTokenCounter] = {}
         self._count_http: httpx.AsyncClient | None = None
         self._clients: dict[str, AsyncOpenAI] = {}
@@ -200,28 +201,53 @@ class MeteredClient:
         """How prompts for this endpoint are counted without a request (quotes).
 
         For ``tokenizer = "server"`` this is the byte bound the server count falls
-        back to: never less than what a call reserves.
+        back to: never less than what a call reserves. Endpoints that count the
+        same way share one counter (a tokenizer is loaded once).
         """
         found = self._counters.get(endpoint.name)
         if found is None:
-            found = self._counters[endpoint.name] = counter_for(
-                endpoint.model, tokenizer=endpoint.tokenizer, remote=endpoint.kind == "remote"
-            )
+            spec = _counting(endpoint)
+            found = self._tokenizers.get(spec)
+            if found is None:
+                found = self._tokenizers[spec] = counter_for(
+                    endpoint.model, tokenizer=endpoint.tokenizer, remote=endpoint.kind == "remote"
+                )
+            self._counters[endpoint.name] = found
         return found
 
-    async def count_prompt(self, endpoint: Endpoint, messages: Sequence[Message]) -> int:
-        """The prompt tokens a call to ``endpoint`` reserves for ``messages``."""
-        if endpoint.tokenizer != "server" or endpoint.name in self._injected:
-            return self.counter(endpoint).count_messages(messages)
-        found = self._server_counters.get(endpoint.name)
-        if found is None:
-            if self._count_http is None:
-                self._count_http = httpx.AsyncClient()
-            found = ServerTokenCounter(
-                base_url=endpoint.base_url, client=self._count_http, fallback=self.counter(endpoint)
-            )
-            self._server_counters[endpoint.name] = found
-        return await found.count_messages(messages)
+    async def count_prompt(
+        self,
+        endpoint: Endpoint,
+        messages: Sequence[Message],
+        *,
+        counted: dict[object, int] | None = None,
+    ) -> int:
+        """The prompt tokens a call to ``endpoint`` reserves for ``messages``.
+
+        ``counted`` remembers counts across the endpoints one call tries: an
+        endpoint that counts the way an earlier one did reuses its count.
+        """
+        server = endpoint.tokenizer == "server" and endpoint.name not in self._injected
+        key: object = ("server", endpoint.base_url) if server else id(self.counter(endpoint))
+        if counted is not None and key in counted:
+            return counted[key]
+        if not server:
+            count = self.counter(endpoint).count_messages(messages)
+        else:
+            found = self._server_counters.get(endpoint.name)
+            if found is None:
+                if self._count_http is None:
+                    self._count_http = httpx.AsyncClient()
+                found = ServerTokenCounter(
+                    base_url=endpoint.base_url,
+                    client=self._count_http,
+                    fallback=self.counter(endpoint),
+                )
+                self._server_counters[endpoint.name] = found
+            count = await found.count_messages(messages)
+        if counted is not None:
+            counted[key] = count
+        return count
 
     def quote(
         self, *, endpoint: str | None, messages: Sequence[Message], output_tokens: int
@@ -297,6 +323,7 @@ class MeteredClient:
         first = self.config.get(endpoint) if endpoint else self.config.default_endpoint
         chain = self.config.ordered_fallbacks(first.name) if fallback else [first]
         last_error: ModelCallFailed | None = None
+        counted: dict[object, int] = {}  # the prompt is counted once per way of counting
         for hop, ep in enumerate(chain):
             call_tags = dict(tags or {})
             call_tags.update(endpoint=ep.name, model=ep.model, kind=ep.kind)
@@ -309,7 +336,7 @@ class MeteredClient:
                 messages=messages,
                 max_tokens=max_tokens,
                 min_tokens=floor,
-                prompt_tokens=await self.count_prompt(ep, messages),
+                prompt_tokens=await self.count_prompt(ep, messages, counted=counted),
                 params=params,
                 tags=call_tags,
                 stream=stream,
@@ -548,6 +575,13 @@ def _result(
         cached_tokens=usage.cached_tokens,
         reasoning_tokens=usage.reasoning_tokens,
     )
+
+
+def _counting(ep: Endpoint) -> tuple[str, str | bool | None]:
+    """What decides how ``ep`` counts prompts: its declared tokenizer, else its guess."""
+    if ep.tokenizer is not None:
+        return ("declared", ep.tokenizer)
+    return ("guessed", ep.kind == "remote" and is_openai_model(ep.model))
 
 
 def _affordable_output(ep: Endpoint, prompt: int, nanos: int) -> int:

@@ -18,7 +18,7 @@ import pytest
 
 from agents.endpoints import Endpoint, EndpointsConfig
 from agents.metered import MeteredClient, RetryPolicy
-from agents.stub_server import ScriptedModelServer
+from agents.stub_server import Reply, ScriptedModelServer
 from agents.tokens import load_offline_encoding
 from budgets import Amount, Budget, BudgetExceeded, Ledger
 from budgets.errors import AccountClosed, InvalidAmount
@@ -324,3 +324,43 @@ async def test_a_declared_tokenizer_reserves_the_exact_count(
     assert await guessed.count_prompt(guessed.config.default_endpoint, MESSAGES) == exact + 8
     await client.aclose()
     await guessed.aclose()
+
+
+async def test_a_prompt_is_counted_once_per_way_of_counting(
+    ledger: Ledger, server: ScriptedModelServer
+) -> None:
+    # Two endpoints on one server that counts with its own tokenizer: the call falls
+    # back from the first to the second, and the prompt is counted once.
+    server.responder = lambda r: (
+        Reply(status=500) if (r.body or {}).get("model") == "down" else Reply(text="ok")
+    )
+    common: dict[str, Any] = {
+        "base_url": server.base_url,
+        "kind": "remote",
+        "input_usd_per_mtok": PRICE_IN,
+        "output_usd_per_mtok": PRICE_OUT,
+        "tokenizer": "server",
+        "max_retries": 0,
+    }
+    client = MeteredClient(
+        ledger=ledger,
+        config=EndpointsConfig(
+            endpoints=[
+                Endpoint(name="first", model="down", **common),
+                Endpoint(name="second", model="up", **common),
+            ]
+        ),
+        env={},
+        retry=RetryPolicy(attempts=1),
+    )
+    await ledger.open_task(T, Budget(tokens=None, usd="1"))
+    result = await client.chat(
+        task_id=T, account="root", messages=MESSAGES, max_tokens=20, endpoint="first"
+    )
+    assert result.endpoint == "second"
+    counts = [r for r in server.requests if r.path == "/extras/tokenize/count"]
+    assert len(counts) == 1
+    reserves = [e for e in await ledger.events(T) if e.op == "reserve"]
+    assert len(reserves) == 2
+    assert reserves[0].tokens == reserves[1].tokens
+    await client.aclose()
