@@ -492,8 +492,9 @@ class MeteredClient:
         delay_s = COMMIT_RETRY_FIRST_S
         while True:
             try:
-                # No tags: the commit's event takes the reservation's, which are these.
-                await self.ledger.commit(call.task_id, reservation.id, used=used, keep=keep)
+                await self.ledger.commit(
+                    call.task_id, reservation.id, used=used, tags=call.tags, keep=keep
+                )
                 return
             except LedgerUnavailable:
                 if time.time() + delay_s >= reservation.deadline_ms / 1000:
