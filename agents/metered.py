@@ -6,10 +6,14 @@ One call, one attempt at a time:
    bound unless the endpoint declares its tokenizer);
 2. take the endpoint's concurrency slot (``max_concurrency``): a call waiting
    for one holds nothing in the ledger, so no lease runs out while it waits;
-3. reserve prompt + ``max_tokens`` priced at the endpoint's rates; if the
-   account cannot cover that, shrink ``max_tokens`` to what it can cover, and
-   refuse with :class:`~budgets.errors.BudgetExceeded` if not even
-   ``min_output_tokens`` fit (no HTTP request is made);
+3. reserve prompt + ``max_tokens`` priced at the endpoint's rates. When the
+   account cannot cover that only because other calls' reservations are in
+   flight, wait for them to settle (in line, up to ``wait_s``, default the
+   client's ``admission_wait_s``, and never past the caller's ``deadline``);
+   when the money is spent, shrink ``max_tokens`` to what the account could
+   cover once they settle (waiting for that), and refuse with
+   :class:`~budgets.errors.BudgetExceeded` if not even ``min_output_tokens``
+   fit (no HTTP request is made);
 4. send the request with exactly the reserved output cap (``max_tokens`` or
    ``max_completion_tokens``, per endpoint);
 5. settle the reservation exactly once, in one ``finally``, by the outcome
@@ -53,10 +57,11 @@ from agents.errors import ModelCallFailed
 from agents.redact import scrub
 from agents.replies import Answer, Usage
 from agents.settlement import RULES, Outcome, Pay, Progress, classify, failure
-from agents.tokens import ServerTokenCounter, TokenCounter, counter_for
+from agents.tokens import ServerTokenCounter, TokenCounter, counter_for, is_openai_model
 from agents.wire import http_client, send
 from budgets import Amount, BudgetExceeded, Ledger, Reservation
 from budgets.errors import LedgerUnavailable, UnknownReservation
+from budgets.ledger import MAX_WAIT_S
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +139,12 @@ class _Call:
     tags: Mapping[str, str]
     stream: bool
     keep_as: str | None = None
+    #: ``time.monotonic()`` by which the reservation must be granted.
+    admit_until: float = 0.0
+
+    def wait_s(self) -> float:
+        """What is left of the call's admission wait."""
+        return max(0.0, self.admit_until - time.monotonic())
 
 
 class MeteredClient:
@@ -153,6 +164,7 @@ class MeteredClient:
         lease_s: float = 300.0,
         min_output_tokens: int = 16,
         counters: Mapping[str, TokenCounter] | None = None,
+        admission_wait_s: float = 3.0,
     ) -> None:
         self.ledger = ledger
         self.config = config
@@ -160,8 +172,12 @@ class MeteredClient:
         self._retry = retry or RetryPolicy()
         self._lease_s = lease_s
         self._min_output = min_output_tokens
+        if not 0 <= admission_wait_s <= MAX_WAIT_S:
+            raise ValueError(f"admission_wait_s must be in [0, {MAX_WAIT_S}]: {admission_wait_s}")
+        self._admission_wait_s = admission_wait_s
         self._counters = dict(counters or {})
         self._injected = frozenset(self._counters)
+        self._tokenizers: dict[tuple[str, str | bool | None], TokenCounter] = {}
         self._server_counters: dict[str, ServerTokenCounter] = {}
         self._count_http: httpx.AsyncClient | None = None
         self._clients: dict[str, AsyncOpenAI] = {}
@@ -185,28 +201,53 @@ class MeteredClient:
         """How prompts for this endpoint are counted without a request (quotes).
 
         For ``tokenizer = "server"`` this is the byte bound the server count falls
-        back to: never less than what a call reserves.
+        back to: never less than what a call reserves. Endpoints that count the
+        same way share one counter (a tokenizer is loaded once).
         """
         found = self._counters.get(endpoint.name)
         if found is None:
-            found = self._counters[endpoint.name] = counter_for(
-                endpoint.model, tokenizer=endpoint.tokenizer, remote=endpoint.kind == "remote"
-            )
+            spec = _counting(endpoint)
+            found = self._tokenizers.get(spec)
+            if found is None:
+                found = self._tokenizers[spec] = counter_for(
+                    endpoint.model, tokenizer=endpoint.tokenizer, remote=endpoint.kind == "remote"
+                )
+            self._counters[endpoint.name] = found
         return found
 
-    async def count_prompt(self, endpoint: Endpoint, messages: Sequence[Message]) -> int:
-        """The prompt tokens a call to ``endpoint`` reserves for ``messages``."""
-        if endpoint.tokenizer != "server" or endpoint.name in self._injected:
-            return self.counter(endpoint).count_messages(messages)
-        found = self._server_counters.get(endpoint.name)
-        if found is None:
-            if self._count_http is None:
-                self._count_http = httpx.AsyncClient()
-            found = ServerTokenCounter(
-                base_url=endpoint.base_url, client=self._count_http, fallback=self.counter(endpoint)
-            )
-            self._server_counters[endpoint.name] = found
-        return await found.count_messages(messages)
+    async def count_prompt(
+        self,
+        endpoint: Endpoint,
+        messages: Sequence[Message],
+        *,
+        counted: dict[object, int] | None = None,
+    ) -> int:
+        """The prompt tokens a call to ``endpoint`` reserves for ``messages``.
+
+        ``counted`` remembers counts across the endpoints one call tries: an
+        endpoint that counts the way an earlier one did reuses its count.
+        """
+        server = endpoint.tokenizer == "server" and endpoint.name not in self._injected
+        key: object = ("server", endpoint.base_url) if server else id(self.counter(endpoint))
+        if counted is not None and key in counted:
+            return counted[key]
+        if not server:
+            count = self.counter(endpoint).count_messages(messages)
+        else:
+            found = self._server_counters.get(endpoint.name)
+            if found is None:
+                if self._count_http is None:
+                    self._count_http = httpx.AsyncClient()
+                found = ServerTokenCounter(
+                    base_url=endpoint.base_url,
+                    client=self._count_http,
+                    fallback=self.counter(endpoint),
+                )
+                self._server_counters[endpoint.name] = found
+            count = await found.count_messages(messages)
+        if counted is not None:
+            counted[key] = count
+        return count
 
     def quote(
         self, *, endpoint: str | None, messages: Sequence[Message], output_tokens: int
@@ -246,6 +287,8 @@ class MeteredClient:
         min_tokens: int | None = None,
         temperature: float | None = None,
         keep_as: str | None = None,
+        wait_s: float | None = None,
+        deadline: float | None = None,
     ) -> CallResult:
         """Make one chat call paid from ``account``; see the module docstring for the steps.
 
@@ -256,6 +299,9 @@ class MeteredClient:
         caller that crashed after paying finds the reply instead of paying twice.
         Raises :class:`BudgetExceeded` when the account cannot pay for an
         attempt, and :class:`ModelCallFailed` when every endpoint tried failed.
+        ``wait_s`` bounds how long the call waits for money held by calls in
+        flight (default: the client's ``admission_wait_s``); ``deadline`` (a
+        ``time.monotonic()`` value, such as the task's) bounds it too.
         A cancelled call settles its attempt and re-raises ``CancelledError``.
         """
         if max_tokens < 1:
@@ -263,6 +309,12 @@ class MeteredClient:
         floor = self._min_output if min_tokens is None else min_tokens
         if floor < 1:
             raise ValueError(f"min_tokens must be at least 1, got {floor}")
+        wait = self._admission_wait_s if wait_s is None else wait_s
+        if not 0 <= wait <= MAX_WAIT_S:
+            raise ValueError(f"wait_s must be in [0, {MAX_WAIT_S}], got {wait}")
+        admit_until = time.monotonic() + wait
+        if deadline is not None:
+            admit_until = min(admit_until, deadline)
         params: dict[str, Any] = {}
         if response_format is not None:
             params["response_format"] = dict(response_format)
@@ -271,6 +323,7 @@ class MeteredClient:
         first = self.config.get(endpoint) if endpoint else self.config.default_endpoint
         chain = self.config.ordered_fallbacks(first.name) if fallback else [first]
         last_error: ModelCallFailed | None = None
+        counted: dict[object, int] = {}  # the prompt is counted once per way of counting
         for hop, ep in enumerate(chain):
             call_tags = dict(tags or {})
             call_tags.update(endpoint=ep.name, model=ep.model, kind=ep.kind)
@@ -283,11 +336,12 @@ class MeteredClient:
                 messages=messages,
                 max_tokens=max_tokens,
                 min_tokens=floor,
-                prompt_tokens=await self.count_prompt(ep, messages),
+                prompt_tokens=await self.count_prompt(ep, messages, counted=counted),
                 params=params,
                 tags=call_tags,
                 stream=stream,
                 keep_as=keep_as,
+                admit_until=admit_until,
             )
             try:
                 return await self._with_retries(call=call)
@@ -464,13 +518,18 @@ class MeteredClient:
         try:
             return await self._hold(call=call, reservation_id=reservation_id, out_tokens=out)
         except BudgetExceeded:
-            # Shrink max_tokens to what the account can still cover, in both units.
+            # The money is spent (or the wait ran out): shrink max_tokens to what
+            # the account can cover, in both units, once the holds in flight
+            # settle if there is time left to wait for them, else now.
             view = await self.ledger.account(call.task_id, call.account)
+            waiting = call.wait_s() > 0
             fit = out
             if view.available_tokens is not None:
-                fit = min(fit, view.available_tokens - prompt)
+                held = view.reserved_tokens if waiting else 0
+                fit = min(fit, view.available_tokens + held - prompt)
             if view.available_nanos is not None:
-                fit = min(fit, _affordable_output(ep, prompt, view.available_nanos))
+                held = view.reserved_nanos if waiting else 0
+                fit = min(fit, _affordable_output(ep, prompt, view.available_nanos + held))
             if fit < floor:
                 raise
             return await self._hold(call=call, reservation_id=reservation_id, out_tokens=fit)
@@ -485,6 +544,7 @@ class MeteredClient:
             lease_s=self._lease_s,
             reservation_id=reservation_id,
             tags=call.tags,
+            wait_s=call.wait_s(),
         )
 
     def _gate(self, ep: Endpoint) -> asyncio.Semaphore:
@@ -515,6 +575,13 @@ def _result(
         cached_tokens=usage.cached_tokens,
         reasoning_tokens=usage.reasoning_tokens,
     )
+
+
+def _counting(ep: Endpoint) -> tuple[str, str | bool | None]:
+    """What decides how ``ep`` counts prompts: its declared tokenizer, else its guess."""
+    if ep.tokenizer is not None:
+        return ("declared", ep.tokenizer)
+    return ("guessed", ep.kind == "remote" and is_openai_model(ep.model))
 
 
 def _affordable_output(ep: Endpoint, prompt: int, nanos: int) -> int:

@@ -8,7 +8,8 @@ could overrun its budget). Which counter an endpoint gets
 - its declared ``tokenizer``: ``"bytes"``, ``"server"`` (the server's own
   tokenizer, :class:`ServerTokenCounter`; awaited, so the metered call uses it
   and this module hands out its byte-bound fallback for synchronous quotes) or
-  ``"tiktoken:<encoding>"``;
+  ``"tiktoken:<encoding>"`` (an exact count: OpenAI's framing with that
+  encoding and no margin, since the endpoint says its server counts so);
 - otherwise tiktoken's cl100k for an OpenAI model at a remote endpoint (an
   estimate with a margin), and :class:`ByteBoundCounter` — a proven upper
   bound — for every other endpoint, so a server whose tokenizer we do not know
@@ -179,8 +180,12 @@ def counter_for(model: str, *, tokenizer: str | None = None, remote: bool = True
     if tokenizer in ("bytes", "server"):
         return ByteBoundCounter()
     if tokenizer is not None:
+        # Declared: the server counts with this encoding, so the count is exact (no margin).
         encoding = load_offline_encoding(tokenizer.removeprefix("tiktoken:"))
-    elif remote and is_openai_model(model):
+        if encoding is None:
+            return ByteBoundCounter()
+        return TiktokenCounter(encoding, margin_ratio=0.0, margin_tokens=0)
+    if remote and is_openai_model(model):
         encoding = load_encoding()
     else:
         return ByteBoundCounter()

@@ -5,8 +5,10 @@ redis-server (the real ledger) and a zero-delay scripted model server, in this
 run. Both kinds of call go to the same server and alternate in blocks, so drift
 (CPU frequency, caches, the server's warm-up) falls on both alike. The metered
 call counts the prompt, reserves in Redis, calls, and commits the usage: two
-ledger round trips on top of the HTTP one. The last line reads
-``RESULT metered_ms=<median> bare_ms=<median> added_ms=<difference>``.
+ledger round trips on top of the HTTP one; the same two round trips alone
+(``ledger x2``: a reserve and a commit) are measured after, as the floor. The
+last line reads ``RESULT metered_ms=<median> bare_ms=<median>
+added_ms=<difference> ledger_pair_ms=<median>``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from agents.endpoints import Endpoint, EndpointsConfig
 from agents.metered import MeteredClient, RetryPolicy
 from agents.stub_server import Reply, ScriptedModelServer, Usage
-from budgets import Budget, Ledger
+from budgets import Amount, Budget, Ledger
 from orchestrator.redis_server import RedisServer
 
 TASK = "bench-overhead"
@@ -91,7 +93,7 @@ async def alternate(metered: Call, bare: Call, *, calls: int) -> tuple[list[floa
     return m, b
 
 
-async def run(*, calls: int, profile: bool) -> tuple[Stats, Stats]:
+async def run(*, calls: int, profile: bool) -> tuple[Stats, Stats, Stats]:
     """Start the servers, measure both kinds of call, and stop everything."""
     with RedisServer() as redis_server, ScriptedModelServer(default=REPLY) as model:
         ledger = Ledger.from_url(redis_server.url)
@@ -123,19 +125,28 @@ async def run(*, calls: int, profile: bool) -> tuple[Stats, Stats]:
                 model=MODEL, messages=BARE_MESSAGES, max_tokens=MAX_TOKENS
             )
 
+        async def ledger_pair() -> object:
+            # The floor: the two ledger round trips alone, with the same scripts.
+            res = await ledger.reserve(TASK, "root", tokens=100, nanos=100)
+            return await ledger.commit(TASK, res.id, used=Amount(tokens=25, nanos=10))
+
         try:
             m, b = await alternate(metered_call, bare_call, calls=calls)
+            pair: list[float] = []
+            await _timed(ledger_pair, WARMUP, [])
+            await _timed(ledger_pair, calls, pair)
             if profile:
                 profiler = cProfile.Profile()
                 profiler.enable()
                 await _timed(metered_call, min(calls, 300), [])
                 profiler.disable()
-                pstats.Stats(profiler).sort_stats("cumulative").print_stats(35)
+                stats = pstats.Stats(profiler).sort_stats("cumulative")
+                stats.print_stats(r"budgets|agents", 40)
         finally:
             await metered.aclose()
             await bare.close()
             await ledger.aclose()
-    return Stats.of("metered", m), Stats.of("bare", b)
+    return Stats.of("metered", m), Stats.of("bare", b), Stats.of("ledger x2", pair)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     if calls < 2:
         parser.error("--calls must be at least 2")
     started = time.monotonic()
-    metered, bare = asyncio.run(run(calls=calls, profile=args.profile))
+    metered, bare, pair = asyncio.run(run(calls=calls, profile=args.profile))
     wall_s = time.monotonic() - started
     print(f"{'call':<10}{'n':>6}{'median ms':>12}{'p99 ms':>10}{'mean ms':>10}")
     for s in (metered, bare):
@@ -157,9 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     added = metered.median_ms - bare.median_ms
     print(f"{'added':<10}{'':>6}{added:>12.3f}{metered.p99_ms - bare.p99_ms:>10.3f}"
           f"{metered.mean_ms - bare.mean_ms:>10.3f}")  # fmt: skip
+    print(
+        f"{pair.name:<10}{pair.calls:>6}{pair.median_ms:>12.3f}{pair.p99_ms:>10.3f}{pair.mean_ms:>10.3f}"
+    )
+    own = added - pair.median_ms
+    print(f"the metered call's own work (added - ledger x2): {own:.3f} ms median")
     print(f"wall time {wall_s:.1f} s")
     figures = f"metered_ms={metered.median_ms:.3f} bare_ms={bare.median_ms:.3f}"
-    print(f"RESULT {figures} added_ms={added:.3f}")
+    print(f"RESULT {figures} added_ms={added:.3f} ledger_pair_ms={pair.median_ms:.3f}")
     return 0
 
 

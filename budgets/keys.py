@@ -331,6 +331,19 @@ class TaskKeys:
         """Hash of one account: limits, reserved, spent, carved, flags."""
         return self.account_prefix + path
 
+    @property
+    def wait_prefix(self) -> str:
+        """Prefix of accounts' wait queues; the scripts append a path to it."""
+        return self.base + "wait:"
+
+    def wait_queue(self, path: str) -> str:
+        """List: ids of reservations waiting on one account for held money, oldest first."""
+        return self.wait_prefix + path
+
+    def script_argv(self) -> list[str]:
+        """The task script's ARGV before its operations: the account and wait-queue prefixes."""
+        return [self.account_prefix, self.wait_prefix]
+
     def script_keys(self) -> list[str]:
         """KEYS of the task script, in its order; also every key but the account hashes."""
         return [self.meta, self.reservations, self.leases, self.ops, self.events, self.accounts]

@@ -12,13 +12,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
 from redis.asyncio import Redis
 
-from budgets._runner import ScriptRunner
+from budgets._admission import Admissions
+from budgets._runner import SEP, ScriptRunner
 from budgets.connection import redis_client
 from budgets.errors import (
     InvalidAmount,
@@ -73,6 +76,13 @@ from budgets.tree import (
 log = logging.getLogger(__name__)
 
 Tags = Mapping[str, str]
+
+#: The longest a reserve may wait for held money, in seconds.
+MAX_WAIT_S = 3600.0
+# Separates the events of one stream entry written by one script call (see _prelude.lua).
+_EVENT_SEP = "\x1e"
+# Operations after which this process's waiters of the task look at once.
+_SETTLING = frozenset({Op.COMMIT, Op.RELEASE, Op.WITHDRAW, Op.TRANSFER, Op.CLOSE, Op.REAP})
 
 __all__ = [
     "Closed",
@@ -154,11 +164,15 @@ class Ledger:
         batch: bool = True,
         lease_s: float = 120.0,
         tenant_events_max: int = TENANT_EVENTS_MAX,
+        functions: bool = True,
     ) -> None:
         self.redis = redis
-        self._runner = ScriptRunner(redis, url=url, batch=batch)
+        # functions: the task script as a Redis Function (FCALL) where the server
+        # has them (7.0+), else by EVALSHA; False always uses EVALSHA.
+        self._runner = ScriptRunner(redis, url=url, batch=batch, functions=functions)
         self._lease_ms = self._lease(lease_s)
         self._tenants = TenantBooks(redis, self._runner, events_max=tenant_events_max)
+        self._admissions = Admissions(redis)
 
     @classmethod
     def from_url(
@@ -204,6 +218,8 @@ class Ledger:
     ) -> list[Any]:
         """Run one operation of the task script; its reply, or the error its refusal means."""
         reply = await self._runner.task_op(TaskKeys(task_id), op, accounts, args)
+        if op in _SETTLING:
+            self._admissions.settled(task_id)
         return check(op.value, reply, ctx or Context(task_id=task_id))
 
     # -- tasks and accounts ---------------------------------------------------
@@ -300,34 +316,76 @@ class Ledger:
         lease_s: float | None = None,
         reservation_id: str | None = None,
         tags: Tags | None = None,
+        wait_s: float = 0.0,
     ) -> Reservation:
         """Hold ``tokens`` and ``nanos`` on ``account`` for one call.
 
         Raises :class:`BudgetExceeded` when the account cannot cover either.
+        With ``wait_s`` > 0, an ask that cannot be covered only because other
+        calls' holds are in flight waits up to ``wait_s`` seconds for them to
+        settle, in line behind earlier waiters of the account; one the account
+        could not cover even if every hold came back unspent is refused at once.
         The hold expires after ``lease_s`` (default: the ledger's) if it is
-        neither committed nor released.
+        neither committed nor released. A cancelled waiter leaves nothing held.
         """
         check_task_id(task_id)
         check_path(account)
         check_tokens(tokens)
         check_nanos(nanos)
         lease_ms = self._lease_ms if lease_s is None else self._lease(lease_s)
+        wait_ms = self._wait_ms(wait_s)
         rid = check_op_id(reservation_id, "reservation id") if reservation_id else new_op_id()
-        reply = await self._run(
-            Op.RESERVE,
-            task_id,
-            [account],
-            [account, rid, tokens, nanos, lease_ms, _tags(tags)],
-            Context(task_id=task_id, reservation_id=rid),
-        )
-        return Reservation(
-            task_id=task_id,
-            account=account,
-            id=rid,
-            tokens=tokens,
-            nanos=nanos,
-            deadline_ms=int(reply[1]),
-        )
+        until = time.monotonic() + wait_ms / 1000
+        while True:
+            reply = await self._run(
+                Op.RESERVE,
+                task_id,
+                [account],
+                [account, rid, tokens, nanos, lease_ms, _tags(tags), wait_ms],
+                Context(task_id=task_id, reservation_id=rid),
+            )
+            deadline_ms: int | None = int(reply[1])
+            if reply[2] == "waiting":
+                deadline_ms = await self._await_grant(task_id, rid, until=until)
+            if deadline_ms is not None:
+                return Reservation(
+                    task_id=task_id,
+                    account=account,
+                    id=rid,
+                    tokens=tokens,
+                    nanos=nanos,
+                    deadline_ms=deadline_ms,
+                )
+            # The wait ended without a hold (the money is spent, or its deadline
+            # passed in Redis first): ask afresh with whatever wait is left.
+            wait_ms = max(0, math.floor((until - time.monotonic()) * 1000))
+
+    async def _await_grant(self, task_id: str, rid: str, *, until: float) -> int | None:
+        """The lease deadline of a waiting reservation once granted; ``None`` if it ended.
+
+        At ``until`` the wait is withdrawn (a grant that came first is kept); a
+        cancelled waiter is withdrawn and any hold it was granted released.
+        """
+        try:
+            return await self._admissions.wait(task_id, rid, timeout_s=until - time.monotonic())
+        except TimeoutError:
+            reply = await self._run(Op.WITHDRAW, task_id, [], [rid, "deadline"])
+            return int(reply[2]) if reply[1] == "held" else None
+        except asyncio.CancelledError:
+            await asyncio.shield(self._cancel_wait(task_id, rid))
+            raise
+
+    async def _cancel_wait(self, task_id: str, rid: str) -> None:
+        reply = await self._run(Op.WITHDRAW, task_id, [], [rid, "cancelled"])
+        if reply[1] == "held":
+            await self.release(task_id, rid, reason="cancelled while waiting")
+
+    @staticmethod
+    def _wait_ms(wait_s: float) -> int:
+        ok = isinstance(wait_s, int | float) and not isinstance(wait_s, bool)
+        if not ok or not 0 <= wait_s <= MAX_WAIT_S:
+            raise InvalidAmount("wait_s", wait_s, f"must be between 0 and {MAX_WAIT_S} seconds")
+        return math.ceil(wait_s * 1000)
 
     async def commit(
         self,
@@ -351,6 +409,8 @@ class Ledger:
         check_op_id(reservation_id, "reservation id")
         tokens, nanos = (-1, -1) if used is None else (used.tokens, used.nanos)
         marker, text = ("", "") if keep is None else (kept_marker(keep[0]), keep[1])
+        if SEP in text or _EVENT_SEP in text:
+            raise InvalidAmount("keep", keep, "the text must not hold U+001E or U+001F")
         reply = await self._run(
             Op.COMMIT,
             task_id,
@@ -392,7 +452,7 @@ class Ledger:
             Op.RELEASE,
             task_id,
             [],
-            [reservation_id, reason[:200]],
+            [reservation_id, _free_text(reason[:200])],
             Context(task_id=task_id, reservation_id=reservation_id),
         )
         return bool(reply[4])
@@ -589,13 +649,36 @@ class Ledger:
     async def events(
         self, task_id: str, *, after: str = "-", count: int | None = None
     ) -> list[LedgerEvent]:
-        """The task's audit events, oldest first, strictly after stream id ``after``."""
+        """The task's audit events, oldest first, strictly after event id ``after``.
+
+        One script call that made several events wrote them in one stream entry;
+        they come out one by one, with ids ``<entry id>.<index>``, and ``after``
+        may be either kind of id.
+        """
         check_task_id(task_id)
-        start = after if after == "-" else f"({after}"
-        rows = await self.redis.xrange(TaskKeys(task_id).events, min=start, count=count)
-        return [
-            _event(eid, fields) for eid, fields in cast("list[tuple[str, dict[str, str]]]", rows)
-        ]
+        skip_in, skip_upto = "", -1
+        if after == "-":
+            start = "-"
+        elif "." in after:
+            skip_in, _, index = after.partition(".")
+            skip_upto, start = int(index), skip_in
+        else:
+            start = f"({after}"
+        # The entry of ``after`` is read again, so one more keeps ``count`` events.
+        entries = None if count is None else count + (1 if skip_in else 0)
+        rows = await self.redis.xrange(TaskKeys(task_id).events, min=start, count=entries)
+        out: list[LedgerEvent] = []
+        for eid, fields in cast("list[tuple[str, dict[str, str]]]", rows):
+            if fields.get("op") != "batch":
+                if eid != skip_in:
+                    out.append(_event(eid, fields))
+                continue
+            for i, packed in enumerate(fields.get("events", "").split(_EVENT_SEP)):
+                if eid == skip_in and i <= skip_upto:
+                    continue
+                parts = packed.split(SEP)
+                out.append(_event(f"{eid}.{i}", dict(zip(parts[::2], parts[1::2], strict=True))))
+        return out if count is None else out[:count]
 
     async def note(
         self, task_id: str, account: str, text: str, *, tags: Mapping[str, str] | None = None
@@ -626,6 +709,11 @@ class Ledger:
     async def tenant(self, name: str, *, period_id: str | None = None) -> TenantView:
         """A tenant's limits and one period's use (default: the latest funded period)."""
         return await self._tenants.view(name, period_id=period_id)
+
+
+def _free_text(text: str) -> str:
+    """Audit text safe to travel in an operation's fields (no separator characters)."""
+    return text.replace(SEP, " ").replace(_EVENT_SEP, " ")
 
 
 def _opt(value: Any) -> int | None:

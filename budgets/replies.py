@@ -183,6 +183,7 @@ TABLES: dict[str, Table] = {
         ReleaseError.UNKNOWN: UnknownReservation,
         ReleaseError.COMMITTED: ReservationSettled,
     },
+    Op.WITHDRAW.value: {},
     Op.TRANSFER.value: {
         TransferError.NO_TASK: UnknownTask,
         TransferError.NO_ACCOUNT: UnknownAccount,

@@ -31,6 +31,7 @@ class Op(StrEnum):
     RESERVE = "reserve"
     COMMIT = "commit"
     RELEASE = "release"
+    WITHDRAW = "withdraw"
     TRANSFER = "transfer"
     CLOSE = "close"
     REAP = "reap"
@@ -62,11 +63,25 @@ def _script(name: str, source: str) -> Script:
 
 
 @dataclass(frozen=True, slots=True)
+class Library:
+    """The task script as a Redis Function library: loaded once, called with ``FCALL``.
+
+    Its name and its function's carry the source's SHA1, so ledgers of different
+    versions sharing one Redis each find their own.
+    """
+
+    name: str
+    function: str
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
 class Scripts:
     """Every script the ledger sends."""
 
     task: Script
     tenant: dict[TenantOp, Script]
+    library: Library
 
     def all(self) -> list[Script]:
         """Every script, for loading after ``NOSCRIPT``."""
@@ -75,8 +90,17 @@ class Scripts:
 
 def load_scripts() -> Scripts:
     """Read every script from the package; called once when a ledger is built."""
-    parts = [_read("_prelude"), *(_read(op.value) for op in Op), _read("_dispatch")]
+    body = "\n".join([_read("_prelude"), *(_read(op.value) for op in Op), _read("_dispatch")])
+    task = _script("task", body + "\nreturn run(KEYS, ARGV)\n")
+    name = f"paymaster_{task.sha[:16]}"
+    function = f"pm_task_{task.sha[:16]}"
+    library = Library(
+        name=name,
+        function=function,
+        source=f"#!lua name={name}\n{body}\nredis.register_function('{function}', run)\n",
+    )
     return Scripts(
-        task=_script("task", "\n".join(parts)),
+        task=task,
         tenant={op: _script(op.value, _read(op.value)) for op in TenantOp},
+        library=library,
     )

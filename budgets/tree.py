@@ -30,8 +30,10 @@ class ReservationState(StrEnum):
     """Where a reservation is: ``held`` -> ``committed`` | ``released`` | ``expired``.
 
     An expired reservation may still be committed (late); the others are final.
+    ``waiting`` (for held money to settle) -> ``held``, or the record is deleted.
     """
 
+    WAITING = "waiting"
     HELD = "held"
     COMMITTED = "committed"
     RELEASED = "released"
@@ -118,6 +120,7 @@ class AccountView(BaseModel):
     late_commits: int
     open_reservations: int
     open_children: int
+    waiting_reservations: int = Field(default=0, description="reserves waiting for held money")
     reservations: list[ReservationView] = Field(default_factory=list)
     children: list[AccountView] = Field(default_factory=list)
 
@@ -288,6 +291,7 @@ def account_from_hash(
         late_commits=_int(fields, "nlate"),
         open_reservations=_int(fields, "nres"),
         open_children=_int(fields, "nkids"),
+        waiting_reservations=_int(fields, "nwait"),
         reservations=reservations,
     )
 

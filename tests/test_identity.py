@@ -88,6 +88,8 @@ def parse(key: str) -> tuple[Any, ...]:
     if fam == "k":
         if rest.startswith("acct:"):
             return ("task", owner, "account", rest.removeprefix("acct:"))
+        if rest.startswith("wait:"):
+            return ("task", owner, "wait_queue", rest.removeprefix("wait:"))
         return ("task", owner, rest)
     if fam == "t":
         if rest.startswith("p:"):
@@ -123,7 +125,16 @@ TASK_FIXED = {
 }
 TENANT_FIXED = {"config": "cfg", "events": "events"}
 STATS_FIXED = {"cells": "cells", "model": "model"}
-TASK_OTHER = {"account", "base", "account_prefix", "script_keys", "task_id"}
+TASK_OTHER = {
+    "account",
+    "base",
+    "account_prefix",
+    "script_keys",
+    "task_id",
+    "wait_queue",
+    "wait_prefix",
+    "script_argv",
+}
 TENANT_OTHER = {"period", "funding", "base", "period_prefix", "tenant"}
 STATS_OTHER = {"outcome_seen", "verdict_seen", "features_seen", "base", "scope"}
 GLOBALS = ["TENANTS", "OPEN_TASKS", "QUEUE", "DEAD_LETTER", "WORKERS"]
@@ -168,6 +179,7 @@ def test_no_valid_names_make_two_families_share_a_key(
     for attr, word in TASK_FIXED.items():
         expect(getattr(tk, attr), ("task", task, word))
     expect(tk.account(path), ("task", task, "account", path))
+    expect(tk.wait_queue(path), ("task", task, "wait_queue", path))
     for attr, word in TENANT_FIXED.items():
         expect(getattr(nk, attr), ("tenant", tenant, word))
     expect(nk.period(period), ("tenant", tenant, "period", period))
@@ -181,6 +193,8 @@ def test_no_valid_names_make_two_families_share_a_key(
     # The script keys and prefixes are what the builders above make.
     assert tk.script_keys() == [tk.meta, tk.reservations, tk.leases, tk.ops, tk.events, tk.accounts]
     assert tk.account(path) == tk.account_prefix + path
+    assert tk.wait_queue(path) == tk.wait_prefix + path
+    assert tk.script_argv() == [tk.account_prefix, tk.wait_prefix]
     assert nk.period(period) == nk.period_prefix + period
     # A task named after a tenant's or a scope's tag still stays in the task family.
     named = TaskKeys(f"t:{tenant}"[: K.MAX_TASK_ID])

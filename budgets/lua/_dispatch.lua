@@ -1,28 +1,58 @@
 -- Runs a batch of operations of one task, in order.
--- ARGV[2] how many operations; then for each:
---   name, number of accounts, account paths..., number of arguments, arguments...
+-- ARGV[3] how many operations; then one argument per operation, its fields
+--   joined by the unit separator (\31, budgets/_runner.py SEP):
+--   name, number of accounts, account paths..., arguments...
 -- returns one reply per operation, in order.
 -- errors (budgets/replies.py DispatchError):
 --   'bad_op' -> LedgerError        no operation of that name
 -- Leases that ran out are released once, before the batch, by the same clock.
-SWEPT = sweep(256)
-local out, i = {}, 3
-for n = 1, tonumber(ARGV[2]) do
-  local op = OPS[ARGV[i]]
-  local np = tonumber(ARGV[i + 1])
-  i = i + 2
-  local K = {}
-  for j = 1, np do
-    K[j] = ACCT_PREFIX .. ARGV[i]
-    i = i + 1
+-- run(keys, argv) is the whole call; budgets/scripts.py ends the text with
+-- "return run(KEYS, ARGV)" for EVALSHA, or registers run as a Redis Function.
+local function fields(s)
+  local out, pos, n = {}, 1, 0
+  while true do
+    local j = string.find(s, '\31', pos, true)
+    n = n + 1
+    if not j then
+      out[n] = string.sub(s, pos)
+      return out
+    end
+    out[n] = string.sub(s, pos, j - 1)
+    pos = j + 1
   end
-  local na = tonumber(ARGV[i])
-  i = i + 1
-  local A = {}
-  for j = 1, na do
-    A[j] = ARGV[i]
-    i = i + 1
-  end
-  if op then out[n] = op(A, K) else out[n] = {'err', 'bad_op'} end
 end
-return out
+
+-- The operations that work on the batch's copies of accounts; any other one
+-- finds Redis up to date (flush_cache) and reads and writes it directly.
+local HOT = {reserve = true, commit = true, release = true, withdraw = true, reap = true}
+
+local function run(keys, argv)
+  begin(keys, argv)
+  SWEPT = sweep(256)
+  local out = {}
+  for n = 1, tonumber(argv[3]) do
+    local f = fields(argv[3 + n])
+    local op = OPS[f[1]]
+    local np = tonumber(f[2])
+    local K, A = {}, {}
+    for j = 1, np do K[j] = ACCT_PREFIX .. f[2 + j] end
+    for j = 3 + np, #f do A[#A + 1] = f[j] end
+    if op then
+      if not HOT[f[1]] then flush_cache() end
+      local ok, reply = pcall(op, A, K)
+      if not ok then
+        -- A script error stops the batch; what the operations before it wrote stays,
+        -- and so do their events.
+        flush_cache()
+        flush_events()
+        error(reply)
+      end
+      out[n] = reply
+    else
+      out[n] = {'err', 'bad_op'}
+    end
+  end
+  flush_cache()
+  flush_events()
+  return out
+end

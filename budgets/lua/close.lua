@@ -21,7 +21,8 @@ OPS['close'] = function(A, K)
   if a.nkids > 0 or (a.nres > 0 and A[2] ~= '1') then
     return {'err', 'busy', path, a.nkids, a.nres}
   end
-  if a.nres > 0 then
+  if a.nres > 0 or a.nwait > 0 then
+    a.path = path
     local ids = redis.call('ZRANGE', K_LEASES, 0, -1)
     local recs = redis.call('HMGET', K_RES, unpack(ids))
     local gone = {}
@@ -29,13 +30,16 @@ OPS['close'] = function(A, K)
       if recs[i] then
         local r = unpack_res(recs[i])
         if r.path == path and r.state == 'held' then
-          expire_res(id, r, {'tags', r.tags, 'reason', 'closed'})
+          expire_res(a, id, r, {'tags', r.tags, 'reason', 'closed'})
           gone[#gone + 1] = id
+        elseif r.path == path and r.state == 'waiting' then
+          unwait(a, id, r, 'closed')
         end
       end
     end
     if #gone > 0 then redis.call('ZREM', K_LEASES, unpack(gone)) end
-    a = load(K[1])
+    redis.call('DEL', WAIT_PREFIX .. path)
+    save_holds(a)
   end
   local spent = {t = a.st + a.ct, n = a.sn + a.cn}
   local back = {t = -1, n = -1}

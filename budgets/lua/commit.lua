@@ -14,7 +14,7 @@
 --   four are '', '', -1, -1 unless the commit is late and the task's root is closed:
 --   its tenant was settled already, and the caller reports the root's spend to it.
 -- errors (budgets/replies.py CommitError):
---   'unknown' -> UnknownReservation      the id was never reserved
+--   'unknown' -> UnknownReservation      the id was never reserved (or is still waiting)
 --   'released' -> ReservationSettled     it was released
 --   'conflict' -> OperationConflict      committed already, with other usage
 local function keep(A)
@@ -24,6 +24,7 @@ end
 local function committed(r)
   local tenant, inc, tt, tn = '', '', -1, -1
   if r.late then
+    flush_cache()  -- the root's spend is read from Redis
     local m = redis.call('HMGET', K_META, 'status', 'tenant', 'inc')
     if m[1] == 'closed' and m[2] ~= '' then
       local root = redis.call('HMGET', ACCT_PREFIX .. ROOT, 'st', 'sn', 'ct', 'cn')
@@ -49,6 +50,8 @@ OPS['commit'] = function(A, K)
     return committed(r)
   end
   if r.state == 'released' then return {'err', 'released'} end
+  -- Still waiting for its hold: there is nothing to commit yet.
+  if r.state == 'waiting' then return {'err', 'unknown'} end
   local late = r.state == 'expired'
   local path = r.path
   local key = ACCT_PREFIX .. path
@@ -59,9 +62,9 @@ OPS['commit'] = function(A, K)
     used.t, used.n = tonumber(A[2]), tonumber(A[3])
     r.uts, r.uns = A[2], A[3]
   end
-  local a = load(key)
+  local a = acct(path)
   if not late then
-    a.rt, a.rn, a.nres = a.rt - r.t, a.rn - r.n, a.nres - 1
+    unhold(a, r)
     redis.call('ZREM', K_LEASES, rid)
   end
   local over = {t = 0, n = 0}
@@ -71,6 +74,8 @@ OPS['commit'] = function(A, K)
     for _, u in ipairs(UNITS) do
       if limited(a, u) then over[u] = used[u] end
     end
+    -- Ancestors are written directly: the batch's copies go to Redis first.
+    flush_cache()
     local p = a.parent
     while p ~= '' do
       local pk = ACCT_PREFIX .. p
@@ -87,7 +92,7 @@ OPS['commit'] = function(A, K)
       over[u] = math.max(0, -after) - math.max(0, -before)
     end
   end
-  redis.call('HSET', key, 'rt', a.rt, 'rn', a.rn, 'nres', a.nres, 'st', a.st + used.t, 'sn', a.sn + used.n)
+  a.st, a.sn = a.st + used.t, a.sn + used.n
   r.state, r.late, r.est = 'committed', late, estimated
   r.ots = over.t == 0 and '0' or int(over.t)
   r.ons = over.n == 0 and '0' or int(over.n)
@@ -110,5 +115,7 @@ OPS['commit'] = function(A, K)
     redis.call('HINCRBY', key, 'on', over.n)
     event('overrun', path, over.t, over.n, rid, {'tags', tags})
   end
+  -- Money came back: waiters are served in the same step (and the counters saved).
+  serve(a)
   return committed(r)
 end

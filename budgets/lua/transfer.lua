@@ -74,5 +74,10 @@ OPS['transfer'] = function(A, K)
   end
   event('transfer', spath, A[4], A[5], A[7], {'to', dpath, 'dir', dir})
   s, d = load(K[1]), load(K[2])
+  if d.nwait > 0 then
+    -- Money came in: the destination's waiters are served in the same step.
+    d.path = dpath
+    serve(d)
+  end
   return remember(A[1], fp, {'ok', shown(s, 't'), shown(s, 'n'), shown(d, 't'), shown(d, 'n')})
 end

@@ -1,0 +1,121 @@
+"""What batching changes on the wire and in the audit stream, and what it must not.
+
+Operations in flight together travel as one script call, each packed in one
+argument; their events share one stream entry, and ``Ledger.events`` gives them
+back one by one, in order, resumable from any of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from budgets import Amount, Budget, Ledger
+from budgets.errors import InvalidAmount
+from budgets.keys import TaskKeys
+
+T = "batch"
+
+
+async def test_one_calls_events_share_an_entry_and_come_back_one_by_one(ledger: Ledger) -> None:
+    await ledger.open_task(T, Budget(tokens=10_000, usd="1"))
+    holds = await asyncio.gather(
+        *(ledger.reserve(T, "root", tokens=10, nanos=10, reservation_id=f"r{i}") for i in range(20))
+    )
+    await asyncio.gather(*(ledger.commit(T, h.id, used=Amount(tokens=5, nanos=5)) for h in holds))
+    entries = await ledger.redis.xlen(TaskKeys(T).events)
+    events = await ledger.events(T)
+    assert [e.op for e in events] == ["open"] + ["reserve"] * 20 + ["commit"] * 20
+    assert [e.op_id for e in events[1:21]] == [f"r{i}" for i in range(20)]
+    assert all(e.tokens == 5 and e.tags == {} for e in events[21:])
+    assert entries < len(events), "the batches' events were packed"
+    assert len({e.id for e in events}) == len(events)
+    # Resuming after any event, packed or not, gives exactly the rest.
+    for cut in (0, 1, 5, 20, 21, 39):
+        rest = await ledger.events(T, after=events[cut].id)
+        assert [e.id for e in rest] == [e.id for e in events[cut + 1 :]]
+        assert [e.id for e in await ledger.events(T, after=events[cut].id, count=3)] == [
+            e.id for e in events[cut + 1 : cut + 4]
+        ]
+    assert all(e.ts_ms > 0 for e in events)
+
+
+async def test_a_separator_in_kept_text_is_refused_and_changes_nothing(ledger: Ledger) -> None:
+    await ledger.open_task(T, Budget(tokens=100, usd="1"))
+    hold = await ledger.reserve(T, "root", tokens=10, nanos=10)
+    before = (await ledger.account(T, "root"), len(await ledger.events(T)))
+    for bad in ("a\x1fb", "a\x1eb"):
+        with pytest.raises(InvalidAmount) as err:
+            await ledger.commit(T, hold.id, used=Amount(tokens=1, nanos=1), keep=("w.1", bad))
+        assert err.value.field == "keep"
+    assert (await ledger.account(T, "root"), len(await ledger.events(T))) == before
+    assert await ledger.kept(T, "w.1") is None
+
+
+async def test_free_text_with_a_separator_is_kept_readable(ledger: Ledger) -> None:
+    await ledger.open_task(T, Budget(tokens=100, usd="1"))
+    hold = await ledger.reserve(T, "root", tokens=10, nanos=10)
+    await ledger.release(T, hold.id, reason="cut\x1foff\x1ehere")
+    released = [e for e in await ledger.events(T) if e.op == "release"]
+    assert released[0].extra["reason"] == "cut off here"
+
+
+async def test_a_batch_mixing_every_kind_of_operation_keeps_the_books(ledger: Ledger) -> None:
+    # One batch: hot operations on copies of the accounts, other operations on Redis
+    # itself; each must see what the ones before it did.
+    await ledger.open_task(T, Budget.from_nanos(tokens=1_000, nanos=10_000))
+    await ledger.open_account(T, "root/a", Budget.from_nanos(tokens=100, nanos=1_000))
+    first = await ledger.reserve(T, "root/a", tokens=60, nanos=600)
+    outcome = await asyncio.gather(
+        ledger.commit(T, first.id, used=Amount(tokens=10, nanos=100)),
+        ledger.reserve(T, "root/a", tokens=80, nanos=800, reservation_id="second"),
+        ledger.transfer(T, src="root", dst="root/a", amount=Amount(tokens=50, nanos=500)),
+        ledger.reserve(T, "root/a", tokens=55, nanos=550, reservation_id="third"),
+        ledger.release(T, "second"),
+        ledger.open_account(T, "root/b", Budget.from_nanos(tokens=10, nanos=100)),
+        return_exceptions=True,
+    )
+    assert not [o for o in outcome if isinstance(o, BaseException)], outcome
+    a = await ledger.account(T, "root/a")
+    # 150 limit after the transfer; 10 spent; "third" holds 55.
+    assert (a.limit_tokens, a.spent_tokens, a.reserved_tokens, a.open_reservations) == (
+        150,
+        10,
+        55,
+        1,
+    )
+    root = await ledger.account(T, "root")
+    assert (root.carved_tokens, root.carved_nanos) == (160, 1_600)
+    entries = await ledger.redis.xlen(TaskKeys(T).events)
+    assert [e.op for e in (await ledger.events(T))[3:]] == [
+        "commit",
+        "reserve",
+        "transfer",
+        "reserve",
+        "release",
+        "open",
+    ]
+    assert entries < 3 + 6
+
+
+@pytest.mark.parametrize("functions", [True, False])
+async def test_a_flushed_server_gets_the_scripts_again(redis_url: str, functions: bool) -> None:
+    # With functions the task script is FCALLed, else EVALSHAed; either way a flushed
+    # server is loaded again and the operation goes through.
+    ledger = Ledger.from_url(redis_url)
+    if not functions:
+        ledger = Ledger(ledger.redis, url=redis_url, functions=False)
+    try:
+        await ledger.open_task(T, Budget(tokens=100, usd="1"))
+        await ledger.redis.function_flush()
+        await ledger.redis.script_flush()
+        await ledger.redis.config_resetstat()
+        hold = await ledger.reserve(T, "root", tokens=10, nanos=10)
+        await ledger.commit(T, hold.id, used=Amount(tokens=4, nanos=4))
+        stats = await ledger.redis.info("commandstats")
+        assert ("cmdstat_fcall" in stats) is functions
+        assert ("cmdstat_evalsha" in stats) is not functions
+        assert (await ledger.account(T, "root")).spent_tokens == 4
+    finally:
+        await ledger.aclose()
