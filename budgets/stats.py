@@ -25,6 +25,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from budgets.coalesce import Coalescer
 from budgets.errors import InvalidObservation, UnknownOutcome
 from budgets.keys import SHARED_SCOPE, StatsKeys, check_name, check_scope, clean_tag
 from budgets.learner import (
@@ -354,6 +355,19 @@ class StatsBook:
         self.l2 = l2
         self._record = redis.register_script(_read_lua("stats_record"))
         self._verdict = redis.register_script(_read_lua("stats_verdict"))
+        # Outcomes counted while a count is in flight go together, in one pipeline.
+        self._counts: Coalescer[tuple[list[str], list[str | int]], Any] = Coalescer(
+            self._count_batch
+        )
+
+    async def _count_batch(self, items: list[tuple[list[str], list[str | int]]]) -> list[Any]:
+        if len(items) == 1:
+            ((keys, args),) = items
+            return [await self._record(keys=keys, args=args)]
+        pipe = self.redis.pipeline(transaction=False)
+        for keys, args in items:
+            await self._record(keys=keys, args=args, client=pipe)
+        return list(await pipe.execute(raise_on_error=False))
 
     async def read(self, scope: str) -> Stats:
         """Every cell of ``scope`` and its learner's weights (two reads of one slot)."""
@@ -391,7 +405,7 @@ class StatsBook:
             keys.verdict_seen(outcome_id),
             keys.features_seen(outcome_id),
         ]
-        counted = await self._record(keys=where, args=args)
+        counted = await self._counts((where, args))
         if isinstance(counted, list):  # {-1, index}: Python's checks should have caught it
             index = int(counted[1])
             raise InvalidObservation(f"script argument {index}", args[index - 1], "was refused")

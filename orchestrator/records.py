@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from redis.asyncio import Redis
 
 from budgets import Budget
+from budgets.coalesce import Coalescer
 from budgets.keys import TaskKeys, new_incarnation
 
 
@@ -141,9 +142,7 @@ class Records:
         self._mark_running = redis.register_script(_MARK_RUNNING)
         self._cancel_queued = redis.register_script(_CANCEL_QUEUED)
         # Results saved while a write is in flight go together, one HSET per task.
-        self._unsaved: dict[str, dict[str, str]] = {}
-        self._saved: dict[str, asyncio.Future[None]] = {}
-        self._saver: asyncio.Task[None] | None = None
+        self._save: Coalescer[tuple[str, str, str], None] = Coalescer(self._save_batch)
 
     async def create(
         self, task_id: str, *, task: str, budget: Budget, tenant: str | None
@@ -280,30 +279,19 @@ class Records:
         together) are written with one ``HSET``; each call returns once its own
         result is written, or raises what the write raised.
         """
-        self._unsaved.setdefault(task_id, {})[subtask_id] = json.dumps(result)
-        done = self._saved.get(task_id)
-        if done is None:
-            done = self._saved[task_id] = asyncio.get_running_loop().create_future()
-        if self._saver is None or self._saver.done():
-            self._saver = asyncio.create_task(self._save_pending())
-        await asyncio.shield(done)
+        await self._save((task_id, subtask_id, json.dumps(result)))
 
-    async def _save_pending(self) -> None:
-        while self._unsaved:
-            batch, self._unsaved = self._unsaved, {}
-            waiting = {t: self._saved.pop(t) for t in batch}
-            writes = [
-                self.redis.hset(TaskKeys(t).results, mapping=cast(Any, fields))
-                for t, fields in batch.items()
-            ]
-            try:
-                outcomes = await asyncio.gather(*writes, return_exceptions=True)
-            except BaseException as e:  # cancelled: every waiter hears of it
-                outcomes = [e] * len(batch)
-                raise
-            finally:
-                for task_id, outcome in zip(batch, outcomes, strict=True):
-                    _settle(waiting[task_id], outcome)
+    async def _save_batch(self, items: list[tuple[str, str, str]]) -> list[BaseException | None]:
+        by_task: dict[str, dict[str, str]] = {}
+        for task_id, field, value in items:
+            by_task.setdefault(task_id, {})[field] = value
+        writes = [
+            self.redis.hset(TaskKeys(t).results, mapping=cast(Any, fields))
+            for t, fields in by_task.items()
+        ]
+        replies = await asyncio.gather(*writes, return_exceptions=True)
+        outcomes = dict(zip(by_task, replies, strict=True))
+        return [e if isinstance(e := outcomes[t], BaseException) else None for t, _, _ in items]
 
     async def load_results(self, task_id: str) -> dict[str, dict[str, Any]]:
         """Every result already paid for, by subtask id."""
@@ -312,13 +300,3 @@ class Records:
             await self.redis.hgetall(TaskKeys(task_id).results),
         )
         return {sid: json.loads(value) for sid, value in raw.items()}
-
-
-def _settle(fut: asyncio.Future[None], outcome: object) -> None:
-    if fut.done():
-        return
-    if isinstance(outcome, BaseException):
-        fut.set_exception(outcome)
-        fut.add_done_callback(lambda f: f.exception())  # retrieved even if nobody waits
-    else:
-        fut.set_result(None)
