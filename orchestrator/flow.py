@@ -41,7 +41,7 @@ from agents.plan import Plan, Subtask, single_subtask_plan
 from agents.verifier import reply_signals
 from agents.worker import WorkerAgent, WorkerResult
 from budgets import Amount, Budget, BudgetExceeded, Ledger, nanos_to_usd
-from budgets.errors import AccountClosed
+from budgets.errors import AccountBusy, AccountClosed, UnknownAccount
 from budgets.keys import (
     ROOT,
     SHARED_SCOPE,
@@ -253,6 +253,11 @@ class TaskRun:
     saved: Mapping[str, SubtaskResult] = field(default_factory=dict)
 
 
+def manager_account(level_path: str, delivery: int) -> str:
+    """The manager's account of the level whose pool is ``level_path``, for one delivery."""
+    return child_path(level_path, f"manager.{delivery}.1")
+
+
 @dataclass(frozen=True, slots=True)
 class Level:
     """One manager's plan and the work under it."""
@@ -268,7 +273,7 @@ class Level:
 
     def manager_account(self, delivery: int) -> str:
         """The level's manager account (planning, reviews, synthesis) for one delivery."""
-        return child_path(self.path, f"manager.{delivery}.1")
+        return manager_account(self.path, delivery)
 
     def account(self, subtask_id: str, delivery: int, attempt: int) -> str:
         """The account one try of a subtask of this level is paid from."""
@@ -787,6 +792,15 @@ class Flow:
         """Close a subtask's account; a composite's open descendants first, deepest first."""
         ledger = self.deps.ledger
         if nested:
+            # A finished sub-level leaves only its manager's account open: close it, then
+            # the composite. Anything else still open (a sub-level cut off part way) is
+            # found in a snapshot.
+            manager = manager_account(account, run.delivery)
+            try:
+                await ledger.close_account(run.task_id, manager, force=True)
+                return await ledger.close_account(run.task_id, account, force=True)
+            except (AccountBusy, UnknownAccount):
+                pass
             tree = await ledger.snapshot(run.task_id)
             inside = [
                 a.path for a in tree.walk() if a.path.startswith(f"{account}/") and not a.closed
