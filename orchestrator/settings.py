@@ -39,6 +39,11 @@ class Settings(BaseModel):
         description="PAYMASTER_STATS_SCOPE: 'tenant' keeps each tenant's statistics apart",
     )
 
+    otel: bool = Field(
+        default=False,
+        description="OpenTelemetry on: OTEL_EXPORTER_OTLP_ENDPOINT (or _TRACES_ENDPOINT) is set",
+    )
+
     @field_validator("policy")
     @classmethod
     def _known_policy(cls, value: str) -> str:
@@ -68,6 +73,10 @@ class Settings(BaseModel):
             "PAYMASTER_STATS_SCOPE": "stats_scope",
             "PAYMASTER_REVIEW": "review",
         }
+        otlp = env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get(
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+        )
+        values["otel"] = bool(otlp) and env.get("OTEL_SDK_DISABLED", "").lower() != "true"
         for var, field in (numeric | named).items():
             if env.get(var):
                 values[field] = env[var]
