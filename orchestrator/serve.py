@@ -1,0 +1,429 @@
+"""``paymaster serve``: a read-only web page per task, its ledger live from the event stream.
+
+Routes (every one ``GET``; there is no write action):
+
+- ``/`` — recent tasks, grouped by tenant;
+- ``/tasks/{id}`` — the task's status and answer, its account tree with limit,
+  reserved and spent bars, and its event stream appended live;
+- ``/api/tasks/{id}/ledger`` — what ``paymaster ledger ID --json`` prints;
+- ``/api/tasks/{id}/events`` — what ``paymaster events ID --json`` prints, as one list;
+- ``/api/tasks/{id}/stream`` — server-sent events: each ledger event as it is
+  written, the tree and the status after each batch, ``end`` once the task is final.
+
+Bound to 127.0.0.1 by default. A token (``--token``, or ``PAYMASTER_SERVE_TOKEN``)
+is then optional, and required to listen anywhere else; with one, every request
+carries it (``?token=`` or ``Authorization: Bearer``). Task text (the prompt) is
+shown only with ``--show-prompts``; answers and notes pass through the same
+credential redaction as the logs, and every value reaches the page as text
+(escaped on the server, ``textContent`` in the browser), never as markup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import html
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from agents.redact import redact
+from budgets import Ledger, LedgerEvent
+from budgets.errors import InvalidName, UnknownTask
+from budgets.keys import TaskKeys, check_task_id
+from orchestrator.records import Records, TaskRecord
+
+#: How many tasks the index lists per tenant, and how many task records it looks at.
+INDEX_PER_TENANT = 50
+INDEX_SCAN_MAX = 5_000
+#: How often the stream looks for new events while the task runs.
+POLL_S = 0.25
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass(frozen=True, slots=True)
+class ServeSettings:
+    """What the page server needs: where the ledger is, who may look, what it shows."""
+
+    redis_url: str
+    token: str | None = None
+    show_prompts: bool = False
+    poll_s: float = POLL_S
+
+
+def needs_token(host: str) -> bool:
+    """Anything but loopback must be protected by a token."""
+    return host not in LOOPBACK
+
+
+_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+    "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+_HEADERS = {
+    "Content-Security-Policy": _CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+def _page(
+    title: str, body: str, *, status: int = 200, data: dict[str, str] | None = None
+) -> HTMLResponse:
+    attrs = "".join(f' data-{k}="{html.escape(v, quote=True)}"' for k, v in (data or {}).items())
+    doc = (
+        "<!doctype html><html lang=en><head><meta charset=utf-8>"
+        f"<title>{html.escape(title)}</title>"
+        '<link rel=stylesheet href="/static/page.css"></head>'
+        f"<body{attrs}>{body}"
+        '<script src="/static/page.js"></script></body></html>'
+    )
+    return HTMLResponse(doc, status_code=status, headers=_HEADERS)
+
+
+def _error_page(status: int, message: str) -> HTMLResponse:
+    return _page(
+        f"{status} — Paymaster",
+        f"<main><h1>{status}</h1><p id=error>{html.escape(message)}</p>"
+        '<p><a href="/">all tasks</a></p></main>',
+        status=status,
+    )
+
+
+def _json_error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=_HEADERS)
+
+
+def _event_json(ev: LedgerEvent) -> dict[str, Any]:
+    data = ev.model_dump()
+    data["extra"] = {k: redact(v) for k, v in ev.extra.items()}
+    return data
+
+
+class PageApp:
+    """The Starlette app and the Redis reads behind it."""
+
+    def __init__(self, settings: ServeSettings) -> None:
+        self.settings = settings
+        self._ledger: Ledger | None = None
+        self.app = Starlette(
+            routes=[
+                Route("/", self.index),
+                Route("/tasks/{task_id:path}", self.task_page),
+                Route("/api/tasks/{task_id}/ledger", self.api_ledger),
+                Route("/api/tasks/{task_id}/events", self.api_events),
+                Route("/api/tasks/{task_id}/stream", self.api_stream),
+                Route("/static/page.js", self.script),
+                Route("/static/page.css", self.style),
+            ],
+            lifespan=self._lifespan,
+        )
+        self.app.add_middleware(_TokenGate, token=settings.token)
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        self._ledger = Ledger.from_url(self.settings.redis_url)
+        try:
+            yield
+        finally:
+            await self._ledger.aclose()
+
+    @property
+    def ledger(self) -> Ledger:
+        assert self._ledger is not None, "the app's lifespan opens the ledger"
+        return self._ledger
+
+    async def _record(self, raw_id: str) -> TaskRecord | str:
+        """The task's record, or why there is none (a message for a 404)."""
+        try:
+            task_id = check_task_id(raw_id)
+        except InvalidName:
+            return f"no task {raw_id!r}: not a valid task id"
+        record = await Records(self.ledger.redis).get(task_id)
+        return record if record is not None else f"no task {task_id!r}"
+
+    # -- pages ---------------------------------------------------------------------------
+
+    async def index(self, request: Request) -> Response:
+        """Recent tasks per tenant, newest first (the task records Redis still holds)."""
+        rows = await self._recent()
+        by_tenant: dict[str, list[dict[str, str]]] = {}
+        for row in rows:
+            by_tenant.setdefault(row["tenant"], []).append(row)
+        parts = ["<main><h1>Paymaster — recent tasks</h1>"]
+        if not rows:
+            parts.append("<p>No tasks yet.</p>")
+        token = self._token_query(request)
+        for tenant in sorted(by_tenant):
+            name = tenant or "(no tenant)"
+            parts.append(f"<h2>{html.escape(name)}</h2><table class=tasks><tr>")
+            parts.append("<th>task</th><th>status</th><th>created</th><th>spent</th>")
+            if self.settings.show_prompts:
+                parts.append("<th>task text</th>")
+            parts.append("</tr>")
+            for row in by_tenant[tenant][:INDEX_PER_TENANT]:
+                tid = html.escape(row["id"])
+                link = f'<a href="/tasks/{tid}{token}">{tid}</a>'
+                cells = [link, html.escape(row["status"]), row["created"], row["spent"]]
+                if self.settings.show_prompts:
+                    cells.append(html.escape(row["task"][:200]))
+                parts.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+            parts.append("</table>")
+        parts.append("</main>")
+        return _page("Paymaster", "".join(parts))
+
+    async def _recent(self) -> list[dict[str, str]]:
+        redis = self.ledger.redis
+        keys: list[str] = []
+        async for key in redis.scan_iter(match="pm:{k:*}:task", count=500):
+            keys.append(str(key))
+            if len(keys) >= INDEX_SCAN_MAX:
+                break
+        pipe = redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.hmget(key, "status", "tenant", "created_s", "spent", "task")
+        rows = []
+        for key, values in zip(keys, await pipe.execute(), strict=True):
+            status, tenant, created, spent, task = cast("list[str | None]", values)
+            if status is None or created is None:
+                continue
+            tokens = json.loads(spent)["tokens"] if spent else None
+            rows.append(
+                {
+                    "id": key[len("pm:{k:") : -len("}:task")],
+                    "status": status,
+                    "tenant": tenant or "",
+                    "created_s": created,
+                    "created": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(float(created))),
+                    "spent": "-" if tokens is None else f"{tokens:,} tokens",
+                    "task": task or "",
+                }
+            )
+        rows.sort(key=lambda r: -float(r["created_s"]))
+        return rows
+
+    async def task_page(self, request: Request) -> Response:
+        """One task: status, answer, the account tree, the event stream (filled live)."""
+        found = await self._record(request.path_params["task_id"])
+        if isinstance(found, str):
+            return _error_page(404, found)
+        tid = html.escape(found.id)
+        prompt = ""
+        if self.settings.show_prompts:
+            prompt = f"<h2>Task</h2><pre id=prompt>{html.escape(found.task)}</pre>"
+        body = (
+            f'<main><p><a href="/{self._token_query(request)}">all tasks</a></p>'
+            f"<h1>Task <code>{tid}</code></h1>"
+            f"<p>status: <strong id=status>{html.escape(found.status.value)}</strong>"
+            f" <span id=spent></span></p>{prompt}"
+            "<h2>Answer</h2><pre id=answer></pre>"
+            "<h2>Accounts</h2><div id=tree></div>"
+            "<h2>Events</h2><ol id=events></ol></main>"
+        )
+        data = {"task": found.id, "token": self.settings.token or ""}
+        return _page(f"Task {found.id} — Paymaster", body, data=data)
+
+    def _token_query(self, request: Request) -> str:
+        return f"?token={html.escape(self.settings.token)}" if self.settings.token else ""
+
+    # -- JSON ----------------------------------------------------------------------------
+
+    async def api_ledger(self, request: Request) -> Response:
+        """What ``paymaster ledger ID --json`` prints."""
+        found = await self._record(request.path_params["task_id"])
+        if isinstance(found, str):
+            return _json_error(404, found)
+        try:
+            tree = await self.ledger.snapshot(found.id)
+        except UnknownTask:
+            return _json_error(404, f"task {found.id!r} has no ledger (expired or never opened)")
+        return Response(tree.model_dump_json(), media_type="application/json", headers=_HEADERS)
+
+    async def api_events(self, request: Request) -> Response:
+        """What ``paymaster events ID --json`` prints, one list."""
+        found = await self._record(request.path_params["task_id"])
+        if isinstance(found, str):
+            return _json_error(404, found)
+        events = await self.ledger.events(found.id)
+        return JSONResponse([_event_json(e) for e in events], headers=_HEADERS)
+
+    async def api_stream(self, request: Request) -> Response:
+        """Server-sent events: ``ledger`` per event, ``tree`` and ``task`` per batch, ``end``."""
+        found = await self._record(request.path_params["task_id"])
+        if isinstance(found, str):
+            return _json_error(404, found)
+        headers = {**_HEADERS, "X-Accel-Buffering": "no"}
+        return StreamingResponse(
+            self._stream(found.id, request.is_disconnected),
+            media_type="text/event-stream",
+            headers=headers,
+        )
+
+    async def _stream(
+        self, task_id: str, disconnected: Callable[[], Awaitable[bool]]
+    ) -> AsyncIterator[str]:
+        records = Records(self.ledger.redis)
+        after, first = "-", True
+        while True:
+            events = await self.ledger.events(task_id, after=after)
+            record = await records.get(task_id)
+            for ev in events:
+                after = ev.id
+                yield _sse("ledger", _event_json(ev))
+            if events or first:
+                first = False
+                if await self.ledger.redis.exists(TaskKeys(task_id).accounts):
+                    tree = await self.ledger.snapshot(task_id)
+                    yield f"event: tree\ndata: {tree.model_dump_json()}\n\n"
+            if record is not None:
+                yield _sse("task", self._task_json(record))
+            if record is None or record.status.final:
+                yield _sse("end", {})
+                return
+            if await disconnected():
+                return
+            await asyncio.sleep(self.settings.poll_s)
+
+    def _task_json(self, record: TaskRecord) -> dict[str, Any]:
+        return {
+            "id": record.id,
+            "status": record.status.value,
+            "final": record.status.final,
+            "answer": redact(record.answer) if record.answer else None,
+            "error": redact(record.error) if record.error else None,
+            "spent": record.spent.model_dump() if record.spent else None,
+        }
+
+    # -- static --------------------------------------------------------------------------
+
+    async def script(self, request: Request) -> Response:
+        """The page's script: renders the stream with ``textContent`` only."""
+        return Response(_SCRIPT, media_type="text/javascript", headers=_HEADERS)
+
+    async def style(self, request: Request) -> Response:
+        """The page's style sheet."""
+        return Response(_STYLE, media_type="text/css", headers=_HEADERS)
+
+
+def _sse(event: str, data: Any) -> str:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+class _TokenGate:
+    """With a token configured, every request must carry it (query or bearer header)."""
+
+    def __init__(self, app: Any, *, token: str | None) -> None:
+        self.app = app
+        self.token = token
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or self.token is None:
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        given = request.query_params.get("token") or ""
+        auth = request.headers.get("authorization", "")
+        if auth.lower().startswith("bearer "):
+            given = auth[7:].strip()
+        if hmac.compare_digest(given.encode(), self.token.encode()):
+            await self.app(scope, receive, send)
+            return
+        if scope["path"].startswith("/api/"):
+            response: Response = _json_error(401, "a token is required: ?token= or Bearer")
+        else:
+            response = _error_page(401, "a token is required: add ?token=… to the address")
+        await response(scope, receive, send)
+
+
+def build_app(settings: ServeSettings) -> Starlette:
+    """The page server's ASGI app."""
+    return PageApp(settings).app
+
+
+_STYLE = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 2em; color: #222; }
+code, pre { font-family: ui-monospace, monospace; }
+pre { background: #f6f6f6; padding: .6em; white-space: pre-wrap; }
+table.tasks td, table.tasks th { padding: .2em .8em; text-align: left; }
+.acct { display: grid; grid-template-columns: 22em 16em 1fr; gap: .6em; align-items: center;
+        margin: .15em 0; }
+.acct .name { font-family: ui-monospace, monospace; overflow: hidden; text-overflow: ellipsis; }
+.bar { position: relative; height: 12px; background: #eee; border-radius: 3px; overflow: hidden; }
+.bar .spent { position: absolute; left: 0; top: 0; bottom: 0; background: #3a7bd5; }
+.bar .reserved { position: absolute; top: 0; bottom: 0; background: #f0b429; }
+.closed .name { color: #888; }
+#events { font-family: ui-monospace, monospace; font-size: 12px; max-height: 30em;
+          overflow: auto; }
+#status.final { color: #0a7d32; }
+"""
+
+_SCRIPT = r"""
+(function () {
+  "use strict";
+  var body = document.body, task = body.dataset.task, token = body.dataset.token;
+  if (!task) { return; }
+  var q = token ? "?token=" + encodeURIComponent(token) : "";
+  function el(tag, cls, text) {
+    var e = document.createElement(tag);
+    if (cls) { e.className = cls; }
+    if (text !== undefined) { e.textContent = text; }
+    return e;
+  }
+  function num(n) { return n === null || n === undefined ? "\u221e" : n.toLocaleString("en"); }
+  function render(acct, depth, into) {
+    var total = acct.total_spent_tokens, held = acct.total_reserved_tokens;
+    var row = el("div", "acct" + (acct.closed ? " closed" : ""));
+    row.dataset.account = acct.path;
+    var name = el("span", "name", "\u00a0".repeat(depth * 2) + acct.path.split("/").pop());
+    name.title = acct.path;
+    row.appendChild(name);
+    row.appendChild(el("span", "nums",
+      num(total) + " spent, " + num(held) + " held / " + num(acct.limit_tokens) + " tok"));
+    var bar = el("div", "bar"), limit = acct.limit_tokens || Math.max(total + held, 1);
+    var spent = el("div", "spent"), reserved = el("div", "reserved");
+    var sp = Math.min(100, 100 * total / limit), rp = Math.min(100 - sp, 100 * held / limit);
+    spent.style.width = sp + "%";
+    reserved.style.left = sp + "%";
+    reserved.style.width = rp + "%";
+    bar.dataset.spent = String(total);
+    bar.dataset.reserved = String(held);
+    bar.appendChild(spent); bar.appendChild(reserved); row.appendChild(bar);
+    into.appendChild(row);
+    acct.children.forEach(function (c) { render(c, depth + 1, into); });
+  }
+  var stream = new EventSource("/api/tasks/" + encodeURIComponent(task) + "/stream" + q);
+  stream.addEventListener("ledger", function (m) {
+    var ev = JSON.parse(m.data), tags = ev.tags || {}, extra = ev.extra || {};
+    var when = new Date(parseInt(ev.id.split("-")[0], 10)).toISOString().slice(11, 23);
+    var line = when + "  " + ev.op + "  " + ev.account + "  " + num(ev.tokens) + " tok";
+    if (tags.model) { line += "  " + tags.model; }
+    if (extra.text) { line += "  " + extra.text; }
+    document.getElementById("events").appendChild(el("li", "", line));
+  });
+  stream.addEventListener("tree", function (m) {
+    var tree = JSON.parse(m.data), box = document.getElementById("tree");
+    box.replaceChildren();
+    render(tree.root, 0, box);
+  });
+  stream.addEventListener("task", function (m) {
+    var t = JSON.parse(m.data), status = document.getElementById("status");
+    status.textContent = t.status;
+    status.className = t.final ? "final" : "";
+    document.getElementById("answer").textContent = t.answer || t.error || "";
+    if (t.spent) {
+      document.getElementById("spent").textContent =
+        "\u2014 spent " + num(t.spent.tokens) + " tokens, $" + t.spent.usd;
+    }
+  });
+  stream.addEventListener("end", function () { stream.close(); });
+})();
+"""
