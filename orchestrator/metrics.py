@@ -122,7 +122,8 @@ class PrometheusTelemetry:
         )
         self.takeovers = Counter(
             "paymaster_queue_takeovers",
-            "Deliveries this process took over from a worker gone silent",
+            "Deliveries this process claimed after they sat unacknowledged past the visibility "
+            "timeout (their worker died, or a failed delivery is being retried)",
             registry=r,
         )
         self.dead_letters = Counter(

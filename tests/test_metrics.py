@@ -220,3 +220,41 @@ async def test_the_dashboard_and_the_docs_name_only_metrics_a_worker_exports(
     public = {n for n in exported if not n.endswith(("_bucket", "_sum", "_count"))}
     assert public <= documented, public - documented
     assert documented - {"paymaster_model_call_duration_seconds"} <= public
+
+
+async def test_takeovers_dead_letters_and_failed_calls_are_counted(
+    pm: Paymaster, stub: ScriptedModelServer, workers: Callable[..., WorkerProc]
+) -> None:
+    first_b = asyncio.Event()
+
+    def worker(sid: str, req: RecordedRequest) -> Reply:
+        if sid == "b" and not first_b.is_set():
+            first_b.set()
+            return Reply(text=worker_text(sid), delay_s=30)  # worker A dies waiting for it
+        return Reply(text=worker_text(sid))
+
+    stub.responder = responder([sub("a"), sub("b")], worker)
+    a = workers("--name", "worker-a")
+    task = await pm.asubmit("do the thing", budget=Budget(tokens=20_000))
+    await a.ready(timeout=40)
+    await wait_for(lambda: calls_for(stub, "b"), what="worker A calling for b")
+    b = workers(
+        "--name", "worker-b", "--metrics-port", str(free_port()), PAYMASTER_MAX_DELIVERIES="2"
+    )
+    a.proc.kill()
+    port = await started(b)
+    assert (await task.result(timeout=30)).status is Status.SUCCEEDED
+    _, after_takeover = await asyncio.to_thread(scrape, port)
+    assert value(after_takeover, "paymaster_queue_takeovers_total") == 1
+
+    stub.responder = lambda request: Reply(text="nope", status=400)
+    doomed = await pm.asubmit("doomed", budget=Budget(tokens=20_000))
+    assert (await doomed.result(timeout=30)).status is Status.FAILED
+    _, samples = await asyncio.to_thread(scrape, port)
+    assert value(samples, "paymaster_queue_dead_letters_total") == 1
+    assert value(samples, "paymaster_dead_letter_messages") == 1
+    assert value(samples, "paymaster_tasks_finished_total", status="failed", tenant="") == 1
+    errors = value(
+        samples, "paymaster_model_calls_total", endpoint="stub", model="m", outcome="error"
+    )
+    assert errors == 2  # one plan call per delivery, each refused with a 400

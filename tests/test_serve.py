@@ -128,6 +128,20 @@ async def test_the_json_endpoints_return_what_the_cli_prints(
     assert task["answer"] == rec.answer
 
 
+async def test_a_key_in_an_answer_never_reaches_the_page(
+    pm: Paymaster, stub: ScriptedModelServer, served: Served
+) -> None:
+    key = "sk-proj-abcdefghijklmnopqrstuvwxyz0123"
+    stub.responder = responder([sub("a")], lambda sid, req: Reply(text=f"use {key} <b>x</b>"))
+    rec = await pm.arun("leak it", budget=Budget(tokens=20_000), task_id="leaky")
+    assert rec.answer is not None
+    assert key in rec.answer  # the record keeps what the model said; the page does not show it
+    stream = await asyncio.to_thread(served.get, "/api/tasks/leaky/stream")
+    assert key not in stream.text
+    task = json.loads(stream.text.split("event: task\ndata: ", 1)[1].split("\n", 1)[0])
+    assert task["answer"] == "use [REDACTED] <b>x</b>"  # shown as text by the page's script
+
+
 async def test_unknown_and_hostile_ids_are_404s_with_the_id_escaped(
     redis_url: str, served: Served
 ) -> None:
