@@ -25,7 +25,7 @@ from budgets.keys import ROOT
 from budgets.money import usd_to_nanos
 from budgets.policy import Option, Policy, Pool, make_policy
 from budgets.stats import StatsBook
-from orchestrator.errors import DeliveryLost, TaskCancelled
+from orchestrator.errors import DeliveryLost, TaskCancelled, TelemetryUnavailable
 from orchestrator.flow import Flow, FlowDeps, FlowReport, build_graph, stats_scope
 from orchestrator.outage import UNREACHABLE, Outage, riding_client
 from orchestrator.queue import Delivery, TaskQueue
@@ -260,9 +260,12 @@ def telemetry_for(settings: Settings, given: Telemetry | None) -> Telemetry:
     """
     sinks = [given or NO_TELEMETRY]
     if settings.otel:
-        from orchestrator.otel import OtelTelemetry
+        try:
+            from orchestrator.otel import OtelTelemetry
 
-        sinks.append(OtelTelemetry.from_environment())
+            sinks.append(OtelTelemetry.from_environment())
+        except ImportError as e:
+            raise TelemetryUnavailable(e.name or str(e)) from e
     return combine(sinks)
 
 

@@ -181,6 +181,19 @@ def test_settings_turn_otel_on_only_when_an_endpoint_is_configured(tmp_path: Pat
     assert not Settings.from_env(disabled).otel
 
 
+def test_an_endpoint_without_the_otel_extra_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from orchestrator.errors import TelemetryUnavailable
+    from orchestrator.runtime import telemetry_for
+
+    on = Settings.from_env({"HOME": str(tmp_path), "OTEL_EXPORTER_OTLP_ENDPOINT": "http://x:1"})
+    monkeypatch.setitem(sys.modules, "orchestrator.otel", None)  # as if the extra were missing
+    with pytest.raises(TelemetryUnavailable, match=r"pip install 'paymaster\[otel\]'"):
+        telemetry_for(on, None)
+    assert telemetry_for(Settings.from_env({"HOME": str(tmp_path)}), None) is NO_TELEMETRY
+
+
 def test_off_builds_no_wrapper_and_never_imports_the_otel_module(
     redis_url: str, tmp_path: Path
 ) -> None:

@@ -168,13 +168,14 @@ async def test_unknown_and_hostile_ids_are_404s_with_the_id_escaped(
 
 
 async def test_a_token_guards_every_route_and_is_needed_beyond_loopback(
-    env: dict[str, str], serve: Callable[..., Served]
+    env: dict[str, str], serve: Callable[..., Served], pm: Paymaster
 ) -> None:
+    queued = await pm.asubmit("the secret prompt", budget=Budget(tokens=1_000))
     refusals = asyncio.gather(  # meanwhile: what is refused before anything is served
         asyncio.to_thread(cli, env, "serve", "--host", "0.0.0.0", "--port", "0"),
         asyncio.to_thread(cli, env, "serve", "--port", "0", "--token", "short"),
     )
-    s = await asyncio.to_thread(serve, "--token", TOKEN)
+    s = await asyncio.to_thread(serve, "--token", TOKEN, "--show-prompts")
     for path in ("/", "/tasks/x", "/api/tasks/x/ledger", "/static/page.js"):
         denied = await asyncio.to_thread(s.get, path)
         assert denied.status_code == 401, path
@@ -182,6 +183,10 @@ async def test_a_token_guards_every_route_and_is_needed_beyond_loopback(
         assert wrong.status_code == 401, path
     ok = await asyncio.to_thread(s.get, f"/?token={TOKEN}")
     assert ok.status_code == 200
+    assert f'href="/tasks/{queued.id}?token={TOKEN}"' in ok.text  # links keep the token
+    assert "the secret prompt" in ok.text  # --show-prompts
+    page = await asyncio.to_thread(s.get, f"/tasks/{queued.id}?token={TOKEN}")
+    assert "the secret prompt" in page.text
     bearer = await asyncio.to_thread(
         s.get, "/api/tasks/nosuch/ledger", headers={"Authorization": f"Bearer {TOKEN}"}
     )
