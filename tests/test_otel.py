@@ -28,7 +28,7 @@ from orchestrator.records import Status
 from orchestrator.settings import Settings
 from orchestrator.telemetry import NO_TELEMETRY
 from tests.test_hierarchy import NESTED, responder
-from tests.test_orchestrator import REPO, assert_books_clean, stub_config
+from tests.test_orchestrator import REPO, assert_books_clean, cli, stub_config
 
 
 @pytest.fixture
@@ -258,3 +258,73 @@ def test_a_call_that_fails_is_an_error_span_and_still_closes(
     assert all(s.status.status_code.name == "ERROR" for s in failed)
     (task,) = [s for s in finished if s.name == "invoke_agent paymaster"]
     assert task.status.status_code.name == "ERROR"
+
+
+def test_an_otlp_endpoint_in_the_environment_receives_the_tasks_spans(
+    env: dict[str, str], stub: ScriptedModelServer
+) -> None:
+    """``paymaster run`` with OTEL_EXPORTER_OTLP_ENDPOINT: spans reach a real HTTP collector."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    received: list[tuple[str, bytes]] = []
+
+    class Collector(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((self.path, body))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            return
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    stub.responder = responder({"": [{"id": "a", "instruction": "do a", "difficulty": 2}]})
+    otel_env = {
+        **env,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}",
+        "OTEL_SERVICE_NAME": "paymaster-test",
+    }
+    try:
+        done = cli(otel_env, "run", "one thing", "--tokens", "5000")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert done.returncode == 0, done.stderr
+    traces = [body for path, body in received if path == "/v1/traces"]
+    assert traces, [p for p, _ in received]
+    names = set()
+    for body in traces:
+        request = ExportTraceServiceRequest.FromString(body)
+        for rs in request.resource_spans:
+            service = {a.key: a.value.string_value for a in rs.resource.attributes}
+            assert service["service.name"] == "paymaster-test"
+            names.update(s.name for ss in rs.scope_spans for s in ss.spans)
+    assert {"invoke_agent paymaster", "invoke_agent manager", "chat m"} <= names
+    assert any(path == "/v1/metrics" for path, _ in received)  # flushed when the run ended
+
+
+def test_the_service_is_named_paymaster_unless_the_environment_names_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
+    monkeypatch.delenv("OTEL_RESOURCE_ATTRIBUTES", raising=False)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:1")
+    default = OtelTelemetry.from_environment()
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "billing-workers")
+    named = OtelTelemetry.from_environment()
+    try:
+        for telemetry, want in ((default, "paymaster"), (named, "billing-workers")):
+            provider = telemetry._tracer_provider
+            assert isinstance(provider, TracerProvider)
+            assert provider.resource.attributes["service.name"] == want
+    finally:
+        default.close()
+        named.close()
