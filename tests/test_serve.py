@@ -16,13 +16,15 @@ from urllib.parse import quote
 
 import httpx
 import pytest
+from typer.testing import CliRunner
 
 from agents.stub_server import RecordedRequest, Reply, ScriptedModelServer
 from budgets import Budget
 from orchestrator.api import Paymaster
+from orchestrator.cli import app as cli_app
 from orchestrator.records import Status
 from orchestrator.redis_server import RedisServer
-from tests.test_orchestrator import REPO, cli, responder, sub, worker_text
+from tests.test_orchestrator import REPO, responder, sub, worker_text
 from tests.test_orchestrator import pm as pm
 
 __all__ = ["pm"]  # the fixture
@@ -171,10 +173,14 @@ async def test_a_token_guards_every_route_and_is_needed_beyond_loopback(
     env: dict[str, str], serve: Callable[..., Served], pm: Paymaster
 ) -> None:
     queued = await pm.asubmit("the secret prompt", budget=Budget(tokens=1_000))
-    refusals = asyncio.gather(  # meanwhile: what is refused before anything is served
-        asyncio.to_thread(cli, env, "serve", "--host", "0.0.0.0", "--port", "0"),
-        asyncio.to_thread(cli, env, "serve", "--port", "0", "--token", "short"),
-    )
+    # Refused before anything is served (the command itself, run in this process).
+    runner = CliRunner()
+    open_ = runner.invoke(cli_app, ["serve", "--host", "0.0.0.0", "--port", "0"], env=env)
+    short = runner.invoke(cli_app, ["serve", "--port", "0", "--token", "short"], env=env)
+    assert open_.exit_code == 2, open_.output
+    assert "needs a token" in open_.output
+    assert short.exit_code == 2, short.output
+    assert "too short" in short.output
     s = await asyncio.to_thread(serve, "--token", TOKEN, "--show-prompts")
     for path in ("/", "/tasks/x", "/api/tasks/x/ledger", "/static/page.js"):
         denied = await asyncio.to_thread(s.get, path)
@@ -191,11 +197,6 @@ async def test_a_token_guards_every_route_and_is_needed_beyond_loopback(
         s.get, "/api/tasks/nosuch/ledger", headers={"Authorization": f"Bearer {TOKEN}"}
     )
     assert bearer.status_code == 404  # past the gate
-    open_, short = await refusals
-    assert open_.returncode == 2, open_.stderr
-    assert "needs a token" in open_.stderr
-    assert short.returncode == 2, short.stderr
-    assert "too short" in short.stderr
 
 
 def _browser() -> Any:
