@@ -375,6 +375,17 @@ def serve(
     if token is not None and len(token) < 16:
         raise fail("the token is too short: use at least 16 characters", 2)
     pm = _pm()
+
+    async def reachable() -> None:  # unreachable at start is a configuration error (exit 4)
+        try:
+            await pm.books.ping()
+        finally:
+            await pm.aclose()
+
+    try:
+        asyncio.run(reachable())
+    except Exception as e:
+        raise _guard(e) from e
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
+import redis.exceptions
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -126,8 +127,19 @@ class PageApp:
                 Route("/static/page.css", self.style),
             ],
             lifespan=self._lifespan,
+            exception_handlers={
+                redis.exceptions.ConnectionError: self._unreachable,
+                redis.exceptions.TimeoutError: self._unreachable,
+            },
         )
         self.app.add_middleware(_TokenGate, token=settings.token)
+
+    async def _unreachable(self, request: Request, exc: Exception) -> Response:
+        """Redis down: 503, a page or a JSON error, never a traceback."""
+        message = "the ledger's Redis is unreachable; try again shortly"
+        if request.url.path.startswith("/api/"):
+            return _json_error(503, message)
+        return _error_page(503, message)
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:

@@ -286,3 +286,24 @@ async def poll(check: Callable[[], bool], what: str, timeout: float = 20) -> Non
     while not await asyncio.to_thread(check):
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.05)
+
+
+def test_redis_down_is_exit_4_at_start_and_503_while_serving(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    from starlette.testclient import TestClient
+
+    from orchestrator.redis_server import free_port
+    from orchestrator.serve import ServeSettings, build_app
+
+    down = f"redis://127.0.0.1:{free_port()}/0"
+    done = CliRunner().invoke(cli_app, ["serve", "--port", "0"], env={**env, "REDIS_URL": down})
+    assert done.exit_code == 4, done.output
+    assert "Redis" in done.output
+    with TestClient(build_app(ServeSettings(redis_url=down))) as client:
+        api = client.get("/api/tasks/t1/ledger")
+        page = client.get("/tasks/t1")
+    assert api.status_code == 503
+    assert api.json() == {"error": "the ledger's Redis is unreachable; try again shortly"}
+    assert page.status_code == 503
+    assert "unreachable" in page.text
