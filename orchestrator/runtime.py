@@ -27,11 +27,12 @@ from budgets.policy import Option, Policy, Pool, make_policy
 from budgets.stats import StatsBook
 from orchestrator.errors import DeliveryLost, TaskCancelled, TelemetryUnavailable
 from orchestrator.flow import Flow, FlowDeps, FlowReport, build_graph, stats_scope
+from orchestrator.observed import ObservedClient
 from orchestrator.outage import UNREACHABLE, Outage, riding_client
 from orchestrator.queue import Delivery, TaskQueue
 from orchestrator.records import Records, Spent, Status, TaskRecord
 from orchestrator.settings import Settings
-from orchestrator.telemetry import NO_TELEMETRY, ObservedClient, TaskFacts, Telemetry, combine
+from orchestrator.telemetry import NO_TELEMETRY, TaskFacts, Telemetry, combine
 
 log = logging.getLogger(__name__)
 
