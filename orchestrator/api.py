@@ -29,6 +29,7 @@ from orchestrator.queue import TaskQueue
 from orchestrator.records import Records, Status, TaskRecord
 from orchestrator.runtime import Runtime, finish_task
 from orchestrator.settings import Settings
+from orchestrator.telemetry import Telemetry
 
 T = TypeVar("T")
 
@@ -96,7 +97,9 @@ class Paymaster:
         config: EndpointsConfig | Path | None = None,
         settings: Settings | None = None,
         env: Mapping[str, str] | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
+        self._telemetry = telemetry
         self._env = dict(os.environ if env is None else env)
         self.settings = settings or Settings.from_env(self._env)
         self.redis_url = redis_url or self.settings.redis_url or ensure_redis(self.settings.home)
@@ -111,9 +114,14 @@ class Paymaster:
         self._statsbook: StatsBook | None = None
 
     @classmethod
-    def from_env(cls) -> Paymaster:
-        """Settings from ``REDIS_URL``, ``PAYMASTER_CONFIG`` and ``PAYMASTER_*``."""
-        return cls()
+    def from_env(cls, *, telemetry: Telemetry | None = None) -> Paymaster:
+        """Settings from ``REDIS_URL``, ``PAYMASTER_CONFIG`` and ``PAYMASTER_*``.
+
+        ``telemetry`` observes the tasks this process runs (see
+        :mod:`orchestrator.telemetry`); OpenTelemetry joins it where the
+        environment configures an OTLP endpoint.
+        """
+        return cls(telemetry=telemetry)
 
     # -- plumbing ----------------------------------------------------------
 
@@ -155,6 +163,7 @@ class Paymaster:
                 redis_url=self.redis_url,
                 endpoints=self.endpoints,
                 env=self._env,
+                telemetry=self._telemetry,
             )
         return self._runtime
 

@@ -31,6 +31,7 @@ from budgets.errors import (
     UnknownTenant,
 )
 from orchestrator.api import Paymaster
+from orchestrator.cli_serve import serve
 from orchestrator.cli_services import local_model, services
 from orchestrator.display import (
     Moves,
@@ -51,6 +52,7 @@ from orchestrator.errors import (
 )
 from orchestrator.progress import ProgressView, follow
 from orchestrator.records import Status, TaskRecord
+from orchestrator.telemetry import Telemetry
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Run LLM tasks under budgets that hold."
@@ -88,9 +90,9 @@ def _guard(exc: BaseException) -> typer.Exit:
     raise exc
 
 
-def _pm() -> Paymaster:
+def _pm(telemetry: Telemetry | None = None) -> Paymaster:
     try:
-        return Paymaster.from_env()
+        return Paymaster.from_env(telemetry=telemetry)
     except Exception as e:
         raise _guard(e) from e
 
@@ -295,12 +297,31 @@ def worker(
     concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1)] = 4,
     grace: Annotated[float, typer.Option(help="seconds to finish running tasks on SIGTERM")] = 30.0,
     name: Annotated[str | None, typer.Option(help="consumer name (default host-pid)")] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port", min=0, max=65535, help="serve Prometheus /metrics on this port"
+        ),
+    ] = None,
+    metrics_host: Annotated[
+        str, typer.Option("--metrics-host", help="address /metrics listens on")
+    ] = "127.0.0.1",
 ) -> None:
     """Take tasks from the queue and run them until SIGTERM; ride out Redis outages."""
     from orchestrator.worker import Worker, configure_logging, install_signal_handlers
 
     configure_logging()
-    pm = _pm()
+    metrics = None
+    if metrics_port is not None:
+        from orchestrator.metrics import MetricsServer
+
+        redis_url = _pm().redis_url
+        try:
+            metrics = MetricsServer(redis_url=redis_url, host=metrics_host, port=metrics_port)
+        except OSError as e:
+            raise fail(str(e), 2) from e
+        err.print(f"metrics on http://{metrics_host}:{metrics.port}/metrics")
+    pm = _pm(metrics.telemetry if metrics else None)
 
     async def main() -> None:
         # Unreachable at start is a configuration error (exit 4); once running,
@@ -318,6 +339,12 @@ def worker(
         asyncio.run(main())
     except Exception as e:
         raise _guard(e) from e
+    finally:
+        if metrics is not None:
+            metrics.close()
+
+
+app.command(name="serve")(serve)
 
 
 @app.command()

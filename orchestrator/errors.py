@@ -74,3 +74,14 @@ class DeliveryLost(OrchestratorError):
         super().__init__(
             f"task {task_id!r}: delivery {message_id} was taken over by another worker"
         )
+
+
+class TelemetryUnavailable(OrchestratorError, RuntimeError):
+    """OpenTelemetry is configured (an OTLP endpoint is set) but its packages are missing."""
+
+    def __init__(self, missing: str) -> None:
+        self.missing = missing
+        super().__init__(
+            f"OTEL_EXPORTER_OTLP_ENDPOINT is set but OpenTelemetry is not installed ({missing}): "
+            "pip install 'paymaster[otel]', or unset it (or set OTEL_SDK_DISABLED=true)"
+        )

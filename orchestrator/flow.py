@@ -60,6 +60,7 @@ from budgets.stats import Observation, StatsBook
 from orchestrator.errors import DeliveryLost, TaskCancelled
 from orchestrator.queue import Delivery
 from orchestrator.records import Records
+from orchestrator.telemetry import NO_TELEMETRY, Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,8 @@ class FlowDeps:
     #: Levels of managers: 1 plans only the task; 2 lets its subtasks be planned again.
     max_depth: int = 2
     review: ReviewMode = "auto"
+    #: Observability hooks (orchestrator/telemetry.py); off by default.
+    telemetry: Telemetry = NO_TELEMETRY
 
 
 def stats_scope(tenant: str | None, mode: str) -> str:
@@ -355,7 +358,7 @@ class Flow:
         # Each try of a subtask is a LangGraph task: started at once, awaited as a future.
         as_task: Any = task(name="subtask")
         self._start: Callable[[TaskRun, WorkItem], asyncio.Future[SubtaskResult | None]]
-        self._start = as_task(self.subtask)
+        self._start = as_task(self._observed_subtask)
 
     async def run(self, inputs: Mapping[str, Any]) -> FlowReport:
         """Run one delivery of a task: the task's own level, and every level under it."""
@@ -443,9 +446,13 @@ class Flow:
     # -- one level -----------------------------------------------------------------------------
 
     async def _level(self, run: TaskRun, lv: Level) -> LevelReport:
-        plan, reviewed = await self._plan(run, lv)
+        # Observability hooks: the manager's two steps are scopes (orchestrator/telemetry.py).
+        tel, acct = self.deps.telemetry, lv.manager_account(run.delivery)
+        with tel.step(task_id=run.task_id, account=acct, step="plan", depth=lv.depth):
+            plan, reviewed = await self._plan(run, lv)
         results = await self._dataflow(run, lv, plan, reviewed)
-        answer = await self._synthesize(run, lv, plan, results)
+        with tel.step(task_id=run.task_id, account=acct, step="synthesize", depth=lv.depth):
+            answer = await self._synthesize(run, lv, plan, results)
         return LevelReport(plan=plan, results=results, answer=answer)
 
     async def _plan(self, run: TaskRun, lv: Level) -> tuple[Plan, frozenset[str]]:
@@ -715,6 +722,26 @@ class Flow:
             return replace(item, unpaid=True)
         return item
 
+    async def _observed_subtask(self, run: TaskRun, item: WorkItem) -> SubtaskResult | None:
+        """Observability hook: :meth:`subtask` in a telemetry scope (orchestrator/telemetry.py)."""
+        lv, sub = item.level, item.subtask
+        with self.deps.telemetry.subtask(
+            task_id=run.task_id,
+            account=lv.account(sub.id, run.delivery, item.attempt),
+            work=lv.work_of(sub.id),
+            attempt=item.attempt,
+            composite=item.composite,
+        ) as scope:
+            out = await self.subtask(run, item)
+            if out is not None:
+                scope.note(
+                    spent_tokens=out["tokens"],
+                    spent_nanos=out["cost_nanos"],
+                    endpoint=out["endpoint"] or None,
+                    outcome=_outcome_word(out),
+                )
+            return out
+
     async def subtask(self, run: TaskRun, item: WorkItem) -> SubtaskResult | None:
         """Run one try of a subtask in its carved account; ``None`` when a retry went unpaid.
 
@@ -894,6 +921,17 @@ class Flow:
         return await deps.manager.synthesize(
             task_id=run.task_id, account=manager_acct, task=lv.text, results=ordered
         )
+
+
+def _outcome_word(res: SubtaskResult) -> str:
+    """How a try ended, in one word (for telemetry)."""
+    if res["exhausted"]:
+        return "unpaid"
+    if res["cut_short"]:
+        return "cut_short"
+    if not res["accepted"]:
+        return "rejected"
+    return "finished" if res["finished"] else "no_answer"
 
 
 def outcome_of(sub: Subtask, res: SubtaskResult, attempts: int) -> Outcome:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from agents.endpoints import EndpointsConfig
@@ -21,14 +21,17 @@ from agents.worker import WorkerAgent
 from budgets import BudgetExceeded, Ledger, nanos_to_usd
 from budgets.errors import LedgerError, UnknownTask
 from budgets.keys import ROOT
+from budgets.money import usd_to_nanos
 from budgets.policy import Option, Policy, Pool, make_policy
 from budgets.stats import StatsBook
-from orchestrator.errors import DeliveryLost, TaskCancelled
+from orchestrator.errors import DeliveryLost, TaskCancelled, TelemetryUnavailable
 from orchestrator.flow import Flow, FlowDeps, FlowReport, build_graph, stats_scope
+from orchestrator.observed import ObservedClient
 from orchestrator.outage import UNREACHABLE, Outage, riding_client
 from orchestrator.queue import Delivery, TaskQueue
 from orchestrator.records import Records, Spent, Status, TaskRecord
 from orchestrator.settings import Settings
+from orchestrator.telemetry import NO_TELEMETRY, TaskFacts, Telemetry, combine
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,8 @@ class Runtime:
     policy: Policy
     queue: TaskQueue
     outage: Outage
+    #: Where scopes and events go (orchestrator/telemetry.py); off by default.
+    telemetry: Telemetry = NO_TELEMETRY
 
     @classmethod
     def build(
@@ -57,8 +62,13 @@ class Runtime:
         env: Mapping[str, str],
         policy: Policy | None = None,
         retry: RetryPolicy | None = None,
+        telemetry: Telemetry | None = None,
     ) -> Runtime:
-        """Wire the parts together on the Redis at ``redis_url``."""
+        """Wire the parts together on the Redis at ``redis_url``.
+
+        ``telemetry`` (default: what the settings configure, usually off)
+        observes every task, step, subtask and model call.
+        """
         outage = Outage()
         redis = riding_client(redis_url, outage=outage, window_s=settings.visibility_timeout_s)
         ledger = Ledger(redis, url=redis_url, lease_s=settings.lease_s)
@@ -73,11 +83,15 @@ class Runtime:
         chosen = policy or make_policy(
             settings.policy, target=settings.policy_target(), explore=settings.explore
         )
+        # Observability hook: with telemetry on, the agents call through a wrapper
+        # that observes each call; off, they call the metered client itself.
+        observed = telemetry_for(settings, telemetry)
+        client = metered if observed is NO_TELEMETRY else ObservedClient(metered, observed)
         deps = FlowDeps(
             ledger=ledger,
             records=records,
-            manager=ManagerAgent(client=metered),
-            worker=WorkerAgent(client=metered),
+            manager=ManagerAgent(client=client),
+            worker=WorkerAgent(client=client),
             policy=chosen,
             stats=stats,
             options=options_of(endpoints),
@@ -86,14 +100,18 @@ class Runtime:
             ownership=queue,
             max_depth=settings.max_depth,
             review=settings.review,
+            telemetry=observed,
         )
         graph = build_graph(Flow(deps))
-        return cls(settings, ledger, records, metered, stats, graph, chosen, queue, outage)
+        return cls(
+            settings, ledger, records, metered, stats, graph, chosen, queue, outage, observed
+        )
 
     async def aclose(self) -> None:
-        """Close HTTP clients and Redis connections."""
+        """Close HTTP clients and Redis connections; flush telemetry."""
         await self.metered.aclose()
         await self.ledger.aclose()
+        self.telemetry.close()
 
     async def execute(self, task_id: str, *, claim: Delivery | None = None) -> TaskRecord:
         """Run a task to a final state (or raise to have it delivered again).
@@ -111,6 +129,22 @@ class Runtime:
         delivery = await self.records.mark_running(task_id)
         if delivery is None:  # cancelled (or finished) since it was read
             return await self.records.get(task_id) or record
+        # Observability hook: one scope per delivery (orchestrator/telemetry.py).
+        with self.telemetry.task(task_id=task_id, delivery=delivery) as scope:
+            scope.note(tenant=record.tenant)
+            final = await self._deliver(task_id, record, delivery, claim)
+            spent = final.spent
+            scope.note(
+                status=final.status.value,
+                spent_tokens=spent.tokens if spent else None,
+                spent_nanos=usd_to_nanos(spent.usd) if spent else None,
+            )
+        return final
+
+    async def _deliver(
+        self, task_id: str, record: TaskRecord, delivery: int, claim: Delivery | None
+    ) -> TaskRecord:
+        """One delivery of a task marked running, to its final record."""
         if await self.records.cancel_requested(task_id):
             return await self._finish(task_id, Status.CANCELLED, None, None)
         if delivery > 1:  # only an earlier delivery can have left accounts open
@@ -177,7 +211,7 @@ class Runtime:
         current = await self.records.get(task_id)
         if current is not None and current.status.final:
             return current
-        return await finish_task(
+        final = await finish_task(
             self.ledger,
             self.records,
             task_id,
@@ -186,6 +220,55 @@ class Runtime:
             error=error,
             retention_s=self.settings.retention_s,
         )
+        if self.telemetry is not NO_TELEMETRY:  # observability hook
+            self.telemetry.task_finished(await self._facts(final))
+        return final
+
+    async def _facts(self, record: TaskRecord) -> TaskFacts:
+        """A final record as telemetry is told it, with its tenant's remaining if detailed."""
+        facts = facts_of(record)
+        if not (self.telemetry.detailed and record.tenant):
+            return facts
+        try:
+            view = await self.ledger.tenant(record.tenant)
+        except LedgerError:
+            return facts
+        left = [
+            None if limit is None else max(0, limit - funded - spent)
+            for limit, funded, spent in (
+                (view.limit.tokens, view.funded_tokens, view.spent_tokens),
+                (view.limit.nanos, view.funded_nanos, view.spent_nanos),
+            )
+        ]
+        return replace(facts, tenant_remaining_tokens=left[0], tenant_remaining_nanos=left[1])
+
+
+def facts_of(record: TaskRecord) -> TaskFacts:
+    """A final record as telemetry is told it: what its ledger says it spent."""
+    spent = record.spent
+    return TaskFacts(
+        task_id=record.id,
+        tenant=record.tenant,
+        status=record.status.value,
+        spent_tokens=spent.tokens if spent else 0,
+        spent_nanos=usd_to_nanos(spent.usd) if spent else 0,
+    )
+
+
+def telemetry_for(settings: Settings, given: Telemetry | None) -> Telemetry:
+    """``given`` and, where the environment configures an OTLP endpoint, OpenTelemetry.
+
+    OpenTelemetry's code is imported only then (:mod:`orchestrator.otel`).
+    """
+    sinks = [given or NO_TELEMETRY]
+    if settings.otel:
+        try:
+            from orchestrator.otel import OtelTelemetry
+
+            sinks.append(OtelTelemetry.from_environment())
+        except ImportError as e:
+            raise TelemetryUnavailable(e.name or str(e)) from e
+    return combine(sinks)
 
 
 def task_status(report: FlowReport) -> tuple[Status, str | None]:

@@ -46,6 +46,11 @@ class Settings(BaseModel):
         description="PAYMASTER_STATS_SCOPE: 'tenant' keeps each tenant's statistics apart",
     )
 
+    otel: bool = Field(
+        default=False,
+        description="OpenTelemetry on: OTEL_EXPORTER_OTLP_ENDPOINT (or _TRACES_ENDPOINT) is set",
+    )
+
     @field_validator("policy")
     @classmethod
     def _known_policy(cls, value: str) -> str:
@@ -88,6 +93,10 @@ class Settings(BaseModel):
             "PAYMASTER_REVIEW": "review",
             "PAYMASTER_TARGET": "target",
         }
+        otlp = env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get(
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+        )
+        values["otel"] = bool(otlp) and env.get("OTEL_SDK_DISABLED", "").lower() != "true"
         for var, field in (numeric | named).items():
             if env.get(var):
                 values[field] = env[var]

@@ -107,7 +107,9 @@ class Worker:
                 batch = await self.queue.take_over(
                     idle_ms=idle_ms, count=free, running=list(self._running)
                 )
-                if not batch:
+                if batch:  # observability hook
+                    self.runtime.telemetry.queue("takeover", len(batch))
+                else:
                     batch = await self.queue.take(count=free, block_ms=500)
             except UNREACHABLE as e:
                 failures += 1
@@ -157,7 +159,8 @@ class Worker:
                 reason = f"gave up after {record.deliveries} deliveries"
                 await runtime.fail(task_id, reason, claim=delivery)
                 run.acking = True
-                await self.queue.dead_letter(delivery, reason=reason)
+                if await self.queue.dead_letter(delivery, reason=reason):
+                    self.runtime.telemetry.queue("dead_letter")  # observability hook
                 return
             log.info("took task %s (delivery %d)", task_id, record.deliveries + 1)
             started = time.monotonic()
@@ -175,6 +178,8 @@ class Worker:
             if final.status is Status.FAILED:
                 # Failed on its last delivery: keep it in the dead letter for inspection.
                 done = await self.queue.dead_letter(delivery, reason=final.error or "failed")
+                if done:
+                    self.runtime.telemetry.queue("dead_letter")  # observability hook
             else:
                 done = await self.queue.ack(delivery)
             if not done:

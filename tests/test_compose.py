@@ -60,3 +60,28 @@ def test_the_files_the_services_use_exist_and_load() -> None:
     config = load_config(ROOT / "docker" / "endpoints.toml", env={})
     assert config.default_endpoint.base_url == "http://llama:8080/v1"
     assert '"--port", "8080"' in text
+
+
+def test_the_observability_profile_adds_prometheus_and_grafana(compose: list[str]) -> None:
+    import yaml  # PyYAML comes with langgraph's langchain-core
+
+    command = [*compose, "--file", str(COMPOSE_FILE), "--profile", "observability", "config"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    services = yaml.safe_load(done.stdout)["services"]
+    assert {"prometheus", "grafana", "worker"} <= set(services)
+    # Only under the profile: a plain `docker compose up` starts neither.
+    assert services["prometheus"]["profiles"] == ["observability"]
+    assert services["grafana"]["profiles"] == ["observability"]
+    assert "profiles" not in services["worker"]
+    text = COMPOSE_FILE.read_text()
+    for mounted in (
+        "docker/prometheus.yml",
+        "docker/grafana/provisioning",
+        "docs/grafana-dashboard.json",
+    ):
+        assert f"./{mounted}:" in text
+        assert (ROOT / mounted).exists(), mounted
+    # Prometheus scrapes the port the workers serve /metrics on.
+    assert '"--metrics-port", "9464"' in text
+    assert "port: 9464" in (ROOT / "docker" / "prometheus.yml").read_text()
