@@ -32,7 +32,7 @@ from prometheus_client.registry import Collector
 
 from budgets.keys import DEAD_LETTER, OPEN_TASKS, QUEUE, TENANTS, TaskKeys, TenantKeys
 from budgets.money import UNLIMITED
-from orchestrator.telemetry import CallFacts, QueueEvent, Step, TaskFacts, Value
+from orchestrator.telemetry import QUIET, CallFacts, Off, QueueEvent, Quiet, TaskFacts
 
 log = logging.getLogger(__name__)
 
@@ -44,23 +44,7 @@ SCRAPE_TIMEOUT_S = 2.0
 CALL_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
-class _Scope:
-    __slots__ = ()
-
-    def note(self, **facts: Value | None) -> None:
-        return None
-
-    def __enter__(self) -> _Scope:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-_NOTHING = _Scope()
-
-
-class PrometheusTelemetry:
+class PrometheusTelemetry(Off):
     """Counts what this process's tasks and calls did, in its own registry."""
 
     detailed = False
@@ -133,23 +117,13 @@ class PrometheusTelemetry:
         )
 
     @contextlib.contextmanager
-    def task(self, *, task_id: str, delivery: int) -> Iterator[_Scope]:
+    def task(self, *, task_id: str, delivery: int) -> Iterator[Quiet]:
         """Counts the delivery as running while it runs."""
         self.tasks_running.inc()
         try:
-            yield _NOTHING
+            yield QUIET
         finally:
             self.tasks_running.dec()
-
-    def step(self, *, task_id: str, account: str, step: Step, depth: int) -> _Scope:
-        """Nothing counted per step."""
-        return _NOTHING
-
-    def subtask(
-        self, *, task_id: str, account: str, work: str, attempt: int, composite: bool
-    ) -> _Scope:
-        """Nothing counted per subtask."""
-        return _NOTHING
 
     def call(
         self,

@@ -141,7 +141,7 @@ class Telemetry(Protocol):
         ...
 
 
-class _Quiet:
+class Quiet:
     """The do-nothing scope, shared by every hook of :class:`Off`."""
 
     __slots__ = ()
@@ -152,14 +152,14 @@ class _Quiet:
     def done(self, facts: CallFacts) -> None:
         """Nothing is recorded."""
 
-    def __enter__(self) -> _Quiet:
+    def __enter__(self) -> Quiet:
         return self
 
     def __exit__(self, *exc: object) -> None:
         return None
 
 
-_QUIET = _Quiet()
+QUIET = Quiet()
 
 
 class Off:
@@ -167,19 +167,21 @@ class Off:
 
     detailed = False
 
-    def task(self, *, task_id: str, delivery: int) -> _Quiet:
+    def task(self, *, task_id: str, delivery: int) -> AbstractContextManager[Scope]:
         """No scope."""
-        return _QUIET
+        return QUIET
 
-    def step(self, *, task_id: str, account: str, step: Step, depth: int) -> _Quiet:
+    def step(
+        self, *, task_id: str, account: str, step: Step, depth: int
+    ) -> AbstractContextManager[Scope]:
         """No scope."""
-        return _QUIET
+        return QUIET
 
     def subtask(
         self, *, task_id: str, account: str, work: str, attempt: int, composite: bool
-    ) -> _Quiet:
+    ) -> AbstractContextManager[Scope]:
         """No scope."""
-        return _QUIET
+        return QUIET
 
     def call(
         self,
@@ -190,9 +192,9 @@ class Off:
         model: str,
         provider: str,
         reserved_tokens: int | None = None,
-    ) -> _Quiet:
+    ) -> AbstractContextManager[CallScope]:
         """No scope."""
-        return _QUIET
+        return QUIET
 
     def task_finished(self, facts: TaskFacts) -> None:
         """Nothing is recorded."""
@@ -307,7 +309,7 @@ class Fanout:
 
 def combine(sinks: Sequence[Telemetry]) -> Telemetry:
     """One telemetry for ``sinks``: :data:`NO_TELEMETRY` for none, the sink itself for one."""
-    real = [s for s in sinks if not isinstance(s, Off)]
+    real = [s for s in sinks if type(s) is not Off]  # a sink built on Off still counts
     if not real:
         return NO_TELEMETRY
     return real[0] if len(real) == 1 else Fanout(real)
