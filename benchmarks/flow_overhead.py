@@ -118,12 +118,29 @@ async def _plan(call: Call, text: str) -> list[dict[str, Any]]:
     return subtasks
 
 
-def bare_graph(call: Call, *, nested: bool = False) -> Any:
-    """plan -> N x worker (Send) -> synthesize; with ``nested``, each worker is a composite
-    that plans, runs its 3 workers at once and synthesizes. No ledger."""
+def _planned_graph(call: Call, nodes: dict[str, Any]) -> StateGraph[BareState]:
+    """A graph with the plan and synthesis nodes every bare side shares, plus ``nodes``."""
 
     async def plan(state: BareState) -> dict[str, Any]:
         return {"plan": await _plan(call, state["task"])}
+
+    async def synthesize(state: BareState) -> dict[str, Any]:
+        listing = "\n\n".join(state.get("results", []))
+        return {"answer": await call("Write the final answer.", listing, 1024)}
+
+    graph = StateGraph(BareState)
+    graph.add_node("plan", plan)
+    for name, node in nodes.items():
+        graph.add_node(name, node)
+    graph.add_node("synthesize", synthesize)
+    graph.add_edge(START, "plan")
+    graph.add_edge("synthesize", END)
+    return graph
+
+
+def bare_graph(call: Call, *, nested: bool = False) -> Any:
+    """plan -> N x worker (Send) -> synthesize; with ``nested``, each worker is a composite
+    that plans, runs its 3 workers at once and synthesizes. No ledger."""
 
     def fan_out(state: BareState) -> list[Send]:
         return [Send("worker", {"task": state["task"], "sub": s}) for s in state["plan"]]
@@ -138,26 +155,14 @@ def bare_graph(call: Call, *, nested: bool = False) -> Any:
         )
         return {"results": [await call("Write the final answer.", "\n\n".join(texts), 1024)]}
 
-    async def synthesize(state: BareState) -> dict[str, Any]:
-        listing = "\n\n".join(state.get("results", []))
-        return {"answer": await call("Write the final answer.", listing, 1024)}
-
-    graph = StateGraph(BareState)
-    graph.add_node("plan", plan)
-    graph.add_node("worker", worker)  # type: ignore[arg-type]
-    graph.add_node("synthesize", synthesize)
-    graph.add_edge(START, "plan")
+    graph = _planned_graph(call, {"worker": worker})
     graph.add_conditional_edges("plan", fan_out, ["worker"])
     graph.add_edge("worker", "synthesize")
-    graph.add_edge("synthesize", END)
     return graph.compile()
 
 
 def wave_graph(call: Call) -> Any:
     """The DAG in waves (LangGraph supersteps): every ready subtask, then the next wave."""
-
-    async def plan(state: BareState) -> dict[str, Any]:
-        return {"plan": await _plan(call, state["task"])}
 
     def next_wave(state: BareState) -> list[Send] | str:
         done = set(state.get("done", []))
@@ -175,20 +180,10 @@ def wave_graph(call: Call) -> Any:
     async def schedule(state: BareState) -> dict[str, Any]:
         return {}
 
-    async def synthesize(state: BareState) -> dict[str, Any]:
-        listing = "\n\n".join(state.get("results", []))
-        return {"answer": await call("Write the final answer.", listing, 1024)}
-
-    graph = StateGraph(BareState)
-    graph.add_node("plan", plan)
-    graph.add_node("worker", worker)  # type: ignore[arg-type]
-    graph.add_node("schedule", schedule)
-    graph.add_node("synthesize", synthesize)
-    graph.add_edge(START, "plan")
+    graph = _planned_graph(call, {"worker": worker, "schedule": schedule})
     graph.add_conditional_edges("plan", next_wave, ["worker", "synthesize"])
     graph.add_edge("worker", "schedule")
     graph.add_conditional_edges("schedule", next_wave, ["worker", "synthesize"])
-    graph.add_edge("synthesize", END)
     return graph.compile()
 
 
