@@ -256,8 +256,9 @@ async def test_the_heartbeat_rides_out_redis_errors_and_no_other_worker_takes_th
     stub.responder = responder(
         [sub("a")], lambda sid, req: Reply(text=worker_text(sid), delay_s=6.0)
     )
-    # Either worker takes the other's task over once it has been silent for 4 s.
-    _two_workers(start, two_proxies, PAYMASTER_VISIBILITY_TIMEOUT_S="4", PAYMASTER_LEASE_S="30")
+    # Either worker takes the other's task over once it has been silent for 6 s: the
+    # 3.5 s cut-off below plus the backoff and a loaded machine's delays stay inside it.
+    _two_workers(start, two_proxies, PAYMASTER_VISIBILITY_TIMEOUT_S="6", PAYMASTER_LEASE_S="30")
     workers = start.started
     for w in workers:
         await w.ready()
