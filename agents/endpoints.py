@@ -8,6 +8,7 @@ resolves it with :meth:`Endpoint.api_key` from the environment it passes in.
 
 from __future__ import annotations
 
+import functools
 import tomllib
 from collections.abc import Mapping
 from decimal import Decimal
@@ -157,7 +158,7 @@ class Endpoint(BaseModel):
             return {self.reasoning_budget_field: max(1, out_tokens * 3 // 4)}
         return {}
 
-    @property
+    @functools.cached_property
     def price(self) -> Price:
         """What a call costs, for the ledger (every prompt token at the input price)."""
         return Price.of(self.input_usd_per_mtok, self.output_usd_per_mtok)

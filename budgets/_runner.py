@@ -147,28 +147,35 @@ class ScriptRunner:
         return replies
 
     async def _call(self, send: Any) -> Any:
+        try:  # the common case, without building a retry loop
+            return await self._once(send)
+        except (rex.ConnectionError, rex.TimeoutError):
+            pass
         # Every operation is idempotent, so a batch cut off by a dropped
         # connection is safe to send again.
         retrying = AsyncRetrying(
             retry=retry_if_exception_type((rex.ConnectionError, rex.TimeoutError)),
-            stop=stop_after_attempt(self._attempts),
+            stop=stop_after_attempt(max(1, self._attempts - 1)),  # the first try was above
             wait=wait_random_exponential(multiplier=0.05, max=0.5),
             reraise=True,
         )
         try:
             async for attempt in retrying:
                 with attempt:
-                    try:
-                        return await send()
-                    except rex.ResponseError as e:
-                        # A restarted or flushed server: load everything, send again.
-                        if not isinstance(e, rex.NoScriptError) and not _no_function(e):
-                            raise
-                        await self._load()
-                        return await send()
+                    return await self._once(send)
         except (rex.ConnectionError, rex.TimeoutError) as e:
             raise LedgerUnavailable(self._url, type(e).__name__) from e
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _once(self, send: Any) -> Any:
+        try:
+            return await send()
+        except rex.ResponseError as e:
+            # A restarted or flushed server: load everything, send again.
+            if not isinstance(e, rex.NoScriptError) and not _no_function(e):
+                raise
+            await self._load()
+            return await send()
 
     async def _send(self, calls: list[tuple[TaskKeys, int, list[Arg]]]) -> list[Any]:
         if len(calls) == 1:

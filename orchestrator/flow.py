@@ -566,12 +566,11 @@ class Flow:
         }
         attempts = {sid: r["attempt"] for sid, r in results.items()}
         running: dict[asyncio.Future[SubtaskResult | None], WorkItem] = {}
+        menu: Menu | None = None
         try:
             while True:
-                chosen = [
-                    replace(item, review=item.subtask.id in reviewed)
-                    for item in await self._decide(run, lv, plan, results, attempts, running)
-                ]
+                decided, menu = await self._decide(run, lv, plan, results, attempts, running, menu)
+                chosen = [replace(item, review=item.subtask.id in reviewed) for item in decided]
                 if chosen:  # once for every try this decision starts
                     await self._may_pay(run)
                 for item in await asyncio.gather(*(self.carve(run, i) for i in chosen)):
@@ -599,8 +598,13 @@ class Flow:
         results: Mapping[str, SubtaskResult],
         attempts: Mapping[str, int],
         running: Mapping[asyncio.Future[SubtaskResult | None], WorkItem],
-    ) -> list[WorkItem]:
-        """What starts now: escalations of finished subtasks first, then every ready subtask."""
+        menu: Menu | None,
+    ) -> tuple[list[WorkItem], Menu | None]:
+        """What starts now: escalations of finished subtasks first, then every ready subtask.
+
+        Returns the tries to start and the menu they were chosen from (``menu``,
+        or one built from the statistics when it is ``None``), for the next decision.
+        """
         deps = self.deps
         busy = {item.subtask.id for item in running.values()}
         by_id = {s.id: s for s in plan.subtasks}
@@ -617,9 +621,12 @@ class Flow:
             if sid not in busy and not res["exhausted"] and not res["composite"]
         ]
         if not ready and not finished:
-            return []
-        pool, stats = await asyncio.gather(self._pool(run, lv.path), deps.stats.read(run.scope))
-        menu = Menu(deps.options, stats, deps.default_endpoint)
+            return [], menu
+        if menu is None:  # the statistics are read once per level, the pool every time
+            pool, stats = await asyncio.gather(self._pool(run, lv.path), deps.stats.read(run.scope))
+            menu = Menu(deps.options, stats, deps.default_endpoint)
+        else:
+            pool = await self._pool(run, lv.path)
         work: list[WorkItem] = []
         for g in deps.policy.escalate(pool, finished, menu=menu):
             if g.subtask_id in by_id and g.subtask_id not in busy:
@@ -629,7 +636,7 @@ class Flow:
                 work.append(self._item(lv, sub, g, attempt, results, prompt))
                 pool = pool.less(g)
         if not ready:
-            return work
+            return work, menu
         later = len(plan.subtasks) - len(results) - len(ready) - len(busy - set(results))
         needs = [
             Need(
@@ -658,7 +665,7 @@ class Flow:
         work.extend(
             self._item(lv, by_id[g.subtask_id], g, 1, results, prompts[g.subtask_id]) for g in paid
         )
-        return work
+        return work, menu
 
     def _item(
         self,
