@@ -159,6 +159,17 @@ class Endpoint(BaseModel):
         return {}
 
     @functools.cached_property
+    def _rates(self) -> tuple[int, int, int]:
+        """Input, cached-input and output prices in nano-dollars per million tokens."""
+        in_rate = usd_to_nanos(self.input_usd_per_mtok)
+        cached = self.cached_input_usd_per_mtok
+        return (
+            in_rate,
+            in_rate if cached is None else usd_to_nanos(cached),
+            usd_to_nanos(self.output_usd_per_mtok),
+        )
+
+    @functools.cached_property
     def price(self) -> Price:
         """What a call costs, for the ledger (every prompt token at the input price)."""
         return Price.of(self.input_usd_per_mtok, self.output_usd_per_mtok)
@@ -175,10 +186,7 @@ class Endpoint(BaseModel):
         check_tokens(cached_tokens, field="cached_tokens")
         if cached_tokens > input_tokens:
             raise ValueError(f"cached_tokens {cached_tokens} exceed input_tokens {input_tokens}")
-        cached_price = self.cached_input_usd_per_mtok
-        in_rate = usd_to_nanos(self.input_usd_per_mtok)
-        cached_rate = in_rate if cached_price is None else usd_to_nanos(cached_price)
-        out_rate = usd_to_nanos(self.output_usd_per_mtok)
+        in_rate, cached_rate, out_rate = self._rates
         numerator = (
             in_rate * (input_tokens - cached_tokens)
             + cached_rate * cached_tokens

@@ -8,7 +8,7 @@ well below that so no arithmetic inside a script can lose a nano-dollar.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from typing import Annotated, Any
 
@@ -154,13 +154,17 @@ class Price:
 
     input_per_mtok: Decimal
     output_per_mtok: Decimal
+    #: The two prices in nano-dollars per million tokens, converted once.
+    _rates: tuple[int, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        rates = []
         for name in ("input_per_mtok", "output_per_mtok"):
             raw = getattr(self, name)
             # Nano-dollars per million tokens must fit our money range.
-            usd_to_nanos(raw, field=name)
+            rates.append(usd_to_nanos(raw, field=name))
             object.__setattr__(self, name, Decimal(str(raw)))
+        object.__setattr__(self, "_rates", (rates[0], rates[1]))
 
     @classmethod
     def of(cls, input_per_mtok: UsdLike, output_per_mtok: UsdLike) -> Price:
@@ -182,7 +186,6 @@ class Price:
         """
         check_tokens(input_tokens, field="input_tokens")
         check_tokens(output_tokens, field="output_tokens")
-        in_rate = usd_to_nanos(self.input_per_mtok)
-        out_rate = usd_to_nanos(self.output_per_mtok)
+        in_rate, out_rate = self._rates
         numerator = in_rate * input_tokens + out_rate * output_tokens
         return -(-numerator // 1_000_000)
