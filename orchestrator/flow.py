@@ -577,8 +577,9 @@ class Flow:
                     running[self._start(run, item)] = item
                 if not running:
                     break
-                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                for fut in done:
+                await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.sleep(0)  # tries finishing at the same moment: one decision
+                for fut in [f for f in running if f.done()]:
                     item = running.pop(fut)
                     sid = item.subtask.id
                     attempts[sid] = item.attempt
