@@ -43,6 +43,8 @@ import operator
 import re
 from collections.abc import Callable
 
+from budgets.learner import FAULT_SIGNALS, RUNTIME_SIGNALS
+
 _NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
 _CALC = re.compile(r"<<([^=<>]+)=([^<>]+)>>")
 _EQUATION = re.compile(
@@ -65,22 +67,13 @@ _OPS: dict[type[ast.operator], Callable[[float, float], float]] = {
 #: Every signal :func:`reply_signals` can give, but the ``len:<n>`` buckets; those of them
 #: that say the reply failed or contradicts itself are the policy's
 #: :data:`budgets.learner.FAULT_SIGNALS`.
-SIGNALS = frozenset(
-    {
-        "empty",
-        "no-final",
-        "final-not-number",
-        "calc-bad",
-        "eq-bad",
-        "final-not-last",
-        "final-unsupported",
-        "fraction",
-        "negative",
-        "hedge",
-        "few-steps",
-        "unused-numbers",
-    }
-)
+SIGNALS = (FAULT_SIGNALS - RUNTIME_SIGNALS) | {
+    "empty",
+    "negative",
+    "hedge",
+    "few-steps",
+    "unused-numbers",
+}
 
 
 def _number(text: str) -> float | None:
