@@ -16,6 +16,8 @@ ledger alone; text inside an instruction is only text for the worker.
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import re
 from collections import Counter
@@ -184,6 +186,13 @@ def single_subtask_plan(task: str) -> Plan:
 def plan_schema(
     *, max_subtasks: int | None = None, grammar: bool = False, nested: bool = False
 ) -> dict[str, Any]:
+    """The JSON schema of a plan (see :func:`_plan_schema`); built once per shape, and a
+    copy is returned, so a caller may change its own."""
+    return copy.deepcopy(_plan_schema(max_subtasks, grammar, nested))
+
+
+@functools.lru_cache(maxsize=64)
+def _plan_schema(max_subtasks: int | None, grammar: bool, nested: bool) -> dict[str, Any]:
     """The JSON schema of a plan, strict: every object closed and every field required.
 
     ``composite`` is in it only with ``nested=True`` (the level may plan
