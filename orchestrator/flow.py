@@ -76,12 +76,6 @@ AUTO_REVIEW_SHARE_DIVISOR = 10
 ReviewMode = Literal["off", "on", "auto"]
 
 
-class CancelCheck(Protocol):
-    """Answers whether the task was cancelled (checked before every paid step)."""
-
-    async def __call__(self, task_id: str) -> bool: ...
-
-
 class Ownership(Protocol):
     """Answers whether a worker still holds its delivery (checked before every paid step)."""
 
