@@ -145,7 +145,9 @@ class WorkerProc:
         self._file = log.open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "orchestrator.cli", "worker", "--grace", "10", *args],
-            env=dict(env),
+            # A worker that does not exit in time is sent SIGABRT: the log then
+            # holds every thread's stack (see exit_code).
+            env={**env, "PYTHONFAULTHANDLER": "1"},
             cwd=REPO,
             stdout=self._file,
             stderr=subprocess.STDOUT,
@@ -157,6 +159,17 @@ class WorkerProc:
             assert self.proc.poll() is None, self.log.read_text()
             assert time.monotonic() < deadline, "the worker did not start"
             await asyncio.sleep(0.05)
+
+    async def exit_code(self, timeout: float) -> int:
+        """Its exit code; if it is still running after ``timeout``, its stacks fail the test."""
+        try:
+            return await asyncio.to_thread(self.proc.wait, timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGABRT)
+            self.proc.wait(10)
+            raise AssertionError(
+                f"the worker was still running {timeout:.0f}s later:\n{self.log.read_text()}"
+            ) from None
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -444,7 +457,9 @@ async def test_sigterm_lets_the_running_task_finish_then_exits_0(
     await w.ready()
     await wait_for(lambda: calls_for(stub, "a"), what="the slow worker call")
     w.proc.send_signal(signal.SIGTERM)
-    code = await asyncio.to_thread(w.proc.wait, 15)
+    # The call ends a second later and the task with it; the grace (10 s) and
+    # the hand-back after it (up to 5 s) bound the exit on a loaded machine.
+    code = await w.exit_code(timeout=30)
     assert code == 0, w.log.read_text()
     rec = await pm.arecord(task.id)
     assert rec.status is Status.SUCCEEDED
