@@ -17,8 +17,8 @@ import logging
 from dataclasses import dataclass, field
 
 from redis import exceptions as rex
-from redis.asyncio import Redis
 
+from budgets.connection import Client
 from budgets.keys import TaskKeys
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class _Task:
 class Admissions:
     """Tells each waiting reservation of this process when its wait ended."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Client) -> None:
         self._redis = redis
         self._tasks: dict[str, _Task] = {}
 

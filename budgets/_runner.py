@@ -7,6 +7,12 @@ collects every operation waiting at the same moment and sends, per task, one
 with its own reply); the calls for several tasks go in one pipeline. While one
 batch is on the wire the next fills up. A lone operation goes out at once, so a
 sequential caller pays one round trip and no extra latency.
+
+On a Redis Cluster a task's batch is still one call (one command, on its
+task's slot), but the calls for several tasks go concurrently, each to its own
+master: redis-py refuses scripts in a cluster pipeline. Scripts and the
+function library are loaded on every master, and a node that lost them (a
+restart, a promoted replica) is reloaded when it says so.
 """
 
 from __future__ import annotations
@@ -19,7 +25,6 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from redis import exceptions as rex
-from redis.asyncio import Redis
 from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
@@ -27,6 +32,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from budgets.connection import Client, clustered
 from budgets.errors import LedgerUnavailable
 from budgets.keys import TaskKeys
 from budgets.scripts import Op, Script, TenantOp, load_scripts
@@ -61,7 +67,7 @@ class ScriptRunner:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: Client,
         *,
         url: str,
         batch: bool = True,
@@ -69,6 +75,7 @@ class ScriptRunner:
         functions: bool = True,
     ) -> None:
         self._redis = redis
+        self._cluster = clustered(redis)
         self._url = redact_url(url)
         self._batching = batch
         # The task script as a Redis Function (FCALL) where the server has them.
@@ -179,13 +186,30 @@ class ScriptRunner:
 
     async def _send(self, calls: list[tuple[TaskKeys, int, list[Arg]]]) -> list[Any]:
         if len(calls) == 1:
-            keys, count, args = calls[0]
-            argv = [*keys.script_argv(), count, *args]
-            if self._functions:
-                fn = self._scripts.library.function
-                return [await self._redis.fcall(fn, 6, *keys.script_keys(), *argv)]
-            sha = self._scripts.task.sha
-            return [await self._redis.evalsha(sha, 6, *keys.script_keys(), *argv)]
+            return [await self._call_task(*calls[0])]
+        if self._cluster:
+            replies = await asyncio.gather(
+                *(self._call_task(*call) for call in calls), return_exceptions=True
+            )
+            for r in replies:
+                if isinstance(r, BaseException) and not isinstance(r, rex.ResponseError):
+                    raise r  # unreachable, cancelled: the whole send is retried or fails
+        else:
+            replies = await self._pipelined(calls)
+        for r in replies:
+            if isinstance(r, rex.NoScriptError) or _no_function(r):
+                raise r
+        return replies
+
+    async def _call_task(self, keys: TaskKeys, count: int, args: list[Arg]) -> Any:
+        argv = [*keys.script_argv(), count, *args]
+        if self._functions:
+            fn = self._scripts.library.function
+            return await self._redis.fcall(fn, 6, *keys.script_keys(), *argv)
+        sha = self._scripts.task.sha
+        return await self._redis.evalsha(sha, 6, *keys.script_keys(), *argv)
+
+    async def _pipelined(self, calls: list[tuple[TaskKeys, int, list[Arg]]]) -> list[Any]:
         pipe = self._redis.pipeline(transaction=False)
         for keys, count, args in calls:
             argv = [*keys.script_argv(), count, *args]
@@ -193,11 +217,7 @@ class ScriptRunner:
                 pipe.fcall(self._scripts.library.function, 6, *keys.script_keys(), *argv)
             else:
                 pipe.evalsha(self._scripts.task.sha, 6, *keys.script_keys(), *argv)
-        replies = list(await pipe.execute(raise_on_error=False))
-        for r in replies:
-            if isinstance(r, rex.NoScriptError) or _no_function(r):
-                raise r
-        return replies
+        return list(await pipe.execute(raise_on_error=False))
 
     async def _load(self) -> None:
         log.debug("loading the ledger's scripts into Redis")

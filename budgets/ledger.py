@@ -18,11 +18,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from redis.asyncio import Redis
-
 from budgets._admission import Admissions
 from budgets._runner import SEP, ScriptRunner
-from budgets.connection import redis_client
+from budgets.connection import Client, redis_client
 from budgets.errors import (
     InvalidAmount,
     InvalidTransfer,
@@ -129,12 +127,12 @@ class Closed:
     spent_nanos: int
 
 
-async def _members(redis: Redis, key: str) -> set[str]:
+async def _members(redis: Client, key: str) -> set[str]:
     # The client is built with decode_responses=True: replies are str.
     return cast("set[str]", await redis.smembers(key))
 
 
-async def _hash(redis: Redis, key: str) -> dict[str, str]:
+async def _hash(redis: Client, key: str) -> dict[str, str]:
     return cast("dict[str, str]", await redis.hgetall(key))
 
 
@@ -158,7 +156,7 @@ class Ledger:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: Client,
         *,
         url: str = "redis://",
         batch: bool = True,

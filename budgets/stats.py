@@ -17,15 +17,15 @@ keeps for ``retention_s``. Reading is one ``HGETALL``; the result is a pure
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from redis.asyncio import Redis
-
 from budgets.coalesce import Coalescer
+from budgets.connection import Client, clustered
 from budgets.errors import InvalidObservation, UnknownOutcome
 from budgets.keys import SHARED_SCOPE, StatsKeys, check_name, check_scope, clean_tag
 from budgets.learner import (
@@ -339,7 +339,7 @@ class StatsBook:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: Client,
         *,
         retention_s: int = 30 * 86400,
         learning_rate: float = LEARNING_RATE,
@@ -364,6 +364,13 @@ class StatsBook:
         if len(items) == 1:
             ((keys, args),) = items
             return [await self._record(keys=keys, args=args)]
+        if clustered(self.redis):  # no scripts in a cluster pipeline: each to its slot's node
+            return list(
+                await asyncio.gather(
+                    *(self._record(keys=keys, args=args) for keys, args in items),
+                    return_exceptions=True,
+                )
+            )
         pipe = self.redis.pipeline(transaction=False)
         for keys, args in items:
             await self._record(keys=keys, args=args, client=pipe)

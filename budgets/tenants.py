@@ -13,9 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, cast
 
-from redis.asyncio import Redis
-
 from budgets._runner import ScriptRunner
+from budgets.connection import Client
 from budgets.errors import InvalidAmount, UnknownTenant
 from budgets.keys import TENANTS, TenantKeys, check_tenant
 from budgets.money import UNLIMITED, Budget
@@ -58,7 +57,7 @@ def _opt(value: str) -> int | None:
     return None if number == UNLIMITED else number
 
 
-async def _hash(redis: Redis, key: str) -> dict[str, str]:
+async def _hash(redis: Client, key: str) -> dict[str, str]:
     return cast("dict[str, str]", await redis.hgetall(key))
 
 
@@ -66,7 +65,7 @@ class TenantBooks:
     """Tenants' configuration, their period totals, and each incarnation's funding."""
 
     def __init__(
-        self, redis: Redis, runner: ScriptRunner, *, events_max: int = TENANT_EVENTS_MAX
+        self, redis: Client, runner: ScriptRunner, *, events_max: int = TENANT_EVENTS_MAX
     ) -> None:
         if not isinstance(events_max, int) or events_max < 1:
             raise InvalidAmount("tenant_events_max", events_max, "must be a positive int")
@@ -80,13 +79,13 @@ class TenantBooks:
         if period not in ("day", "month", "none"):
             raise InvalidAmount("period", period, "use 'day', 'month' or 'none'")
         keys = TenantKeys(name)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(
+        # Two slots on a cluster, so two steps: the config, then the index that lists
+        # it. Each is idempotent; a failure between them is repaired by setting again.
+        await self.redis.hset(
             keys.config,
             mapping={"lt": _limit(budget.tokens), "ln": _limit(budget.nanos), "period": period},
         )
-        pipe.sadd(TENANTS, name)
-        await pipe.execute()
+        await self.redis.sadd(TENANTS, name)
 
     async def names(self) -> list[str]:
         """Every configured tenant's name, sorted."""

@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from budgets.connection import sync_redis_client
 from budgets.keys import DEAD_LETTER, OPEN_TASKS, QUEUE, TENANTS, TaskKeys, TenantKeys
 from budgets.money import UNLIMITED
 from orchestrator.telemetry import QUIET, CallFacts, Off, QueueEvent, Quiet, TaskFacts
@@ -187,9 +188,8 @@ class LedgerCollector(Collector):
     """Gauges read from Redis at each scrape (a synchronous client: scrapes run in a thread)."""
 
     def __init__(self, redis_url: str) -> None:
-        self._redis = redis.Redis.from_url(
+        self._redis = sync_redis_client(
             redis_url,
-            decode_responses=True,
             socket_timeout=SCRAPE_TIMEOUT_S,
             socket_connect_timeout=SCRAPE_TIMEOUT_S,
         )

@@ -25,11 +25,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from redis import exceptions as rex
-from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from budgets.connection import redis_client
+from budgets.connection import Client, redis_client
 from budgets.errors import LedgerUnavailable
 
 log = logging.getLogger(__name__)
@@ -194,10 +193,15 @@ class RideOut(Retry):
                 return result
 
 
-def riding_client(url: str, *, outage: Outage, window_s: float) -> Redis:
-    """A Redis client (``decode_responses``) whose commands ride out an outage of ``window_s``."""
+def riding_client(url: str, *, outage: Outage, window_s: float) -> Client:
+    """A Redis client (``decode_responses``) whose commands ride out an outage of ``window_s``.
+
+    On a Redis Cluster the cluster client's own retries ride out a failover instead
+    (:data:`budgets.connection.CLUSTER_ATTEMPTS`): redis-py retries a cluster command
+    above its connections, after refreshing which node serves the slot.
+    """
     retry = RideOut(outage=outage, window_s=window_s, cap_s=min(1.0, max(0.05, window_s / 10)))
-    client: Redis = redis_client(
+    client: Client = redis_client(
         url,
         retry=retry,
         retry_on_error=[rex.ConnectionError, rex.TimeoutError],

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from redis import exceptions as rex
-from redis.asyncio import Redis
 
+from budgets.connection import Client
 from budgets.keys import DEAD_LETTER, QUEUE, WORKER_GROUP
 
 #: The dead letter keeps this many of the newest entries.
@@ -171,7 +171,7 @@ class TaskQueue:
     """Submit, take, keep alive, acknowledge and dead-letter tasks."""
 
     def __init__(
-        self, redis: Redis, *, consumer: str = "api", dead_letter_max: int = DEAD_LETTER_MAX
+        self, redis: Client, *, consumer: str = "api", dead_letter_max: int = DEAD_LETTER_MAX
     ) -> None:
         self.redis = redis
         self.consumer = consumer

@@ -11,10 +11,10 @@ from enum import StrEnum
 from typing import Any, cast
 
 from pydantic import BaseModel
-from redis.asyncio import Redis
 
 from budgets import Budget
 from budgets.coalesce import Coalescer
+from budgets.connection import Client
 from budgets.keys import TaskKeys, new_incarnation
 
 
@@ -135,7 +135,7 @@ def _text(value: Any) -> str:
 class Records:
     """Reads and writes task records; one instance per process, sharing the Redis client."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Client) -> None:
         self.redis = redis
         self._create = redis.register_script(_CREATE)
         self._discard = redis.register_script(_DISCARD)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -19,6 +21,20 @@ def free_port() -> int:
         return port
 
 
+def free_cluster_port() -> int:
+    """A free port a cluster node can use: at most 55535, with its bus port (+10000) free too."""
+    for _ in range(200):
+        port = random.randint(20000, 55535)
+        try:
+            for p in (port, port + 10000):
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                    sock.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
 class RedisServer:
     """Starts ``redis-server`` on loopback; stops it on exit.
 
@@ -27,7 +43,12 @@ class RedisServer:
     """
 
     def __init__(
-        self, *, aof: bool = False, data_dir: Path | None = None, port: int | None = None
+        self,
+        *,
+        aof: bool = False,
+        data_dir: Path | None = None,
+        port: int | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
@@ -39,6 +60,7 @@ class RedisServer:
         self._keep = data_dir is not None
         self._dir = data_dir if data_dir is not None else Path(tempfile.mkdtemp(prefix="pm-redis-"))
         self.port = port if port is not None else free_port()
+        self._extra = list(extra_args)
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -62,6 +84,7 @@ class RedisServer:
             "yes" if self._aof else "no",
             "--protected-mode",
             "no",
+            *self._extra,
         ]
         self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 10
@@ -75,6 +98,17 @@ class RedisServer:
                 time.sleep(0.02)
         self.stop()
         raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    @property
+    def running(self) -> bool:
+        """True while the process runs."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL the server (a crash: nothing is flushed); its data stays until :meth:`stop`."""
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
 
     def stop(self) -> None:
         """Stop the server and remove its data."""
@@ -90,6 +124,130 @@ class RedisServer:
             shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class LocalCluster:
+    """A Redis Cluster on loopback: ``masters`` masters, each with ``replicas`` replicas.
+
+    Every node is a :class:`RedisServer` with cluster mode on; ``redis-cli --cluster
+    create`` joins them and spreads the 16,384 slots over the masters. For tests and
+    benchmarks; :attr:`url` names one node, which is all a client needs.
+    """
+
+    def __init__(self, *, masters: int = 3, replicas: int = 0, node_timeout_ms: int = 2000) -> None:
+        if masters < 3:
+            raise ValueError(f"a Redis Cluster needs at least 3 masters, got {masters}")
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise RuntimeError(
+                "redis-cli is not on PATH; install it with: apt-get install -y redis-tools"
+            )
+        self._cli = cli
+        self._masters = masters
+        self._replicas = replicas
+        self._timeout_ms = node_timeout_ms
+        self.nodes: list[RedisServer] = []
+
+    @property
+    def url(self) -> str:
+        """The URL of the first node (any node of a cluster leads a client to the rest)."""
+        return f"redis://127.0.0.1:{self.nodes[0].port}"
+
+    def start(self) -> LocalCluster:
+        """Start every node, create the cluster and wait until every slot is served."""
+        count = self._masters * (1 + self._replicas)
+        try:
+            for _ in range(count):
+                node = RedisServer(
+                    port=free_cluster_port(),
+                    extra_args=[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--cluster-node-timeout",
+                        str(self._timeout_ms),
+                        # A promoted replica must take over at once, however stale.
+                        "--cluster-replica-validity-factor",
+                        "0",
+                    ],
+                )
+                self.nodes.append(node.start())
+            subprocess.run(
+                [
+                    self._cli,
+                    "--cluster",
+                    "create",
+                    *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                    "--cluster-replicas",
+                    str(self._replicas),
+                    "--cluster-yes",
+                ],
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
+            self.wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_healthy(self, timeout_s: float = 30.0) -> None:
+        """Wait until every node reports ``cluster_state:ok`` (every slot served)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if all(self._state(n) == "ok" for n in self.nodes if n.running):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"the cluster did not become healthy in {timeout_s:.0f}s")
+
+    def _state(self, node: RedisServer) -> str:
+        out = subprocess.run(
+            [self._cli, "-p", str(node.port), "cluster", "info"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        ).stdout
+        for line in out.splitlines():
+            if line.startswith("cluster_state:"):
+                return line.split(":", 1)[1].strip()
+        return ""
+
+    def masters(self) -> list[RedisServer]:
+        """The nodes that are masters right now (a failover changes which)."""
+        found = []
+        for node in self.nodes:
+            if not node.running:
+                continue
+            out = subprocess.run(
+                [self._cli, "-p", str(node.port), "role"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=False,
+            ).stdout
+            if out.startswith("master"):
+                found.append(node)
+        return found
+
+    def stop(self) -> None:
+        """Stop every node and remove its data."""
+        for node in self.nodes:
+            node.stop()
+        self.nodes = []
+
+    def __enter__(self) -> LocalCluster:
         return self.start()
 
     def __exit__(

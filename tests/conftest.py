@@ -11,7 +11,7 @@ import redis
 
 from agents.stub_server import ScriptedModelServer
 from budgets import Ledger
-from orchestrator.redis_server import RedisServer
+from orchestrator.redis_server import LocalCluster, RedisServer
 from tests.endpoint_files import write_toml
 from tests.faults import RedisProxy
 
@@ -23,13 +23,42 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
 
 
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalCluster]:
+    """One Redis Cluster of 3 masters for the whole session, on free ports."""
+    with LocalCluster(masters=3) as cluster:
+        yield cluster
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked ``both_redis`` run twice: on a standalone server and on the cluster."""
+    if "redis_kind" in metafunc.fixturenames and metafunc.definition.get_closest_marker(
+        "both_redis"
+    ):
+        metafunc.parametrize("redis_kind", ["standalone", "cluster"], indirect=True)
+
+
 @pytest.fixture
-def redis_url(redis_server: RedisServer) -> str:
-    """The server's URL, flushed before each test so no test sees another's keys."""
-    client = redis.Redis.from_url(redis_server.url)
+def redis_kind(request: pytest.FixtureRequest) -> str:
+    """Which Redis the test runs on (``standalone`` unless the test is marked ``both_redis``)."""
+    return str(getattr(request, "param", "standalone"))
+
+
+@pytest.fixture
+def redis_url(request: pytest.FixtureRequest, redis_kind: str) -> str:
+    """The URL of the test's Redis, flushed before each test so no test sees another's keys."""
+    if redis_kind == "cluster":
+        cluster: LocalCluster = request.getfixturevalue("redis_cluster")
+        for node in cluster.masters():
+            client = redis.Redis(port=node.port)
+            client.flushall()
+            client.close()
+        return cluster.url
+    server: RedisServer = request.getfixturevalue("redis_server")
+    client = redis.Redis.from_url(server.url)
     client.flushall()
     client.close()
-    return redis_server.url
+    return server.url
 
 
 @pytest.fixture

@@ -25,6 +25,8 @@ from budgets.errors import AccountClosed, InvalidAmount
 from budgets.keys import TaskKeys
 from budgets.tree import ReservationState
 
+pytestmark = pytest.mark.both_redis
+
 T = "adm"
 KEYS = TaskKeys(T)
 

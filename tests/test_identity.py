@@ -29,6 +29,8 @@ from orchestrator.api import Paymaster
 from orchestrator.records import Status
 from orchestrator.settings import Settings
 
+pytestmark = pytest.mark.both_redis
+
 REPO = Path(__file__).resolve().parents[1]
 
 # -- names -------------------------------------------------------------------------------------

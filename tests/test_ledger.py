@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import redis.asyncio as aioredis
 
 from budgets import Amount, Budget, BudgetExceeded, Ledger, LedgerUnavailable, TaskTree
+from budgets.connection import redis_client
 from budgets.errors import (
     AccountBusy,
     AccountClosed,
@@ -25,6 +25,8 @@ from budgets.errors import (
     UnlimitedChild,
 )
 from budgets.keys import OPEN_TASKS, TaskKeys
+
+pytestmark = pytest.mark.both_redis
 
 T = "task-1"
 
@@ -619,7 +621,7 @@ async def test_batched_concurrent_reservations_respect_the_limit(ledger: Ledger)
 
 
 async def test_non_batching_ledger_behaves_the_same(redis_url: str) -> None:
-    led = Ledger(aioredis.Redis.from_url(redis_url, decode_responses=True), batch=False)
+    led = Ledger(redis_client(redis_url), batch=False)
     try:
         await led.open_task(T, Budget(tokens=10))
         res = await led.reserve(T, "root", tokens=10, nanos=0)

@@ -15,6 +15,8 @@ from budgets import Amount, Budget, Ledger
 from budgets.errors import InvalidAmount
 from budgets.keys import TaskKeys
 
+pytestmark = pytest.mark.both_redis
+
 T = "batch"
 
 

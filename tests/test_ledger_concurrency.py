@@ -20,6 +20,8 @@ import pytest
 from budgets import Amount, Budget, BudgetExceeded, Ledger, TaskTree
 from budgets.keys import ROOT
 
+pytestmark = pytest.mark.both_redis
+
 TASK = "race"
 POOL = "root/pool"
 #: The pool fits exactly this many reservations of ``SIZE``.

@@ -30,6 +30,8 @@ from budgets.replies import TABLES
 from budgets.scripts import Op
 from budgets.tree import ReservationState
 
+pytestmark = pytest.mark.both_redis
+
 T = "task-1"
 
 

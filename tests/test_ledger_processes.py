@@ -5,7 +5,11 @@ from __future__ import annotations
 import asyncio
 import multiprocessing as mp
 
+import pytest
+
 from budgets import Amount, Budget, BudgetExceeded, Ledger
+
+pytestmark = pytest.mark.both_redis
 
 TASK = "mp"
 SIZE_T, SIZE_N = 100, 1_000

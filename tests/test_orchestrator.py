@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 
 from agents.endpoints import Endpoint, EndpointsConfig
 from agents.stub_server import RecordedRequest, Reply, Responder, ScriptedModelServer
 from budgets import Budget, TaskTree
+from budgets.connection import redis_client
 from budgets.errors import InvalidName, UnknownTenant
 from budgets.keys import ROOT
 from budgets.policy import Menu, Need, Pool, Tiered
@@ -207,6 +207,7 @@ async def wait_for(check: Callable[[], Any], timeout: float = 10.0, what: str = 
 # -- in-process runs --------------------------------------------------------------------------
 
 
+@pytest.mark.both_redis
 async def test_run_succeeds_within_budget_with_balanced_books(
     pm: Paymaster, stub: ScriptedModelServer
 ) -> None:
@@ -315,6 +316,7 @@ async def test_no_escalation_when_the_pool_cannot_pay(
     assert_books_clean(tree, budget)
 
 
+@pytest.mark.both_redis
 async def test_cancel_stops_a_running_task_and_closes_its_books(
     pm: Paymaster, stub: ScriptedModelServer
 ) -> None:
@@ -337,8 +339,9 @@ async def test_cancel_stops_a_running_task_and_closes_its_books(
 # -- bad input ----------------------------------------------------------------------------------
 
 
+@pytest.mark.both_redis
 async def test_bad_input_is_refused_and_stores_nothing(pm: Paymaster, redis_url: str) -> None:
-    client = aioredis.Redis.from_url(redis_url)
+    client = redis_client(redis_url)
     try:
         before = await client.dbsize()
         bad: list[tuple[Callable[[], Any], type[Exception]]] = [
@@ -366,6 +369,7 @@ async def test_bad_input_is_refused_and_stores_nothing(pm: Paymaster, redis_url:
         await client.aclose()
 
 
+@pytest.mark.both_redis
 async def test_a_used_task_id_is_refused_and_the_task_left_alone(
     pm: Paymaster, stub: ScriptedModelServer
 ) -> None:
@@ -382,6 +386,7 @@ async def test_a_used_task_id_is_refused_and_the_task_left_alone(
 # -- worker processes -----------------------------------------------------------------------
 
 
+@pytest.mark.both_redis
 async def test_submit_is_run_by_a_worker_process(
     pm: Paymaster, stub: ScriptedModelServer, workers: Callable[..., WorkerProc]
 ) -> None:
@@ -397,6 +402,7 @@ async def test_submit_is_run_by_a_worker_process(
     assert_books_clean(await pm.aledger(task.id), budget)
 
 
+@pytest.mark.both_redis
 async def test_kill_9_mid_task_another_worker_finishes_without_paying_twice(
     pm: Paymaster,
     stub: ScriptedModelServer,
@@ -470,6 +476,7 @@ async def test_sigterm_lets_the_running_task_finish_then_exits_0(
     assert "HTTP Request" not in log  # httpx's per-request lines are off
 
 
+@pytest.mark.both_redis
 async def test_a_task_that_always_fails_is_dead_lettered(
     pm: Paymaster,
     stub: ScriptedModelServer,
@@ -523,6 +530,7 @@ async def test_cli_run_prints_the_answer_and_ledger_json_parses(
     assert tree["root"]["limit_tokens"] == 20_000
 
 
+@pytest.mark.both_redis
 async def test_cli_submit_wait_with_a_worker(
     env: dict[str, str], stub: ScriptedModelServer, workers: Callable[..., WorkerProc]
 ) -> None:
@@ -540,7 +548,7 @@ async def test_cli_submit_wait_with_a_worker(
 
 
 async def test_cli_errors_have_their_exit_codes(env: dict[str, str], redis_url: str) -> None:
-    client = aioredis.Redis.from_url(redis_url)
+    client = redis_client(redis_url)
     before = await client.dbsize()
     unknown, empty = await asyncio.gather(
         asyncio.to_thread(cli, env, "status", "nosuchtask"),

@@ -12,10 +12,10 @@ from dataclasses import replace
 from importlib import resources
 
 import pytest
-import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from budgets.connection import redis_client
 from budgets.errors import InvalidName, InvalidObservation, PaymasterError, UnknownOutcome
 from budgets.keys import StatsKeys
 from budgets.learner import learn
@@ -30,6 +30,8 @@ from budgets.stats import (
     bucket_bound,
     bucket_of,
 )
+
+pytestmark = pytest.mark.both_redis
 
 SEEN = Observation(
     endpoint="cheap",
@@ -47,7 +49,7 @@ VERDICT = {"endpoint": "cheap", "difficulty": 3, "tags": ("math", "Code Review")
 
 @pytest.fixture
 async def book(redis_url: str) -> AsyncIterator[StatsBook]:
-    client = aioredis.Redis.from_url(redis_url)
+    client = redis_client(redis_url)
     yield StatsBook(client)
     await client.aclose()
 
@@ -193,7 +195,7 @@ def _record_many(url: str, worker: int) -> int:
     """Record DISTINCT own outcomes and DUPLICATES of a shared one; how many counted."""
 
     async def go() -> int:
-        client = aioredis.Redis.from_url(url)
+        client = redis_client(url)
         book = StatsBook(client)
         ids = [f"w{worker}-{i}" for i in range(DISTINCT)]
         for at in range(0, DISTINCT + DUPLICATES, (DISTINCT + DUPLICATES) // DUPLICATES):
@@ -353,8 +355,8 @@ async def test_the_record_script_checks_everything_before_its_first_write(
         assert (await script(keys=where, args=[*args, *wrong]))[0] == -1
         assert await everything(book) == {}
     assert await script(keys=where, args=args) == 1
-    assert await book.redis.get(keys.outcome_seen("o9")) == b"cheap|2|*|\ncheap|0|*|"
-    assert await book.redis.get(keys.features_seen("o9")) == feats.encode()
+    assert await book.redis.get(keys.outcome_seen("o9")) == "cheap|2|*|\ncheap|0|*|"
+    assert await book.redis.get(keys.features_seen("o9")) == feats
 
 
 # -- a verdict moves counts only in the cells its outcome was recorded in ------------

@@ -7,10 +7,12 @@ import multiprocessing as mp
 from collections.abc import AsyncIterator
 
 import pytest
-import redis.asyncio as aioredis
 
+from budgets.connection import redis_client
 from budgets.errors import InvalidName, UnknownOutcome
 from budgets.stats import Observation, StatsBook
+
+pytestmark = pytest.mark.both_redis
 
 SEEN = Observation(
     endpoint="cheap", difficulty=3, tags=("math", "cut_short"), asked=512, used=300,
@@ -20,7 +22,7 @@ SEEN = Observation(
 
 @pytest.fixture
 async def book(redis_url: str) -> AsyncIterator[StatsBook]:
-    client = aioredis.Redis.from_url(redis_url)
+    client = redis_client(redis_url)
     yield StatsBook(client)
     await client.aclose()
 
@@ -71,7 +73,7 @@ async def test_bad_input_is_refused_and_changes_nothing(book: StatsBook) -> None
 
 def _record_many(url: str, worker: int, count: int) -> None:
     async def go() -> None:
-        client = aioredis.Redis.from_url(url)
+        client = redis_client(url)
         book = StatsBook(client)
         seen = Observation("cheap", 2, ("x",), asked=10, used=7, cut_short=False, nanos=3)
         ids = [f"w{worker}-{i}" for i in range(count)] + ["everyone"] * 20
