@@ -78,8 +78,10 @@ class ScriptRunner:
         self._cluster = clustered(redis)
         self._url = redact_url(url)
         self._batching = batch
-        # The task script as a Redis Function (FCALL) where the server has them.
-        self._functions = functions
+        # The task script as a Redis Function (FCALL) where the server has them; by
+        # EVALSHA on a cluster, whose client finds EVALSHA's slot alone but asks a
+        # node for FCALL's (one more round trip per call).
+        self._functions = functions and not self._cluster
         self._attempts = attempts
         self._scripts = load_scripts()
         self._pending: dict[str, _Batch] = {}

@@ -73,17 +73,27 @@ def is_cluster(url: str) -> bool:
 
 
 class _Cluster(RedisCluster):
-    """redis-py's cluster client, initialized once before its first command runs.
+    """redis-py's cluster client with two repairs (redis-py 8.1).
 
-    Left to itself, commands started together on a fresh client race its
-    initialization and some fail (``'NoneType' object has no attribute
-    'writelines'``, redis-py 8.1); waiting for it first costs nothing after.
+    - It is initialized once before its first command: commands started together
+      on a fresh client otherwise race its initialization and some fail
+      (``'NoneType' object has no attribute 'writelines'``).
+    - For commands whose keys it cannot find alone (``FCALL``, ``XREADGROUP``) it
+      asks its default node, before and outside its retry loop: once that node is
+      dead (a failover), every such command fails for good. A command that fails
+      to connect therefore moves the default node to a live master and is sent
+      once more.
     """
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         if self._initialize:
             await self.initialize()
-        return await super().execute_command(*args, **kwargs)
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except (rex.ConnectionError, rex.TimeoutError):
+            self.replace_default_node()
+            await self.commands_parser.initialize(self.get_default_node())
+            return await super().execute_command(*args, **kwargs)
 
 
 def redis_client(url: str, *, cluster: bool | None = None, **options: Any) -> Client:

@@ -203,24 +203,30 @@ class LocalCluster:
         return self
 
     def wait_healthy(self, timeout_s: float = 30.0) -> None:
-        """Wait until every node reports ``cluster_state:ok`` (every slot served)."""
+        """Wait until every live node reports ``cluster_state:ok`` (every slot served)
+        and every live replica's link to its master is up (its first sync is done)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if all(self._state(n) == "ok" for n in self.nodes if n.running):
+            live = [n for n in self.nodes if n.running]
+            if all(self._field(n, "cluster", "cluster_state") == "ok" for n in live) and all(
+                self._field(n, "info", "master_link_status") in ("", "up") for n in live
+            ):
                 return
             time.sleep(0.1)
         raise RuntimeError(f"the cluster did not become healthy in {timeout_s:.0f}s")
 
-    def _state(self, node: RedisServer) -> str:
+    def _field(self, node: RedisServer, command: str, name: str) -> str:
+        """One ``name:value`` line of ``CLUSTER INFO`` or ``INFO`` (``""`` when absent)."""
+        args = ["cluster", "info"] if command == "cluster" else ["info", "replication"]
         out = subprocess.run(
-            [self._cli, "-p", str(node.port), "cluster", "info"],
+            [self._cli, "-p", str(node.port), *args],
             capture_output=True,
             text=True,
             timeout=5,
             check=False,
         ).stdout
         for line in out.splitlines():
-            if line.startswith("cluster_state:"):
+            if line.startswith(f"{name}:"):
                 return line.split(":", 1)[1].strip()
         return ""
 
