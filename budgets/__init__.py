@@ -6,9 +6,11 @@
 from budgets.errors import (
     BudgetExceeded,
     LedgerError,
+    LedgerForbidden,
     LedgerUnavailable,
     PaymasterError,
 )
+from budgets.keys import KeySpace
 from budgets.ledger import Closed, Ledger, Reservation, Settlement, TenantView
 from budgets.money import Amount, Budget, Price, nanos_to_usd, usd_to_nanos
 from budgets.tree import AccountView, LedgerEvent, TaskTree
@@ -19,9 +21,11 @@ __all__ = [
     "Budget",
     "BudgetExceeded",
     "Closed",
+    "KeySpace",
     "Ledger",
     "LedgerError",
     "LedgerEvent",
+    "LedgerForbidden",
     "LedgerUnavailable",
     "PaymasterError",
     "Price",

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from redis import exceptions as rex
 
 from budgets.connection import Client
-from budgets.keys import TaskKeys
+from budgets.keys import SHARED_SPACE, KeySpace
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,9 @@ class _Task:
 class Admissions:
     """Tells each waiting reservation of this process when its wait ended."""
 
-    def __init__(self, redis: Client) -> None:
+    def __init__(self, redis: Client, *, space: KeySpace = SHARED_SPACE) -> None:
         self._redis = redis
+        self._space = space
         self._tasks: dict[str, _Task] = {}
 
     def settled(self, task_id: str) -> None:
@@ -73,7 +74,7 @@ class Admissions:
                 fut.cancel()
 
     async def _poll(self, task_id: str, entry: _Task) -> None:
-        key = TaskKeys(task_id).reservations
+        key = self._space.task(task_id).reservations
         interval = POLL_FIRST_S
         while entry.waiters:
             entry.wake.clear()

@@ -22,7 +22,6 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from redis import exceptions as rex
 from tenacity import (
@@ -32,8 +31,8 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from budgets.connection import Client, clustered
-from budgets.errors import LedgerUnavailable
+from budgets.connection import Client, clustered, redact_url
+from budgets.errors import LedgerUnavailable, forbidden
 from budgets.keys import TaskKeys
 from budgets.scripts import Op, Script, TenantOp, load_scripts
 
@@ -43,14 +42,6 @@ Arg = str | int
 
 #: Separates the fields of one operation in its one script argument (ASCII unit separator).
 SEP = "\x1f"
-
-
-def redact_url(url: str) -> str:
-    """The URL without user name or password, for messages and logs."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 @dataclass(slots=True)
@@ -146,7 +137,9 @@ class ScriptRunner:
                 for i, fut in enumerate(b.waiters):
                     if fut.done():
                         continue
-                    if isinstance(reply, Exception):
+                    if isinstance(reply, rex.NoPermissionError):
+                        fut.set_exception(forbidden(self._url, reply))
+                    elif isinstance(reply, Exception):
                         fut.set_exception(reply)
                     else:
                         fut.set_result(reply[i])
@@ -179,6 +172,8 @@ class ScriptRunner:
     async def _once(self, send: Any) -> Any:
         try:
             return await send()
+        except rex.NoPermissionError as e:
+            raise forbidden(self._url, e) from e
         except rex.ResponseError as e:
             # A restarted or flushed server: load everything, send again.
             if not isinstance(e, rex.NoScriptError) and not _no_function(e):

@@ -1,7 +1,7 @@
 """The one way Paymaster opens a Redis client, standalone or Redis Cluster.
 
 ``REDIS_URL`` may name a standalone server or any node of a Redis Cluster: the
-first client built for a URL asks the server (``INFO cluster``) and remembers
+first client built for a URL asks the server (``CLUSTER INFO``) and remembers
 the answer, so nothing else needs setting. A cluster gets redis-py's
 :class:`~redis.asyncio.cluster.RedisCluster`, which routes each command to the
 master of its key's slot and follows the cluster when slots move or a replica
@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from redis import exceptions as rex
@@ -28,6 +29,8 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from typing_extensions import TypeIs
+
+from budgets.errors import forbidden
 
 log = logging.getLogger(__name__)
 
@@ -54,22 +57,45 @@ CLUSTER_ATTEMPTS = 14
 def is_cluster(url: str) -> bool:
     """Whether the Redis at ``url`` is a cluster node (asked once per URL and process).
 
-    A server that cannot be asked is taken as standalone: its first command then
-    fails as it would have, with the same error.
+    It asks ``CLUSTER INFO``, which a standalone server refuses and which an ACL
+    user of one tenant may send (``INFO`` is in ``@dangerous``). A server that
+    cannot be asked is taken as standalone: its first command then fails as it
+    would have, with the same error.
     """
     probe = redis.Redis.from_url(
         url, socket_connect_timeout=PROBE_TIMEOUT_S, socket_timeout=PROBE_TIMEOUT_S
     )
     try:
-        enabled = probe.info("cluster").get("cluster_enabled", 0)
+        probe.execute_command("CLUSTER", "INFO")  # type: ignore[no-untyped-call]
     except (rex.ConnectionError, rex.TimeoutError, OSError):
         is_cluster.cache_clear()  # ask again next time: the server may be starting
         return False
-    except rex.ResponseError:  # a server or proxy without INFO sections
+    except rex.ResponseError:  # "cluster support disabled", or a server without CLUSTER
         return False
     finally:
         probe.close()
-    return bool(int(enabled))
+    return True
+
+
+def redact_url(url: str) -> str:
+    """The URL without user name or password, for messages and logs."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+class _Standalone(Redis):
+    """redis-py's client, whose ``NOPERM`` refusals say what to check (an ACL user)."""
+
+    #: The server's URL without credentials, for messages.
+    pm_url = "redis://"
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+        except rex.NoPermissionError as e:
+            raise forbidden(self.pm_url, e) from e
 
 
 class _Cluster(RedisCluster):
@@ -78,6 +104,7 @@ class _Cluster(RedisCluster):
     - It is initialized once before its first command: commands started together
       on a fresh client otherwise race its initialization and some fail
       (``'NoneType' object has no attribute 'writelines'``).
+    - Its ``NOPERM`` refusals say what to check (an ACL user), as the standalone's do.
     - For commands whose keys it cannot find alone (``FCALL``, ``XREADGROUP``) it
       asks its default node, before and outside its retry loop: once that node is
       dead (a failover), every such command fails for good. A command that fails
@@ -85,15 +112,21 @@ class _Cluster(RedisCluster):
       once more.
     """
 
+    #: The URL without credentials, for messages.
+    pm_url = "redis://"
+
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         if self._initialize:
             await self.initialize()
         try:
-            return await super().execute_command(*args, **kwargs)
-        except (rex.ConnectionError, rex.TimeoutError):
-            self.replace_default_node()
-            await self.commands_parser.initialize(self.get_default_node())
-            return await super().execute_command(*args, **kwargs)
+            try:
+                return await super().execute_command(*args, **kwargs)
+            except (rex.ConnectionError, rex.TimeoutError):
+                self.replace_default_node()
+                await self.commands_parser.initialize(self.get_default_node())
+                return await super().execute_command(*args, **kwargs)
+        except rex.NoPermissionError as e:
+            raise forbidden(self.pm_url, e) from e
 
 
 def redis_client(url: str, *, cluster: bool | None = None, **options: Any) -> Client:
@@ -107,13 +140,18 @@ def redis_client(url: str, *, cluster: bool | None = None, **options: Any) -> Cl
     if cluster if cluster is not None else is_cluster(url):
         options.pop("retry", None)
         options.pop("retry_on_error", None)
-        return _Cluster.from_url(
-            url,
-            decode_responses=True,
-            max_connections=CLUSTER_MAX_CONNECTIONS,
-            retry=Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), CLUSTER_ATTEMPTS),
-            **options,
+        sharded = cast(
+            "_Cluster",
+            _Cluster.from_url(
+                url,
+                decode_responses=True,
+                max_connections=CLUSTER_MAX_CONNECTIONS,
+                retry=Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), CLUSTER_ATTEMPTS),
+                **options,
+            ),
         )
+        sharded.pm_url = redact_url(url)
+        return sharded
     pool = BlockingConnectionPool.from_url(
         url,
         max_connections=MAX_CONNECTIONS,
@@ -121,7 +159,9 @@ def redis_client(url: str, *, cluster: bool | None = None, **options: Any) -> Cl
         decode_responses=True,
         **options,
     )
-    return Redis.from_pool(pool)  # the client owns the pool: closing one closes both
+    client = cast("_Standalone", _Standalone.from_pool(pool))  # it owns the pool: closes it too
+    client.pm_url = redact_url(url)
+    return client
 
 
 def sync_redis_client(url: str, **options: Any) -> redis.Redis | redis.RedisCluster:

@@ -209,6 +209,23 @@ class OperationConflict(LedgerError):
         super().__init__(f"operation id {op_id!r} was already used for a different operation")
 
 
+class LedgerForbidden(PaymasterError, PermissionError):
+    """Redis refused the command: its user may not touch these keys (an ACL's ``NOPERM``)."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        self.url = url
+        super().__init__(
+            f"the ledger's Redis at {url} refused: {reason}; a process fenced to a tenant "
+            "needs PAYMASTER_TENANT=<tenant> and a Redis user allowed ~pm:<tenant>:* "
+            "(docs/scaling.md)"
+        )
+
+
+def forbidden(url: str, error: Exception) -> LedgerForbidden:
+    """The :class:`LedgerForbidden` for a Redis ``NOPERM`` reply."""
+    return LedgerForbidden(url, str(error).removeprefix("NOPERM ").strip() or "NOPERM")
+
+
 class LedgerUnavailable(PaymasterError):
     """Redis could not be reached. The URL is shown without credentials."""
 

@@ -12,6 +12,11 @@ scripts stay atomic when Redis is sharded. A tenant's keys live on the tenant's 
 funding a task from a tenant is therefore a saga of idempotent steps (see
 ``docs/ledger.md``), never one script across slots.
 
+A process may be **fenced to one tenant** (:class:`KeySpace`, ``PAYMASTER_TENANT``): then
+every key it uses starts ``pm:<tenant>:``, outside the hash tag (``pm:acme:{k:<task>}:…``),
+so a Redis ACL user limited to ``~pm:acme:*`` can run it and can touch nothing of another
+tenant (``docs/scaling.md``). A process not fenced uses ``pm:`` alone, as before.
+
 Names are validated here too, with limits that leave room for every name derived from
 them: a 64-character task id or tenant still makes valid op ids, scopes and outcome ids.
 """
@@ -257,8 +262,12 @@ def work_name(subtask_id: str, attempt: int) -> str:
 # -- the families ------------------------------------------------------------------------------
 
 
-def _tagged(family: str, name: str) -> str:
-    return f"{PREFIX}:{{{family}:{name}}}:"
+#: The prefix of every key of a process that is not fenced to a tenant.
+SHARED_PREFIX = f"{PREFIX}:"
+
+
+def _tagged(prefix: str, family: str, name: str) -> str:
+    return f"{prefix}{{{family}:{name}}}:"
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,11 +275,13 @@ class TaskKeys:
     """The keys of one task, all under the hash tag ``{k:<task_id>}``."""
 
     task_id: str
+    #: Where the keys live: ``pm:``, or ``pm:<tenant>:`` in a fenced process (:class:`KeySpace`).
+    prefix: str = SHARED_PREFIX
 
     @property
     def base(self) -> str:
         """Common prefix of every key of this task."""
-        return _tagged(_TASK, self.task_id)
+        return _tagged(self.prefix, _TASK, self.task_id)
 
     @property
     def meta(self) -> str:
@@ -354,11 +365,12 @@ class TenantKeys:
     """The keys of one tenant, under the hash tag ``{t:<tenant>}``."""
 
     tenant: str
+    prefix: str = SHARED_PREFIX
 
     @property
     def base(self) -> str:
         """Common prefix of every key of this tenant."""
-        return _tagged(_TENANT, self.tenant)
+        return _tagged(self.prefix, _TENANT, self.tenant)
 
     @property
     def config(self) -> str:
@@ -389,11 +401,12 @@ class StatsKeys:
     """The keys of one statistics scope (a tenant, or the shared scope), tag ``{s:<scope>}``."""
 
     scope: str
+    prefix: str = SHARED_PREFIX
 
     @property
     def base(self) -> str:
         """Common prefix of every key of this scope."""
-        return _tagged(_STATS, self.scope)
+        return _tagged(self.prefix, _STATS, self.scope)
 
     @property
     def cells(self) -> str:
@@ -418,15 +431,89 @@ class StatsKeys:
         return self.base + "seen:v:" + outcome
 
 
-#: Set of every tenant name.
-TENANTS = f"{PREFIX}:tenants"
-#: Set of task ids whose root is open (the reaper walks it).
-OPEN_TASKS = f"{PREFIX}:tasks:open"
-#: Stream of submitted tasks, read by workers through a consumer group.
-QUEUE = f"{PREFIX}:queue"
-#: Stream of tasks that failed too many deliveries.
-DEAD_LETTER = f"{PREFIX}:queue:dead"
-#: Consumer group of the workers on ``QUEUE``.
+@dataclass(frozen=True, slots=True)
+class KeySpace:
+    """Where one process's keys live: ``pm:``, or ``pm:<tenant>:`` when fenced to a tenant.
+
+    Every component that touches Redis (ledger, statistics, records, queue, worker
+    registry) builds its keys from the same space, so a fenced process never names
+    a key outside its tenant's prefix. The global keys (queue, indexes) are per space.
+    """
+
+    #: The tenant the process is fenced to; ``None``: not fenced.
+    tenant: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.tenant is not None and ":" in check_tenant(self.tenant):
+            # ``~pm:acme:*`` would also match tenant ``acme:x``'s keys.
+            raise InvalidName("fenced tenant", self.tenant, "a fenced tenant's name has no ':'")
+
+    @property
+    def prefix(self) -> str:
+        """``pm:`` or ``pm:<tenant>:``; an ACL user of the tenant gets ``~pm:<tenant>:*``."""
+        return SHARED_PREFIX if self.tenant is None else f"{PREFIX}:{self.tenant}:"
+
+    def task(self, task_id: str) -> TaskKeys:
+        """The keys of one task."""
+        return TaskKeys(task_id, self.prefix)
+
+    def tenant_keys(self, name: str) -> TenantKeys:
+        """The keys of one tenant."""
+        return TenantKeys(name, self.prefix)
+
+    def stats(self, scope: str) -> StatsKeys:
+        """The keys of one statistics scope."""
+        return StatsKeys(scope, self.prefix)
+
+    @property
+    def tenants(self) -> str:
+        """Set of every tenant name."""
+        return self.prefix + "tenants"
+
+    # The global keys are one segment each ("open-tasks", not "tasks:open"): no key of
+    # the shared space may start with ``pm:<tenant>:``, the fenced tenant's ACL pattern.
+
+    @property
+    def open_tasks(self) -> str:
+        """Set of task ids whose root is open (the reaper walks it)."""
+        return self.prefix + "open-tasks"
+
+    @property
+    def queue(self) -> str:
+        """Stream of submitted tasks, read by workers through a consumer group."""
+        return self.prefix + "queue"
+
+    @property
+    def dead_letter(self) -> str:
+        """Stream of tasks that failed too many deliveries."""
+        return self.prefix + "dead-letter"
+
+    @property
+    def workers(self) -> str:
+        """Hash: worker name -> last heartbeat (JSON), for health checks."""
+        return self.prefix + "workers"
+
+    @property
+    def task_pattern(self) -> str:
+        """``SCAN`` pattern of every task record of the space."""
+        return self.prefix + "{" + _TASK + ":*}:task"
+
+    def task_id_of(self, record_key: str) -> str | None:
+        """The task id of a record key matched by :attr:`task_pattern` (``None``: not one)."""
+        head, tail = self.prefix + "{" + _TASK + ":", "}:task"
+        if record_key.startswith(head) and record_key.endswith(tail):
+            return record_key[len(head) : -len(tail)]
+        return None
+
+
+#: The space of a process not fenced to a tenant.
+SHARED_SPACE = KeySpace()
+
+# The shared space's global keys, by name (tests and tools read them).
+TENANTS = SHARED_SPACE.tenants
+OPEN_TASKS = SHARED_SPACE.open_tasks
+QUEUE = SHARED_SPACE.queue
+DEAD_LETTER = SHARED_SPACE.dead_letter
+WORKERS = SHARED_SPACE.workers
+#: Consumer group of the workers on a space's queue.
 WORKER_GROUP = "pm-workers"
-#: Hash: worker name -> last heartbeat (JSON), for health checks.
-WORKERS = f"{PREFIX}:workers"

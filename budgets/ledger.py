@@ -30,10 +30,10 @@ from budgets.errors import (
     UnknownTask,
 )
 from budgets.keys import (
-    OPEN_TASKS,
     ROOT,
+    SHARED_SPACE,
+    KeySpace,
     TaskKeys,
-    TenantKeys,
     check_op_id,
     check_path,
     check_task_id,
@@ -163,14 +163,17 @@ class Ledger:
         lease_s: float = 120.0,
         tenant_events_max: int = TENANT_EVENTS_MAX,
         functions: bool = True,
+        space: KeySpace = SHARED_SPACE,
     ) -> None:
         self.redis = redis
+        #: Where this ledger's keys live (``pm:``, or ``pm:<tenant>:`` when fenced).
+        self.space = space
         # functions: the task script as a Redis Function (FCALL) where the server
         # has them (7.0+), else by EVALSHA; False always uses EVALSHA.
         self._runner = ScriptRunner(redis, url=url, batch=batch, functions=functions)
         self._lease_ms = self._lease(lease_s)
-        self._tenants = TenantBooks(redis, self._runner, events_max=tenant_events_max)
-        self._admissions = Admissions(redis)
+        self._tenants = TenantBooks(redis, self._runner, events_max=tenant_events_max, space=space)
+        self._admissions = Admissions(redis, space=space)
 
     @classmethod
     def from_url(
@@ -180,11 +183,18 @@ class Ledger:
         batch: bool = True,
         lease_s: float = 120.0,
         tenant_events_max: int = TENANT_EVENTS_MAX,
+        space: KeySpace = SHARED_SPACE,
     ) -> Ledger:
-        """A ledger on the Redis at ``url`` (``redis://host:port/db``)."""
+        """A ledger on the Redis at ``url`` (``redis://[user:password@]host:port/db``, or
+        any node of a Redis Cluster)."""
         redis = redis_client(url)
         return cls(
-            redis, url=url, batch=batch, lease_s=lease_s, tenant_events_max=tenant_events_max
+            redis,
+            url=url,
+            batch=batch,
+            lease_s=lease_s,
+            tenant_events_max=tenant_events_max,
+            space=space,
         )
 
     @property
@@ -215,7 +225,7 @@ class Ledger:
         ctx: Context | None = None,
     ) -> list[Any]:
         """Run one operation of the task script; its reply, or the error its refusal means."""
-        reply = await self._runner.task_op(TaskKeys(task_id), op, accounts, args)
+        reply = await self._runner.task_op(self.space.task(task_id), op, accounts, args)
         if op in _SETTLING:
             self._admissions.settled(task_id)
         return check(op.value, reply, ctx or Context(task_id=task_id))
@@ -250,7 +260,7 @@ class Ledger:
             status, incarnation = (await self._run(Op.CLAIM, task_id, [], claim, ctx))[1:3]
             if status != "claimed":
                 if status == "open":
-                    await self.redis.sadd(OPEN_TASKS, task_id)
+                    await self.redis.sadd(self.space.open_tasks, task_id)
                 return
             try:
                 period = await self._tenants.fund(tenant, task_id, incarnation, budget)
@@ -265,7 +275,7 @@ class Ledger:
                 await self._tenants.settle(tenant, task_id, incarnation, mode="undo")
             raise
         if reply[3] == "open":
-            await self.redis.sadd(OPEN_TASKS, task_id)
+            await self.redis.sadd(self.space.open_tasks, task_id)
 
     async def open_account(
         self,
@@ -435,7 +445,7 @@ class Ledger:
     async def kept(self, task_id: str, name: str) -> str | None:
         """The reply a commit kept under ``name`` (see :meth:`commit`), or ``None``."""
         check_task_id(task_id)
-        value = await self.redis.hget(TaskKeys(task_id).ops, kept_marker(name))
+        value = await self.redis.hget(self.space.task(task_id).ops, kept_marker(name))
         return None if value is None else str(value)
 
     async def release(self, task_id: str, reservation_id: str, *, reason: str = "") -> bool:
@@ -520,7 +530,7 @@ class Ledger:
         are then given that retention, as :meth:`expire_task` does.
         """
         check_task_id(task_id)
-        keys = TaskKeys(task_id)
+        keys = self.space.task(task_id)
         meta = await _hash(self.redis, keys.meta)
         if not meta:
             raise UnknownTask(task_id)
@@ -545,7 +555,7 @@ class Ledger:
             await self._tenants.settle(tenant, task_id, incarnation, mode="close", spent=spent)
         elif tenant:
             log.warning("task %s has no incarnation; its tenant %s is not settled", task_id, tenant)
-        await self.redis.srem(OPEN_TASKS, task_id)
+        await self.redis.srem(self.space.open_tasks, task_id)
         if retention_s is not None:
             await self._expire(keys, meta, paths, retention_s)
         return closed
@@ -557,7 +567,7 @@ class Ledger:
         spend reported while the task's keys exist still finds it.
         """
         check_task_id(task_id)
-        keys = TaskKeys(task_id)
+        keys = self.space.task(task_id)
         meta = await _hash(self.redis, keys.meta)
         paths = await _members(self.redis, keys.accounts)
         await self._expire(keys, meta, paths, retention_s)
@@ -571,7 +581,7 @@ class Ledger:
             pipe.expire(key, retention_s)
         tenant, incarnation = meta.get("tenant") or "", meta.get("inc") or ""
         if tenant and incarnation:
-            funding = TenantKeys(tenant).funding(task_id, incarnation)
+            funding = self.space.tenant_keys(tenant).funding(task_id, incarnation)
             pipe.expire(funding, retention_s + FUNDING_GRACE_S)
         await pipe.execute()
 
@@ -587,7 +597,7 @@ class Ledger:
 
     async def reap_all(self) -> int:
         """Reap every open task; what a periodic reaper calls."""
-        tasks = await _members(self.redis, OPEN_TASKS)
+        tasks = await _members(self.redis, self.space.open_tasks)
         total = 0
         for task_id in tasks:
             total += await self.reap(task_id)
@@ -598,7 +608,7 @@ class Ledger:
     async def snapshot(self, task_id: str) -> TaskTree:
         """The task's account tree with open reservations, in one round trip after the index."""
         check_task_id(task_id)
-        keys = TaskKeys(task_id)
+        keys = self.space.task(task_id)
         paths = await _members(self.redis, keys.accounts)
         if not paths:
             raise UnknownTask(task_id)
@@ -630,7 +640,7 @@ class Ledger:
         """One account (without children), read directly."""
         check_task_id(task_id)
         check_path(path)
-        fields = await _hash(self.redis, TaskKeys(task_id).account(path))
+        fields = await _hash(self.redis, self.space.task(task_id).account(path))
         if not fields:
             raise UnknownAccount(task_id, path)
         return account_from_hash(path, fields, [])
@@ -639,7 +649,7 @@ class Ledger:
         """A reservation's one record, in whatever state it is."""
         check_task_id(task_id)
         check_op_id(reservation_id, "reservation id")
-        packed = await self.redis.hget(TaskKeys(task_id).reservations, reservation_id)
+        packed = await self.redis.hget(self.space.task(task_id).reservations, reservation_id)
         if packed is None:
             raise UnknownReservation(task_id, reservation_id)
         return reservation_from_record(reservation_id, cast(str, packed))
@@ -664,7 +674,7 @@ class Ledger:
             start = f"({after}"
         # The entry of ``after`` is read again, so one more keeps ``count`` events.
         entries = None if count is None else count + (1 if skip_in else 0)
-        rows = await self.redis.xrange(TaskKeys(task_id).events, min=start, count=entries)
+        rows = await self.redis.xrange(self.space.task(task_id).events, min=start, count=entries)
         out: list[LedgerEvent] = []
         for eid, fields in cast("list[tuple[str, dict[str, str]]]", rows):
             if fields.get("op") != "batch":
@@ -691,7 +701,7 @@ class Ledger:
         fields = {"op": "note", "acct": account, "t": 0, "n": 0, "id": "", "text": text[:500]}
         if tags:
             fields["tags"] = json.dumps(dict(tags), sort_keys=True)
-        eid = await self.redis.xadd(TaskKeys(task_id).events, cast(Any, fields))
+        eid = await self.redis.xadd(self.space.task(task_id).events, cast(Any, fields))
         return str(eid)
 
     # -- tenants ---------------------------------------------------------------

@@ -27,7 +27,7 @@ from typing import Any
 from budgets.coalesce import Coalescer
 from budgets.connection import Client, clustered
 from budgets.errors import InvalidObservation, UnknownOutcome
-from budgets.keys import SHARED_SCOPE, StatsKeys, check_name, check_scope, clean_tag
+from budgets.keys import SHARED_SCOPE, SHARED_SPACE, KeySpace, check_name, check_scope, clean_tag
 from budgets.learner import (
     L2,
     LEARNING_RATE,
@@ -344,12 +344,15 @@ class StatsBook:
         retention_s: int = 30 * 86400,
         learning_rate: float = LEARNING_RATE,
         l2: float = L2,
+        space: KeySpace = SHARED_SPACE,
     ) -> None:
         if retention_s < 1:
             raise ValueError(f"retention_s must be at least 1, got {retention_s}")
         if not all(math.isfinite(x) and x >= 0 for x in (learning_rate, l2)):
             raise ValueError(f"learning_rate and l2 must be >= 0, got {learning_rate}, {l2}")
         self.redis = redis
+        #: Where the scopes' keys live (``pm:``, or ``pm:<tenant>:`` when fenced).
+        self.space = space
         self.retention_s = retention_s
         self.learning_rate = learning_rate
         self.l2 = l2
@@ -378,7 +381,7 @@ class StatsBook:
 
     async def read(self, scope: str) -> Stats:
         """Every cell of ``scope`` and its learner's weights (two reads of one slot)."""
-        keys = StatsKeys(check_scope(scope))
+        keys = self.space.stats(check_scope(scope))
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hgetall(keys.cells)
             pipe.hgetall(keys.model)
@@ -391,7 +394,7 @@ class StatsBook:
         The outcome's cells are stored with its marker, for :meth:`verdict`.
         Raises :class:`~budgets.errors.InvalidObservation` (nothing written) on a bad field.
         """
-        keys = StatsKeys(check_scope(scope))
+        keys = self.space.stats(check_scope(scope))
         check_name("outcome id", outcome_id)
         seen.check()
         prefixes = seen.prefixes()
@@ -425,7 +428,7 @@ class StatsBook:
         Raises :class:`~budgets.errors.UnknownOutcome` (nothing changed) when
         ``outcome_id`` was never recorded in ``scope`` or its marker expired.
         """
-        keys = StatsKeys(check_scope(scope))
+        keys = self.space.stats(check_scope(scope))
         check_name("outcome id", outcome_id)
         if type(ok) is not bool:
             raise InvalidObservation("ok", ok, "must be a bool")
@@ -448,7 +451,7 @@ class StatsBook:
 
     async def clear(self, scope: str) -> None:
         """Forget a scope's counts and weights (its markers expire on their own)."""
-        keys = StatsKeys(check_scope(scope))
+        keys = self.space.stats(check_scope(scope))
         await self.redis.delete(keys.cells, keys.model)
 
 

@@ -16,7 +16,7 @@ from typing import Literal, cast
 from budgets._runner import ScriptRunner
 from budgets.connection import Client
 from budgets.errors import InvalidAmount, UnknownTenant
-from budgets.keys import TENANTS, TenantKeys, check_tenant
+from budgets.keys import SHARED_SPACE, KeySpace, check_tenant
 from budgets.money import UNLIMITED, Budget
 from budgets.replies import Context, check
 from budgets.scripts import TenantOp
@@ -65,36 +65,42 @@ class TenantBooks:
     """Tenants' configuration, their period totals, and each incarnation's funding."""
 
     def __init__(
-        self, redis: Client, runner: ScriptRunner, *, events_max: int = TENANT_EVENTS_MAX
+        self,
+        redis: Client,
+        runner: ScriptRunner,
+        *,
+        events_max: int = TENANT_EVENTS_MAX,
+        space: KeySpace = SHARED_SPACE,
     ) -> None:
         if not isinstance(events_max, int) or events_max < 1:
             raise InvalidAmount("tenant_events_max", events_max, "must be a positive int")
         self.redis = redis
         self._runner = runner
         self._events_max = events_max
+        self._space = space
 
     async def set(self, name: str, budget: Budget, *, period: Period) -> None:
         """Create or update a tenant: ``budget`` per ``period``."""
         check_tenant(name)
         if period not in ("day", "month", "none"):
             raise InvalidAmount("period", period, "use 'day', 'month' or 'none'")
-        keys = TenantKeys(name)
+        keys = self._space.tenant_keys(name)
         # Two slots on a cluster, so two steps: the config, then the index that lists
         # it. Each is idempotent; a failure between them is repaired by setting again.
         await self.redis.hset(
             keys.config,
             mapping={"lt": _limit(budget.tokens), "ln": _limit(budget.nanos), "period": period},
         )
-        await self.redis.sadd(TENANTS, name)
+        await self.redis.sadd(self._space.tenants, name)
 
     async def names(self) -> list[str]:
         """Every configured tenant's name, sorted."""
-        return sorted(cast("set[str]", await self.redis.smembers(TENANTS)))
+        return sorted(cast("set[str]", await self.redis.smembers(self._space.tenants)))
 
     async def view(self, name: str, *, period_id: str | None = None) -> TenantView:
         """A tenant's limits and one period's use (default: the latest funded period)."""
         check_tenant(name)
-        keys = TenantKeys(name)
+        keys = self._space.tenant_keys(name)
         cfg = await _hash(self.redis, keys.config)
         if not cfg:
             raise UnknownTenant(name)
@@ -117,7 +123,7 @@ class TenantBooks:
         Refused (:class:`~budgets.errors.BudgetExceeded`, ``UnknownTenant``,
         ``UnlimitedChild``) with nothing written. A repeat returns the first answer.
         """
-        keys = TenantKeys(tenant)
+        keys = self._space.tenant_keys(tenant)
         reply = await self._runner.tenant_op(
             TenantOp.FUND,
             [keys.config, keys.funding(task_id, incarnation), keys.events],
@@ -148,7 +154,7 @@ class TenantBooks:
         ``close`` ends it at the task's close, ``undo`` when its open did not complete.
         Repeats, and totals arriving out of order, never count anything twice.
         """
-        keys = TenantKeys(tenant)
+        keys = self._space.tenant_keys(tenant)
         reply = await self._runner.tenant_op(
             TenantOp.SETTLE,
             [keys.funding(task_id, incarnation), keys.events],

@@ -20,10 +20,16 @@ from agents.endpoints import DEFAULT_LOCAL_PORT, EndpointsConfig, load_config
 from agents.plan import Plan
 from budgets import Budget, Ledger, LedgerEvent, TaskTree
 from budgets.errors import LedgerError, TaskExists, UnknownTask
-from budgets.keys import TaskKeys, check_task_id, check_tenant, new_op_id, submit_op_id
+from budgets.keys import check_task_id, check_tenant, new_op_id, submit_op_id
 from budgets.stats import Stats, StatsBook
 from orchestrator.embedded import ensure_redis
-from orchestrator.errors import InvalidTask, SubtaskNotFound, TaskNotFound, TaskTimeout
+from orchestrator.errors import (
+    InvalidTask,
+    SubtaskNotFound,
+    TaskNotFound,
+    TaskTimeout,
+    WrongTenant,
+)
 from orchestrator.flow import stats_scope
 from orchestrator.queue import TaskQueue
 from orchestrator.records import Records, Status, TaskRecord
@@ -134,8 +140,13 @@ class Paymaster:
     def books(self) -> Ledger:
         """The ledger client (built on first use in the calling event loop)."""
         if self._ledger is None:
-            self._ledger = Ledger.from_url(self.redis_url, lease_s=self.settings.lease_s)
+            self._ledger = Ledger.from_url(
+                self.redis_url, lease_s=self.settings.lease_s, space=self.settings.space()
+            )
         return self._ledger
+
+    def _records(self) -> Records:
+        return Records(self.books.redis, space=self.books.space)
 
     @property
     def endpoints(self) -> EndpointsConfig:
@@ -208,9 +219,8 @@ class Paymaster:
         if budget.is_unlimited:
             raise InvalidTask("give the task a limit in tokens or dollars (or both)")
         task_id = check_task_id(task_id or new_op_id()[:16])
-        if tenant is not None:
-            check_tenant(tenant)
-        records = Records(self.books.redis)
+        tenant = self._tenant(tenant)
+        records = self._records()
         found = await records.create(task_id, task=text, budget=budget, tenant=tenant)
         if not found.created and not found.same(task=text, budget=budget, tenant=tenant):
             raise TaskExists(task_id)
@@ -235,7 +245,7 @@ class Paymaster:
         """
         task_id, created = await self._create(text, budget, tenant, task_id)
         if created:
-            queue = TaskQueue(self.books.redis)
+            queue = TaskQueue(self.books.redis, space=self.books.space)
             await queue.ensure_group()
             await queue.enqueue(task_id)
         return Task(self, task_id)
@@ -265,7 +275,7 @@ class Paymaster:
             with contextlib.suppress(Exception):
                 await finish_task(
                     self.books,
-                    Records(self.books.redis),
+                    self._records(),
                     task_id,
                     status=Status.FAILED,
                     answer=None,
@@ -283,7 +293,7 @@ class Paymaster:
     async def arecord(self, task_id: str) -> TaskRecord:
         """A task's record; :class:`TaskNotFound` if there is none."""
         check_task_id(task_id)
-        record = await Records(self.books.redis).get(task_id)
+        record = await self._records().get(task_id)
         if record is None:
             raise TaskNotFound(task_id)
         return record
@@ -312,7 +322,7 @@ class Paymaster:
         and its tenant gets the funding back. A running one stops at its next step.
         """
         await self.arecord(task_id)
-        records = Records(self.books.redis)
+        records = self._records()
         if await records.cancel_queued(task_id):
             await finish_task(
                 self.books,
@@ -329,7 +339,7 @@ class Paymaster:
     async def asubtasks(self, task_id: str) -> list[str]:
         """Ids of the task's finished subtasks, in plan order (what :meth:`feedback` takes)."""
         await self.arecord(task_id)
-        records = Records(self.books.redis)
+        records = self._records()
         results = await records.load_results(task_id)
         saved = await records.load_plan(task_id)
         order = [s.id for s in Plan.model_validate_json(saved).subtasks] if saved else []
@@ -357,7 +367,7 @@ class Paymaster:
 
     async def aevents(self, task_id: str, *, after: str = "-") -> list[LedgerEvent]:
         """The task's audit events."""
-        if not await self.books.redis.exists(TaskKeys(task_id).events):
+        if not await self.books.redis.exists(self.books.space.task(task_id).events):
             raise TaskNotFound(task_id)
         return await self.books.events(task_id, after=after)
 
@@ -365,8 +375,23 @@ class Paymaster:
         """Sync :meth:`aevents`."""
         return self._sync(self.aevents(task_id, after=after))
 
+    def _tenant(self, asked: str | None) -> str | None:
+        """The tenant a task or setting is for: ``asked`` (validated), or the fence's.
+
+        A process fenced to a tenant (``PAYMASTER_TENANT``) acts for that tenant
+        only; another name raises :class:`WrongTenant` before anything is written.
+        """
+        fence = self.settings.tenant
+        if asked is None:
+            return fence
+        check_tenant(asked)
+        if fence is not None and asked != fence:
+            raise WrongTenant(fence, asked)
+        return asked
+
     async def aset_tenant(self, name: str, budget: Budget, *, period: str = "month") -> None:
         """Create or update a tenant's per-period budget."""
+        name = self._tenant(name) or name
         await self.books.set_tenant(name, budget, period=period)  # type: ignore[arg-type]
 
     def set_tenant(self, name: str, budget: Budget, *, period: str = "month") -> None:
@@ -377,7 +402,7 @@ class Paymaster:
 
     def _stats(self) -> StatsBook:
         if self._statsbook is None:
-            self._statsbook = StatsBook(self.books.redis)
+            self._statsbook = StatsBook(self.books.redis, space=self.books.space)
         return self._statsbook
 
     async def afeedback(self, task_id: str, subtask_id: str, *, ok: bool) -> bool:
@@ -389,7 +414,7 @@ class Paymaster:
         :class:`~budgets.errors.UnknownOutcome` once the outcome's statistics expired.
         """
         record = await self.arecord(task_id)
-        results = await Records(self.books.redis).load_results(task_id)
+        results = await self._records().load_results(task_id)
         res = results.get(subtask_id)
         if res is None or not res.get("outcome") or not res.get("endpoint"):
             raise SubtaskNotFound(

@@ -26,9 +26,11 @@ from budgets.errors import (
     InvalidAmount,
     InvalidName,
     LedgerError,
+    LedgerForbidden,
     PaymasterError,
     UnknownOutcome,
     UnknownTenant,
+    forbidden,
 )
 from orchestrator.api import Paymaster
 from orchestrator.cli_serve import serve
@@ -81,6 +83,10 @@ def _guard(exc: BaseException) -> typer.Exit:
         return fail(f"Redis is unreachable ({exc}); check REDIS_URL or start redis-server", 4)
     if isinstance(exc, LedgerUnavailable | MissingRedis | ConnectionError):
         return fail(str(exc), 4)
+    if isinstance(exc, redis.exceptions.NoPermissionError):
+        return fail(str(forbidden("REDIS_URL", exc)), 2)
+    if isinstance(exc, LedgerForbidden):
+        return fail(str(exc), 2)
     if isinstance(exc, ModelCallFailed) and exc.transient:
         return fail(f"{exc}; is the model server running? (paymaster endpoints)", 4)
     if isinstance(exc, InvalidTask | InvalidAmount | InvalidName | UnknownTenant | LedgerError):
@@ -315,9 +321,14 @@ def worker(
     if metrics_port is not None:
         from orchestrator.metrics import MetricsServer
 
-        redis_url = _pm().redis_url
+        probe = _pm()
         try:
-            metrics = MetricsServer(redis_url=redis_url, host=metrics_host, port=metrics_port)
+            metrics = MetricsServer(
+                redis_url=probe.redis_url,
+                host=metrics_host,
+                port=metrics_port,
+                space=probe.settings.space(),
+            )
         except OSError as e:
             raise fail(str(e), 2) from e
         err.print(f"metrics on http://{metrics_host}:{metrics.port}/metrics")

@@ -65,7 +65,12 @@ def serve(
             f"cannot listen on {host}:{port}: {e.strerror or e}; choose another --port", 2
         ) from e
     bound = sock.getsockname()[1]
-    settings = ServeSettings(redis_url=pm.redis_url, token=token, show_prompts=show_prompts)
+    settings = ServeSettings(
+        redis_url=pm.redis_url,
+        token=token,
+        show_prompts=show_prompts,
+        space=pm.settings.space(),
+    )
     config = uvicorn.Config(build_app(settings), log_level="warning", lifespan="on")
     err.print(f"serving on http://{host}:{bound}/", markup=False, highlight=False)
     try:

@@ -29,6 +29,18 @@ class InvalidTask(OrchestratorError, ValueError):
     """A submitted task is not acceptable (empty text, too long, …); nothing was stored."""
 
 
+class WrongTenant(InvalidTask):
+    """A process fenced to one tenant (``PAYMASTER_TENANT``) was asked to act for another."""
+
+    def __init__(self, fence: str, asked: str) -> None:
+        self.fence = fence
+        self.asked = asked
+        super().__init__(
+            f"this process is fenced to tenant {fence!r} (PAYMASTER_TENANT); it cannot act "
+            f"for {asked!r}: run it with PAYMASTER_TENANT={asked} and that tenant's Redis user"
+        )
+
+
 class TaskTimeout(OrchestratorError, TimeoutError):
     """Waiting for a task took longer than the caller allowed; the task goes on."""
 

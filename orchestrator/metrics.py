@@ -31,7 +31,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from budgets.connection import sync_redis_client
-from budgets.keys import DEAD_LETTER, OPEN_TASKS, QUEUE, TENANTS, TaskKeys, TenantKeys
+from budgets.keys import SHARED_SPACE, KeySpace
 from budgets.money import UNLIMITED
 from orchestrator.telemetry import QUIET, CallFacts, Off, QueueEvent, Quiet, TaskFacts
 
@@ -187,7 +187,8 @@ def _opt_limit(raw: str | None) -> int | None:
 class LedgerCollector(Collector):
     """Gauges read from Redis at each scrape (a synchronous client: scrapes run in a thread)."""
 
-    def __init__(self, redis_url: str) -> None:
+    def __init__(self, redis_url: str, *, space: KeySpace = SHARED_SPACE) -> None:
+        self._space = space
         self._redis = sync_redis_client(
             redis_url,
             socket_timeout=SCRAPE_TIMEOUT_S,
@@ -217,16 +218,16 @@ class LedgerCollector(Collector):
     def _read(self) -> Iterator[GaugeMetricFamily]:
         r = self._redis
         now_s, _ = r.time()
-        tasks = sorted(cast("set[str]", r.smembers(OPEN_TASKS)))
-        tenants = sorted(cast("set[str]", r.smembers(TENANTS)))
+        tasks = sorted(cast("set[str]", r.smembers(self._space.open_tasks)))
+        tenants = sorted(cast("set[str]", r.smembers(self._space.tenants)))
         pipe = r.pipeline(transaction=False)
         for t in tasks:
-            pipe.zcard(TaskKeys(t).leases)
+            pipe.zcard(self._space.task(t).leases)
         for name in tenants:
-            pipe.hgetall(TenantKeys(name).config)
-        pipe.xlen(QUEUE)
-        pipe.xrange(QUEUE, count=1)
-        pipe.xlen(DEAD_LETTER)
+            pipe.hgetall(self._space.tenant_keys(name).config)
+        pipe.xlen(self._space.queue)
+        pipe.xrange(self._space.queue, count=1)
+        pipe.xlen(self._space.dead_letter)
         replies: list[Any] = pipe.execute()
         held = replies[: len(tasks)]
         configs = cast("list[dict[str, str]]", replies[len(tasks) : len(tasks) + len(tenants)])
@@ -260,7 +261,7 @@ class LedgerCollector(Collector):
         periods = [(n, c.get("last")) for n, c in zip(names, configs, strict=True) if c]
         pipe = self._redis.pipeline(transaction=False)
         for name, last in periods:
-            pipe.hgetall(TenantKeys(name).period(last or "all"))
+            pipe.hgetall(self._space.tenant_keys(name).period(last or "all"))
         used = cast("list[dict[str, str]]", pipe.execute()) if periods else []
         families = {
             key: GaugeMetricFamily(name, text, labels=["tenant"])
@@ -297,9 +298,11 @@ def _gauge(name: str, text: str, value: float) -> GaugeMetricFamily:
 class MetricsServer:
     """``/metrics`` on ``host:port`` in a daemon thread: this process's counters and the gauges."""
 
-    def __init__(self, *, redis_url: str, host: str, port: int) -> None:
+    def __init__(
+        self, *, redis_url: str, host: str, port: int, space: KeySpace = SHARED_SPACE
+    ) -> None:
         self.telemetry = PrometheusTelemetry()
-        self._collector = LedgerCollector(redis_url)
+        self._collector = LedgerCollector(redis_url, space=space)
         self.telemetry.registry.register(self._collector)
         try:
             self._server, self._thread = start_http_server(

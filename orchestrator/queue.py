@@ -25,7 +25,7 @@ from typing import Any, cast
 from redis import exceptions as rex
 
 from budgets.connection import Client
-from budgets.keys import DEAD_LETTER, QUEUE, WORKER_GROUP
+from budgets.keys import SHARED_SPACE, WORKER_GROUP, KeySpace
 
 #: The dead letter keeps this many of the newest entries.
 DEAD_LETTER_MAX = 10_000
@@ -171,9 +171,18 @@ class TaskQueue:
     """Submit, take, keep alive, acknowledge and dead-letter tasks."""
 
     def __init__(
-        self, redis: Client, *, consumer: str = "api", dead_letter_max: int = DEAD_LETTER_MAX
+        self,
+        redis: Client,
+        *,
+        consumer: str = "api",
+        dead_letter_max: int = DEAD_LETTER_MAX,
+        space: KeySpace = SHARED_SPACE,
     ) -> None:
         self.redis = redis
+        #: Whose queue: the shared one, or a fenced tenant's (``pm:<tenant>:queue``).
+        self.space = space
+        self._stream = space.queue
+        self._dead = space.dead_letter
         self.consumer = consumer
         self.dead_letter_max = dead_letter_max
         self._take_over = redis.register_script(_TAKE_OVER)
@@ -184,19 +193,19 @@ class TaskQueue:
     async def ensure_group(self) -> None:
         """Create the stream and the consumer group if they do not exist yet."""
         try:
-            await self.redis.xgroup_create(QUEUE, WORKER_GROUP, id="0", mkstream=True)
+            await self.redis.xgroup_create(self._stream, WORKER_GROUP, id="0", mkstream=True)
         except rex.ResponseError as e:
             if "BUSYGROUP" not in str(e):
                 raise
 
     async def enqueue(self, task_id: str) -> str:
         """Put a task on the stream; returns the message id."""
-        return cast("str", await self.redis.xadd(QUEUE, {"task_id": task_id}))
+        return cast("str", await self.redis.xadd(self._stream, {"task_id": task_id}))
 
     async def take(self, *, count: int, block_ms: int) -> list[Delivery]:
         """New messages for this consumer, waiting up to ``block_ms`` for one."""
         reply = await self.redis.xreadgroup(
-            WORKER_GROUP, self.consumer, {QUEUE: ">"}, count=count, block=block_ms
+            WORKER_GROUP, self.consumer, {self._stream: ">"}, count=count, block=block_ms
         )
         streams = cast("list[tuple[str, Any]]", reply)  # RESP2: [[stream, entries]]
         rows = cast("list[tuple[str, dict[str, str] | None]]", streams[0][1] if streams else [])
@@ -205,7 +214,7 @@ class TaskQueue:
             if fields and "task_id" in fields:
                 out.append(Delivery(message_id, fields["task_id"], self.consumer, 1))
             else:  # not a task: nothing will ever run it
-                await self.redis.xack(QUEUE, WORKER_GROUP, message_id)
+                await self.redis.xack(self._stream, WORKER_GROUP, message_id)
         return out
 
     async def take_over(
@@ -218,7 +227,8 @@ class TaskQueue:
         running task a second time).
         """
         flat = await self._take_over(
-            keys=[QUEUE], args=[WORKER_GROUP, self.consumer, idle_ms, count, *(running or [])]
+            keys=[self._stream],
+            args=[WORKER_GROUP, self.consumer, idle_ms, count, *(running or [])],
         )
         rows = cast("list[Any]", flat)
         return [
@@ -237,13 +247,16 @@ class TaskQueue:
         args: list[str | int] = [WORKER_GROUP, self.consumer]
         for d in held:
             args.extend((d.message_id, d.deliveries))
-        lost = {str(i) for i in cast("list[Any]", await self._keep_alive(keys=[QUEUE], args=args))}
+        lost = {
+            str(i)
+            for i in cast("list[Any]", await self._keep_alive(keys=[self._stream], args=args))
+        }
         return [d for d in held if d.message_id in lost]
 
     async def owns(self, delivery: Delivery) -> bool:
         """Whether ``delivery``'s consumer still holds it under its token (one ``XPENDING``)."""
         rows = await self.redis.xpending_range(
-            QUEUE, WORKER_GROUP, min=delivery.message_id, max=delivery.message_id, count=1
+            self._stream, WORKER_GROUP, min=delivery.message_id, max=delivery.message_id, count=1
         )
         if not rows:
             return False
@@ -265,14 +278,14 @@ class TaskQueue:
             delivery.consumer,
             delivery.deliveries,
         ]
-        return bool(await self._ack(keys=[QUEUE], args=args))
+        return bool(await self._ack(keys=[self._stream], args=args))
 
     async def dead_letter(self, delivery: Delivery, *, reason: str) -> bool:
         """Move a message that failed too often to the dead letter (if still ours)."""
         if not await self.owns(delivery):
             return False
         await self.redis.xadd(
-            DEAD_LETTER,
+            self._dead,
             {
                 "task_id": delivery.task_id,
                 "message_id": delivery.message_id,
@@ -286,9 +299,9 @@ class TaskQueue:
 
     async def dead(self, *, count: int = 100) -> list[dict[str, str]]:
         """The newest dead-lettered tasks."""
-        rows = await self.redis.xrevrange(DEAD_LETTER, count=count)
+        rows = await self.redis.xrevrange(self._dead, count=count)
         return [fields for _, fields in cast("list[tuple[str, dict[str, str]]]", rows)]
 
     async def forget_consumers(self, *, idle_ms: int) -> int:
         """Delete consumers silent for ``idle_ms`` that hold nothing; how many went."""
-        return int(await self._forget(keys=[QUEUE], args=[WORKER_GROUP, idle_ms]))
+        return int(await self._forget(keys=[self._stream], args=[WORKER_GROUP, idle_ms]))

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from budgets import Budget
 from budgets.coalesce import Coalescer
 from budgets.connection import Client
-from budgets.keys import TaskKeys, new_incarnation
+from budgets.keys import SHARED_SPACE, KeySpace, new_incarnation
 
 
 class Status(StrEnum):
@@ -135,8 +135,10 @@ def _text(value: Any) -> str:
 class Records:
     """Reads and writes task records; one instance per process, sharing the Redis client."""
 
-    def __init__(self, redis: Client) -> None:
+    def __init__(self, redis: Client, *, space: KeySpace = SHARED_SPACE) -> None:
         self.redis = redis
+        #: Where the records live (``pm:``, or ``pm:<tenant>:`` when fenced).
+        self.space = space
         self._create = redis.register_script(_CREATE)
         self._discard = redis.register_script(_DISCARD)
         self._mark_running = redis.register_script(_MARK_RUNNING)
@@ -155,7 +157,7 @@ class Records:
         """
         now = time.time()
         reply = await self._create(
-            keys=[TaskKeys(task_id).record],
+            keys=[self.space.task(task_id).record],
             args=[task, budget.model_dump_json(), tenant or "", repr(now), new_incarnation()],
         )
         created, incarnation, status, text, raw_budget, raw_tenant = (
@@ -175,14 +177,14 @@ class Records:
 
         Only that incarnation's, and only while still ``queued``; ``False`` otherwise.
         """
-        removed = await self._discard(keys=[TaskKeys(task_id).record], args=[incarnation])
+        removed = await self._discard(keys=[self.space.task(task_id).record], args=[incarnation])
         return bool(removed)
 
     async def get(self, task_id: str) -> TaskRecord | None:
         """The record, or ``None`` if there is no such task."""
         raw = cast(
             "dict[str, str]",
-            await self.redis.hgetall(TaskKeys(task_id).record),
+            await self.redis.hgetall(self.space.task(task_id).record),
         )
         if not raw or "task" not in raw:
             return None
@@ -209,13 +211,13 @@ class Records:
         Atomic with the status check, so a task cancelled while queued is never
         marked running again.
         """
-        keys = TaskKeys(task_id)
+        keys = self.space.task(task_id)
         deliveries = int(await self._mark_running(keys=[keys.record], args=[repr(time.time())]))
         return None if deliveries < 0 else deliveries
 
     async def cancel_queued(self, task_id: str) -> bool:
         """Cancel a task no worker has taken yet; ``False`` if it is not queued."""
-        return bool(await self._cancel_queued(keys=[TaskKeys(task_id).record]))
+        return bool(await self._cancel_queued(keys=[self.space.task(task_id).record]))
 
     async def finish(
         self,
@@ -228,7 +230,7 @@ class Records:
         retention_s: int,
     ) -> None:
         """Write the final state and let the record expire after ``retention_s``."""
-        keys = TaskKeys(task_id)
+        keys = self.space.task(task_id)
         fields: dict[str, str] = {"status": status.value, "finished_s": repr(time.time())}
         if answer is not None:
             fields["answer"] = answer
@@ -247,12 +249,12 @@ class Records:
         record = await self.get(task_id)
         if record is None or record.status.final:
             return False
-        await self.redis.hset(TaskKeys(task_id).record, "cancel", "1")
+        await self.redis.hset(self.space.task(task_id).record, "cancel", "1")
         return True
 
     async def cancel_requested(self, task_id: str) -> bool:
         """Whether someone asked to cancel the task."""
-        flag = await self.redis.hget(TaskKeys(task_id).record, "cancel")
+        flag = await self.redis.hget(self.space.task(task_id).record, "cancel")
         return flag == "1"
 
     async def save_plan(self, task_id: str, plan_json: str, *, level: str = "") -> None:
@@ -260,7 +262,7 @@ class Records:
 
         ``level`` is the work id of the composite subtask planned (``""``: the task).
         """
-        keys = TaskKeys(task_id)
+        keys = self.space.task(task_id)
         if level:
             await self.redis.hset(keys.plans, level, plan_json)
         else:
@@ -268,7 +270,7 @@ class Records:
 
     async def load_plan(self, task_id: str, *, level: str = "") -> str | None:
         """The saved plan of a level, if any."""
-        keys = TaskKeys(task_id)
+        keys = self.space.task(task_id)
         value = await (self.redis.hget(keys.plans, level) if level else self.redis.get(keys.plan))
         return cast("str | None", value)
 
@@ -286,7 +288,7 @@ class Records:
         for task_id, field, value in items:
             by_task.setdefault(task_id, {})[field] = value
         writes = [
-            self.redis.hset(TaskKeys(t).results, mapping=cast(Any, fields))
+            self.redis.hset(self.space.task(t).results, mapping=cast(Any, fields))
             for t, fields in by_task.items()
         ]
         replies = await asyncio.gather(*writes, return_exceptions=True)
@@ -297,6 +299,6 @@ class Records:
         """Every result already paid for, by subtask id."""
         raw = cast(
             "dict[str, str]",
-            await self.redis.hgetall(TaskKeys(task_id).results),
+            await self.redis.hgetall(self.space.task(task_id).results),
         )
         return {sid: json.loads(value) for sid, value in raw.items()}

@@ -71,15 +71,16 @@ class Runtime:
         """
         outage = Outage()
         redis = riding_client(redis_url, outage=outage, window_s=settings.visibility_timeout_s)
-        ledger = Ledger(redis, url=redis_url, lease_s=settings.lease_s)
-        records = Records(ledger.redis)
-        queue = TaskQueue(ledger.redis)
+        space = settings.space()
+        ledger = Ledger(redis, url=redis_url, lease_s=settings.lease_s, space=space)
+        records = Records(ledger.redis, space=space)
+        queue = TaskQueue(ledger.redis, space=space)
         metered = MeteredClient(
             ledger=ledger, config=endpoints, env=env, retry=retry, lease_s=settings.lease_s
         )
         # An outcome's marker lives as long as its task: a verdict needs the task's
         # record, and a task id reused after its retention is a new task.
-        stats = StatsBook(ledger.redis, retention_s=settings.retention_s)
+        stats = StatsBook(ledger.redis, retention_s=settings.retention_s, space=space)
         chosen = policy or make_policy(
             settings.policy, target=settings.policy_target(), explore=settings.explore
         )

@@ -39,7 +39,7 @@ from starlette.routing import Route
 from agents.redact import redact
 from budgets import Ledger, LedgerEvent
 from budgets.errors import InvalidName, UnknownTask
-from budgets.keys import TaskKeys, check_task_id
+from budgets.keys import SHARED_SPACE, KeySpace, check_task_id
 from orchestrator.page_assets import SCRIPT, STYLE
 from orchestrator.records import Records, TaskRecord
 
@@ -59,6 +59,8 @@ class ServeSettings:
     token: str | None = None
     show_prompts: bool = False
     poll_s: float = POLL_S
+    #: Whose ledgers: every unfenced one, or one tenant's (``PAYMASTER_TENANT``).
+    space: KeySpace = SHARED_SPACE
 
 
 def needs_token(host: str) -> bool:
@@ -144,7 +146,7 @@ class PageApp:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        self._ledger = Ledger.from_url(self.settings.redis_url)
+        self._ledger = Ledger.from_url(self.settings.redis_url, space=self.settings.space)
         try:
             yield
         finally:
@@ -161,7 +163,7 @@ class PageApp:
             task_id = check_task_id(raw_id)
         except InvalidName:
             return f"no task {raw_id!r}: not a valid task id"
-        record = await Records(self.ledger.redis).get(task_id)
+        record = await Records(self.ledger.redis, space=self.ledger.space).get(task_id)
         return record if record is not None else f"no task {task_id!r}"
 
     # -- pages ---------------------------------------------------------------------------
@@ -197,7 +199,8 @@ class PageApp:
     async def _recent(self) -> list[dict[str, str]]:
         redis = self.ledger.redis
         keys: list[str] = []
-        async for key in redis.scan_iter(match="pm:{k:*}:task", count=500):
+        space = self.ledger.space
+        async for key in redis.scan_iter(match=space.task_pattern, count=500):
             keys.append(str(key))
             if len(keys) >= INDEX_SCAN_MAX:
                 break
@@ -207,12 +210,13 @@ class PageApp:
         rows = []
         for key, values in zip(keys, await pipe.execute(), strict=True):
             status, tenant, created, spent, task = cast("list[str | None]", values)
-            if status is None or created is None:
+            task_id = space.task_id_of(key)
+            if status is None or created is None or task_id is None:
                 continue
             tokens = json.loads(spent)["tokens"] if spent else None
             rows.append(
                 {
-                    "id": key[len("pm:{k:") : -len("}:task")],
+                    "id": task_id,
                     "status": status,
                     "tenant": tenant or "",
                     "created_s": created,
@@ -284,7 +288,7 @@ class PageApp:
     async def _stream(
         self, task_id: str, disconnected: Callable[[], Awaitable[bool]]
     ) -> AsyncIterator[str]:
-        records = Records(self.ledger.redis)
+        records = Records(self.ledger.redis, space=self.ledger.space)
         after, first = "-", True
         while True:
             events = await self.ledger.events(task_id, after=after)
@@ -294,7 +298,7 @@ class PageApp:
                 yield _sse("ledger", _event_json(ev))
             if events or first:
                 first = False
-                if await self.ledger.redis.exists(TaskKeys(task_id).accounts):
+                if await self.ledger.redis.exists(self.ledger.space.task(task_id).accounts):
                     tree = await self.ledger.snapshot(task_id)
                     yield f"event: tree\ndata: {tree.model_dump_json()}\n\n"
             if record is not None:

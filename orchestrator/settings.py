@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from budgets.keys import KeySpace, check_tenant
 from budgets.policy import DEFAULT_POLICY, Target, policy_names
 
 
@@ -41,6 +42,14 @@ class Settings(BaseModel):
     explore: float | None = Field(
         default=None, ge=0, le=1, description="PAYMASTER_EXPLORE: adaptive's exploration share"
     )
+    tenant: str | None = Field(
+        default=None,
+        description=(
+            "PAYMASTER_TENANT: fence this process to one tenant: its keys live under "
+            "pm:<tenant>: (a Redis ACL user of ~pm:<tenant>:* can run it) and its tasks are "
+            "that tenant's"
+        ),
+    )
     stats_scope: Literal["tenant", "shared"] = Field(
         default="tenant",
         description="PAYMASTER_STATS_SCOPE: 'tenant' keeps each tenant's statistics apart",
@@ -57,6 +66,15 @@ class Settings(BaseModel):
         if value not in policy_names():
             raise ValueError(f"unknown policy {value!r}; choose one of {', '.join(policy_names())}")
         return value
+
+    @field_validator("tenant")
+    @classmethod
+    def _valid_tenant(cls, value: str | None) -> str | None:
+        return None if value is None else check_tenant(value)
+
+    def space(self) -> KeySpace:
+        """Where this process's keys live: ``pm:``, or ``pm:<tenant>:`` when fenced."""
+        return KeySpace(self.tenant)
 
     @field_validator("target")
     @classmethod
@@ -92,6 +110,7 @@ class Settings(BaseModel):
             "PAYMASTER_STATS_SCOPE": "stats_scope",
             "PAYMASTER_REVIEW": "review",
             "PAYMASTER_TARGET": "target",
+            "PAYMASTER_TENANT": "tenant",
         }
         otlp = env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get(
             "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"

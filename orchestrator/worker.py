@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from agents.redact import redact
-from budgets.keys import WORKERS
 from orchestrator.errors import DeliveryLost
 from orchestrator.outage import UNREACHABLE, backoff_s
 from orchestrator.queue import Delivery, TaskQueue
@@ -75,7 +74,8 @@ class Worker:
         self.concurrency = concurrency
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.grace_s = grace_s
-        self.queue = TaskQueue(runtime.ledger.redis, consumer=self.name)
+        self.queue = TaskQueue(runtime.ledger.redis, consumer=self.name, space=runtime.ledger.space)
+        self._registry = runtime.ledger.space.workers
         self._running: dict[str, _Run] = {}
         self.stopping = asyncio.Event()
         #: Heartbeats sent (a test watches it go on after an outage).
@@ -93,7 +93,7 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError):
                 await beat
             with contextlib.suppress(*UNREACHABLE):
-                await self.runtime.ledger.redis.hdel(WORKERS, self.name)
+                await self.runtime.ledger.redis.hdel(self._registry, self.name)
 
     async def _take_loop(self) -> None:
         idle_ms = int(self.runtime.settings.visibility_timeout_s * 1000)
@@ -240,13 +240,13 @@ class Worker:
                     d.task_id,
                 )
         state = {"pid": os.getpid(), "running": len(self._running), "at_s": time.time()}
-        await self.runtime.ledger.redis.hset(WORKERS, self.name, json.dumps(state))
+        await self.runtime.ledger.redis.hset(self._registry, self.name, json.dumps(state))
         self.beats += 1
 
     async def _prune(self) -> None:
         """Forget workers silent for :data:`FORGET_AFTER_S`, and their consumers once empty."""
         redis = self.runtime.ledger.redis
-        seen = cast("dict[str, str]", await redis.hgetall(WORKERS))
+        seen = cast("dict[str, str]", await redis.hgetall(self._registry))
         cutoff = time.time() - FORGET_AFTER_S
         stale = []
         for worker, raw in seen.items():
@@ -257,7 +257,7 @@ class Worker:
             if at_s < cutoff:
                 stale.append(worker)
         if stale:
-            await redis.hdel(WORKERS, *stale)
+            await redis.hdel(self._registry, *stale)
         await self.queue.forget_consumers(idle_ms=int(FORGET_AFTER_S * 1000))
 
     async def _drain(self) -> None:

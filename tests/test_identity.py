@@ -77,14 +77,26 @@ op_ids = names(K.MAX_OP_ID)
 # -- an independent parser of every key -----------------------------------------------------
 
 _TAGGED = re.compile(r"^pm:\{(?P<fam>[a-z]):(?P<owner>[^{}]+)\}:(?P<rest>.+)$")
+_SPACE = re.compile(r"^pm:(?P<space>[A-Za-z0-9][A-Za-z0-9_.\-]*):(?P<rest>.+)$")
+_GLOBALS = {"tenants", "open-tasks", "queue", "dead-letter", "workers"}
+
+
+def parse_in_space(key: str) -> tuple[str | None, tuple[Any, ...]]:
+    """(the fenced tenant or ``None``, then what :func:`parse` finds) of any key."""
+    if key.startswith("pm:{") or key.removeprefix("pm:") in _GLOBALS:
+        return None, parse(key)
+    m = _SPACE.match(key)
+    assert m is not None, key
+    return m["space"], parse("pm:" + m["rest"])
 
 
 def parse(key: str) -> tuple[Any, ...]:
-    """(family, owner, builder, arguments) of a key."""
+    """(family, owner, builder, arguments) of a key of the shared space."""
     m = _TAGGED.match(key)
     if m is None:
         assert "{" not in key, key
         assert "}" not in key, key
+        assert key.removeprefix("pm:") in _GLOBALS, key
         return ("global", key)
     fam, owner, rest = m["fam"], m["owner"], m["rest"]
     if fam == "k":
@@ -128,6 +140,7 @@ TASK_FIXED = {
 TENANT_FIXED = {"config": "cfg", "events": "events"}
 STATS_FIXED = {"cells": "cells", "model": "model"}
 TASK_OTHER = {
+    "prefix",
     "account",
     "base",
     "account_prefix",
@@ -137,8 +150,10 @@ TASK_OTHER = {
     "wait_prefix",
     "script_argv",
 }
-TENANT_OTHER = {"period", "funding", "base", "period_prefix", "tenant"}
-STATS_OTHER = {"outcome_seen", "verdict_seen", "features_seen", "base", "scope"}
+TENANT_OTHER = {"period", "funding", "base", "period_prefix", "tenant", "prefix"}
+STATS_OTHER = {"outcome_seen", "verdict_seen", "features_seen", "base", "scope", "prefix"}
+SPACE_GLOBALS = {"tenants", "open_tasks", "queue", "dead_letter", "workers"}
+SPACE_OTHER = {"tenant", "prefix", "task", "tenant_keys", "stats", "task_pattern", "task_id_of"}
 GLOBALS = ["TENANTS", "OPEN_TASKS", "QUEUE", "DEAD_LETTER", "WORKERS"]
 
 
@@ -150,11 +165,12 @@ def test_the_tables_here_cover_every_key_builder() -> None:
     assert public(TaskKeys) == set(TASK_FIXED) | TASK_OTHER
     assert public(TenantKeys) == set(TENANT_FIXED) | TENANT_OTHER
     assert public(StatsKeys) == set(STATS_FIXED) | STATS_OTHER
+    assert public(K.KeySpace) == SPACE_GLOBALS | SPACE_OTHER
     module_keys = {
         name
         for name, value in vars(K).items()
         if name.isupper() and isinstance(value, str) and value.startswith(K.PREFIX + ":")
-    }
+    } - {"SHARED_PREFIX"}
     assert module_keys == set(GLOBALS)
 
 
@@ -202,6 +218,50 @@ def test_no_valid_names_make_two_families_share_a_key(
     named = TaskKeys(f"t:{tenant}"[: K.MAX_TASK_ID])
     assert {named.events, named.meta}.isdisjoint({nk.events, nk.config})
     assert TaskKeys(f"s:{scope}"[: K.MAX_TASK_ID]).base != sk.base
+
+
+fenced = names(K.MAX_TENANT).filter(lambda t: ":" not in t)
+
+
+def space_keys(space: K.KeySpace, task: str, tenant: str, scope: str, path: str) -> list[str]:
+    """A sample of every kind of key a space builds."""
+    tk, nk, sk = space.task(task), space.tenant_keys(tenant), space.stats(scope)
+    return [
+        *(getattr(tk, attr) for attr in TASK_FIXED),
+        tk.account(path),
+        tk.wait_queue(path),
+        *(getattr(nk, attr) for attr in TENANT_FIXED),
+        nk.period("2026-12"),
+        sk.cells,
+        sk.outcome_seen("o1"),
+        *(getattr(space, attr) for attr in SPACE_GLOBALS),
+    ]
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(fence=fenced, other=fenced, task=task_ids, tenant=tenants, scope=scopes, path=paths)
+def test_a_fenced_tenants_acl_pattern_matches_its_own_keys_and_no_other(
+    fence: str, other: str, task: str, tenant: str, scope: str, path: str
+) -> None:
+    mine = K.KeySpace(fence)
+    pattern = f"pm:{fence}:"  # the ACL's ~pm:<tenant>:*
+    for key in space_keys(mine, task, tenant, scope, path):
+        assert key.startswith(pattern), key
+        space, parsed = parse_in_space(key)
+        assert space == fence, key
+        assert parse_in_space(key.replace(pattern, "pm:", 1)) == (None, parsed)
+    strangers = [K.SHARED_SPACE] + ([K.KeySpace(other)] if other != fence else [])
+    for space in strangers:
+        for key in space_keys(space, task, tenant, scope, path):
+            assert not key.startswith(pattern), (fence, key)
+            assert parse_in_space(key)[0] == space.tenant, key
+    assert mine.task_id_of(mine.task(task).record) == task
+    assert K.SHARED_SPACE.task_id_of(mine.task(task).record) is None
+
+
+def test_a_fenced_tenant_name_with_a_colon_is_refused() -> None:
+    with pytest.raises(InvalidName, match="no ':'"):
+        K.KeySpace("acme:x")  # ~pm:acme:* would match its keys
 
 
 @given(op=op_ids, other=op_ids, path=paths)
