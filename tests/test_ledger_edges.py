@@ -143,6 +143,53 @@ def fail_once(ledger: Ledger, op: Op, before: Any = None) -> list[Op]:
     return seen
 
 
+STEPS = ["claim", "fund", "open", "index"]
+
+
+@pytest.mark.parametrize("step", STEPS)
+async def test_each_step_of_a_funded_open_can_fail_and_a_retry_lands_once(
+    ledger: Ledger, step: str
+) -> None:
+    # Every step of the saga on its own slot (claim and open on the task's, funding on
+    # the tenant's, the index on its own) cut off as a dropped connection would cut it.
+    await ledger.set_tenant("acme", Budget(tokens=1000), period="none")
+    dropped: list[str] = []
+
+    def drop(name: str) -> None:
+        if step == name and not dropped:
+            dropped.append(name)
+            raise LedgerUnavailable("redis://test", "ConnectionError")
+
+    real_task_op, real_tenant_op = ledger._runner.task_op, ledger._runner.tenant_op
+    real_sadd = ledger.redis.sadd
+
+    async def task_op(keys: TaskKeys, op: Op, accounts: Sequence[str], args: Any) -> Any:
+        drop({Op.CLAIM: "claim", Op.OPEN_TASK: "open"}.get(op, ""))
+        return await real_task_op(keys, op, accounts, args)
+
+    async def tenant_op(op: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        drop("fund" if op.value == "tenant_fund" else "")
+        return await real_tenant_op(op, keys, args)
+
+    async def sadd(key: str, *values: str) -> Any:
+        drop("index")
+        return await real_sadd(key, *values)
+
+    ledger._runner.task_op = task_op  # type: ignore[method-assign]
+    ledger._runner.tenant_op = tenant_op  # type: ignore[method-assign]
+    ledger.redis.sadd = sadd  # type: ignore[method-assign]
+    with pytest.raises(LedgerUnavailable):
+        await ledger.open_task(T, Budget(tokens=600), tenant="acme", op_id="submit-1")
+    assert dropped == [step]
+    await ledger.open_task(T, Budget(tokens=600), tenant="acme", op_id="submit-1")  # retry
+    await ledger.open_task(T, Budget(tokens=600), tenant="acme", op_id="submit-1")  # again
+    assert (await ledger.tenant("acme")).funded_tokens == 600  # funded once
+    assert T in await ledger.redis.smembers(ledger.space.open_tasks)
+    assert (await ledger.snapshot(T)).root.limit_tokens == 600
+    await ledger.close_task(T)
+    assert (await ledger.tenant("acme")).funded_tokens == 0  # and given back once
+
+
 @pytest.mark.parametrize("op_id", [None, "submit-1"])
 async def test_open_task_retried_after_funding_funds_once(
     ledger: Ledger, op_id: str | None
