@@ -17,8 +17,12 @@ blocking pool makes such a command wait for a connection instead, up to
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import logging
+import random
+import time
 from typing import Any, TypeAlias, cast
 from urllib.parse import urlsplit, urlunsplit
 
@@ -47,10 +51,19 @@ CLUSTER_MAX_CONNECTIONS = 1024
 POOL_TIMEOUT_S = 20.0
 #: How long asking a server whether it is a cluster node may take.
 PROBE_TIMEOUT_S = 2.0
-#: Attempts a cluster client makes at a command while the cluster fails over
-#: (redirections, a dead master, its replica being promoted), with jittered
-#: backoff up to a second between them: about ten seconds in all.
+#: Attempts redis-py's cluster client makes at a command before it gives up
+#: (redirections, a node it cannot reach); it makes them without waiting.
 CLUSTER_ATTEMPTS = 14
+#: How long a cluster command rides out a failover, by default (see ``_Cluster``).
+CLUSTER_RIDE_OUT_S = 20.0
+#: What a cluster command rides out: the node is unreachable, or the cluster is
+#: not serving the slot yet.
+_FAILOVER_ERRORS = (
+    rex.ConnectionError,
+    rex.TimeoutError,
+    rex.ClusterDownError,
+    rex.TryAgainError,
+)
 
 
 @functools.lru_cache(maxsize=64)
@@ -105,37 +118,55 @@ class _Cluster(RedisCluster):
       on a fresh client otherwise race its initialization and some fail
       (``'NoneType' object has no attribute 'writelines'``).
     - Its ``NOPERM`` refusals say what to check (an ACL user), as the standalone's do.
+    - It rides out a failover. redis-py retries a command that cannot reach its
+      node at once, without waiting, so its attempts are spent in about a second,
+      while a replica takes over after the cluster's node timeout (15 s by
+      default). A command that fails so is sent again with jittered backoff (up
+      to a second) until :attr:`ride_out_s` have passed since its first failure.
+      Every ledger operation is idempotent, so a command cut off after it ran is
+      safe to send again (redis-py's own retries do the same).
     - For commands whose keys it cannot find alone (``FCALL``, ``XREADGROUP``) it
       asks its default node, before and outside its retry loop: once that node is
-      dead (a failover), every such command fails for good. A command that fails
-      to connect therefore moves the default node to a live master and is sent
-      once more.
+      dead, every such command fails for good. Each failure therefore moves the
+      default node to another master.
     """
 
     #: The URL without credentials, for messages.
     pm_url = "redis://"
+    #: How long a command keeps trying while the cluster fails over.
+    ride_out_s = CLUSTER_RIDE_OUT_S
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         if self._initialize:
             await self.initialize()
-        try:
+        first_s, failures = 0.0, 0
+        while True:
             try:
                 return await super().execute_command(*args, **kwargs)
-            except (rex.ConnectionError, rex.TimeoutError):
+            except rex.NoPermissionError as e:
+                raise forbidden(self.pm_url, e) from e
+            except _FAILOVER_ERRORS:
+                now = time.monotonic()
+                first_s = first_s or now
+                failures += 1
+                delay = min(1.0, 0.05 * 2 ** min(failures - 1, 5)) * random.uniform(0.5, 1.0)
+                if now + delay - first_s > self.ride_out_s:
+                    raise
                 self.replace_default_node()
-                await self.commands_parser.initialize(self.get_default_node())
-                return await super().execute_command(*args, **kwargs)
-        except rex.NoPermissionError as e:
-            raise forbidden(self.pm_url, e) from e
+                with contextlib.suppress(*_FAILOVER_ERRORS):
+                    await self.commands_parser.initialize(self.get_default_node())
+                await asyncio.sleep(delay)
 
 
-def redis_client(url: str, *, cluster: bool | None = None, **options: Any) -> Client:
+def redis_client(
+    url: str, *, cluster: bool | None = None, ride_out_s: float | None = None, **options: Any
+) -> Client:
     """A client of the Redis at ``url`` (replies decoded to ``str``).
 
     ``cluster`` forces the kind (default: ask the server, see :func:`is_cluster`).
-    ``options`` go to each connection (timeouts, retry policy); on a cluster, a
-    ``retry`` policy of redis-py's per-connection kind is replaced by the
-    cluster's own (:data:`CLUSTER_ATTEMPTS`), which is what rides out a failover.
+    ``options`` go to each connection (timeouts, retry policy). On a cluster a
+    per-connection ``retry`` policy is dropped: a command rides out a failover
+    for ``ride_out_s`` (default :data:`CLUSTER_RIDE_OUT_S`) instead.
     """
     if cluster if cluster is not None else is_cluster(url):
         options.pop("retry", None)
@@ -151,6 +182,8 @@ def redis_client(url: str, *, cluster: bool | None = None, **options: Any) -> Cl
             ),
         )
         sharded.pm_url = redact_url(url)
+        if ride_out_s is not None:
+            sharded.ride_out_s = ride_out_s
         return sharded
     pool = BlockingConnectionPool.from_url(
         url,

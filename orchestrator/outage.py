@@ -196,13 +196,14 @@ class RideOut(Retry):
 def riding_client(url: str, *, outage: Outage, window_s: float) -> Client:
     """A Redis client (``decode_responses``) whose commands ride out an outage of ``window_s``.
 
-    On a Redis Cluster the cluster client's own retries ride out a failover instead
-    (:data:`budgets.connection.CLUSTER_ATTEMPTS`): redis-py retries a cluster command
-    above its connections, after refreshing which node serves the slot.
+    On a Redis Cluster a command rides out a failover for the same window, above
+    redis-py's own retries (see ``budgets.connection._Cluster``); the outage is
+    not logged there.
     """
     retry = RideOut(outage=outage, window_s=window_s, cap_s=min(1.0, max(0.05, window_s / 10)))
     client: Client = redis_client(
         url,
+        ride_out_s=window_s,
         retry=retry,
         retry_on_error=[rex.ConnectionError, rex.TimeoutError],
         socket_connect_timeout=CONNECT_TIMEOUT_S,

@@ -119,6 +119,7 @@ async def test_a_master_killed_mid_run_loses_and_creates_no_money(
     after = sum(len(v) for v in committed.values())
     assert before > 0
     assert after > before  # work went on across the failover
+    assert failures == []  # every command rode the failover out
 
     for task in TASKS:
         tree = await ledger.snapshot(task)

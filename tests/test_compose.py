@@ -85,3 +85,41 @@ def test_the_observability_profile_adds_prometheus_and_grafana(compose: list[str
     # Prometheus scrapes the port the workers serve /metrics on.
     assert '"--metrics-port", "9464"' in text
     assert "port: 9464" in (ROOT / "docker" / "prometheus.yml").read_text()
+
+
+def test_the_cluster_profile_adds_a_redis_cluster_and_its_workers(compose: list[str]) -> None:
+    import yaml
+
+    command = [*compose, "--file", str(COMPOSE_FILE), "--profile", "cluster", "config"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    services = yaml.safe_load(done.stdout)["services"]
+    nodes = {"redis-node-1", "redis-node-2", "redis-node-3"}
+    added = {*nodes, "redis-cluster-create", "cluster-worker"}
+    assert added <= set(services)
+    for name in added:
+        assert services[name]["profiles"] == ["cluster"], name
+    # The default set (what a plain `docker compose up` starts) is what it was.
+    default = {name for name, service in services.items() if "profiles" not in service}
+    assert default == {"redis", "llama", "worker"}
+    assert services["worker"]["environment"]["REDIS_URL"] == "redis://redis:6379/0"
+    assert set(services["worker"]["depends_on"]) == {"redis", "llama"}
+    for name in nodes:
+        args = services[name]["command"]
+        assert args[args.index("--cluster-enabled") + 1] == "yes"
+        # A node announces its service name, which every container resolves: a client
+        # inside the network follows MOVED to it.
+        assert args[args.index("--cluster-announce-hostname") + 1] == name
+        assert args[args.index("--cluster-preferred-endpoint-type") + 1] == "hostname"
+    create = services["redis-cluster-create"]
+    assert {n: c["condition"] for n, c in create["depends_on"].items()} == dict.fromkeys(
+        nodes, "service_healthy"
+    )
+    script = " ".join(create["command"])
+    assert "--cluster create" in script
+    assert "--cluster-yes" in script
+    worker = services["cluster-worker"]
+    assert worker["environment"]["REDIS_URL"] == "redis://redis-node-1:6379"
+    assert worker["depends_on"]["redis-cluster-create"]["condition"] == (
+        "service_completed_successfully"
+    )
