@@ -403,6 +403,42 @@ async def test_submit_is_run_by_a_worker_process(
 
 
 @pytest.mark.both_redis
+async def test_tasks_submitted_from_several_processes_are_run_by_two_workers(
+    pm: Paymaster,
+    stub: ScriptedModelServer,
+    workers: Callable[..., WorkerProc],
+    env: dict[str, str],
+) -> None:
+    stub.responder = responder([sub("a"), sub("b"), sub("c", "a")])
+    await pm.aset_tenant("acme", Budget(tokens=200_000), period="none")
+    a, b = workers(), workers()
+    await a.ready()
+    await b.ready()
+
+    def submit(n: int) -> str:
+        done = cli(env, "submit", f"task {n}", "--tokens", "20000", "--tenant", "acme")
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout.strip()
+
+    ids: list[str] = []
+    for _round in range(2):  # three submitting processes at once, twice
+        ids += await asyncio.gather(*(asyncio.to_thread(submit, n) for n in range(3)))
+    assert len(set(ids)) == 6
+    records = [await pm.await_final(task_id, timeout=60) for task_id in ids]
+    assert all(r.status is Status.SUCCEEDED for r in records), [r.error for r in records]
+    spent = 0
+    for task_id in ids:
+        tree = await pm.aledger(task_id)
+        assert_books_clean(tree, Budget(tokens=20_000))
+        spent += tree.root.total_spent_tokens
+    view = await pm.books.tenant("acme")
+    assert view.funded_tokens == 0  # every task's funding came back
+    assert view.spent_tokens == spent  # and what they spent reached the tenant once
+    logs = a.log.read_text() + b.log.read_text()
+    assert all(logs.count(f"took task {task_id}") == 1 for task_id in ids)
+
+
+@pytest.mark.both_redis
 async def test_kill_9_mid_task_another_worker_finishes_without_paying_twice(
     pm: Paymaster,
     stub: ScriptedModelServer,
