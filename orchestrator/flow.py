@@ -237,6 +237,36 @@ def shortfall(work: str, res: SubtaskResult) -> list[str]:
     return []
 
 
+@dataclass(slots=True)
+class PoolBook:
+    """A level's pool as the ledger holds it, read once and then kept here.
+
+    Nothing but the level's own steps moves money in or out of a pool account
+    (it holds no reservations of its own): carving a child takes its limit,
+    closing one gives back its limit less what it spent, a transfer moves its
+    amount. Kept from those deltas, the pool is what a read would return, and a
+    decision need not read it back. ``tokens`` and ``nanos`` are the raw room
+    (negative after an overrun, as the ledger counts it); ``None`` is unlimited.
+    """
+
+    tokens: int | None
+    nanos: int | None
+
+    def pool(self) -> Pool:
+        """The pool as the policy sees it: the room, never below zero."""
+        return Pool(
+            tokens=None if self.tokens is None else max(0, self.tokens),
+            nanos=None if self.nanos is None else max(0, self.nanos),
+        )
+
+    def add(self, tokens: int | None, nanos: int | None) -> None:
+        """Move the room by a signed amount (``None``: that unit of the child is unlimited)."""
+        if self.tokens is not None and tokens is not None:
+            self.tokens += tokens
+        if self.nanos is not None and nanos is not None:
+            self.nanos += nanos
+
+
 @dataclass(frozen=True, slots=True)
 class TaskRun:
     """One delivery of one task, as every step of it sees it."""
@@ -248,6 +278,15 @@ class TaskRun:
     scope: str
     #: Every result saved by earlier deliveries, by work id.
     saved: Mapping[str, SubtaskResult] = field(default_factory=dict)
+    #: Each level's pool, by account path, kept from this delivery's own steps (see
+    #: :class:`PoolBook`); a level reads its pool when it plans and when it synthesizes.
+    pools: dict[str, PoolBook] = field(default_factory=dict)
+
+    def moved(self, path: str, tokens: int | None, nanos: int | None) -> None:
+        """Note that one of this delivery's steps moved ``path``'s room by this much."""
+        book = self.pools.get(path)
+        if book is not None:
+            book.add(tokens, nanos)
 
 
 def manager_account(level_path: str, delivery: int) -> str:
@@ -408,9 +447,16 @@ class Flow:
         if asked:
             raise TaskCancelled(run.task_id)
 
-    async def _pool(self, run: TaskRun, path: str) -> Pool:
-        view = await self.deps.ledger.account(run.task_id, path)
-        return Pool(tokens=view.available_tokens, nanos=view.available_nanos)
+    async def _pool(self, run: TaskRun, path: str, *, read: bool = False) -> Pool:
+        """What a level's pool holds: read from the ledger once (or with ``read``), then kept."""
+        book = run.pools.get(path)
+        if book is None or read:
+            view = await self.deps.ledger.account(run.task_id, path)
+            if view.closed:  # nothing can be carved from it any more
+                run.pools.pop(path, None)
+                return Pool(tokens=view.available_tokens, nanos=view.available_nanos)
+            book = run.pools[path] = PoolBook(tokens=view.room_tokens, nanos=view.room_nanos)
+        return book.pool()
 
     def _reviews(self, lv: Level, plan: Plan, pool: Pool) -> tuple[frozenset[str], Pool]:
         """Which subtasks the level's manager reviews, and what their reviews reserve.
@@ -461,7 +507,7 @@ class Flow:
         as one subtask, noted in the audit stream.
         """
         deps = self.deps
-        pool = await self._pool(run, lv.path)
+        pool = await self._pool(run, lv.path, read=True)  # the level's one read of its pool
         reserve = deps.policy.synthesis_reserve(pool)
         manager_acct = lv.manager_account(run.delivery)
         nested = lv.depth < deps.max_depth
@@ -472,7 +518,7 @@ class Flow:
             plan = Plan.model_validate_json(saved)
             reviewed, reviews = self._reviews(lv, plan, pool)
             keep = _plus(reserve, reviews)
-            await deps.ledger.open_account(run.task_id, manager_acct, _budget_of(keep))
+            await self._open(run, lv.path, manager_acct, keep)
             return plan, reviewed
         most = self._subtasks_affordable(pool, reserve, lv.text)
         full, least = deps.manager.plan_cost(task=lv.text, max_subtasks=most, nested=nested)
@@ -482,12 +528,12 @@ class Flow:
                 f"the budget cannot pay for planning (a plan needs {least.tokens:,} tokens, "
                 f"${nanos_to_usd(least.nanos):f})"
             )
-            await deps.ledger.open_account(run.task_id, manager_acct, _budget_of(reserve))
+            await self._open(run, lv.path, manager_acct, reserve)
             outcome = deps.manager.unplanned(lv.text, why)
             reviewed = frozenset[str]()
         else:
             await self._may_pay(run)
-            await deps.ledger.open_account(run.task_id, manager_acct, _budget_of(size))
+            await self._open(run, lv.path, manager_acct, size)
             outcome = await deps.manager.plan(
                 task_id=run.task_id,
                 account=manager_acct,
@@ -543,6 +589,12 @@ class Flow:
                 amount=Amount(tokens=extra[0], nanos=extra[1]),
                 op_id=plan_leftover_op_id(run.delivery, lv.work),
             )
+            run.moved(lv.path, extra[0], extra[1])
+
+    async def _open(self, run: TaskRun, pool_path: str, account: str, limit: Pool) -> None:
+        """Carve ``account`` out of a level's pool, and note what it took."""
+        await self.deps.ledger.open_account(run.task_id, account, _budget_of(limit))
+        run.moved(pool_path, _minus(limit.tokens), _minus(limit.nanos))
 
     async def _dataflow(
         self, run: TaskRun, lv: Level, plan: Plan, reviewed: frozenset[str]
@@ -617,11 +669,9 @@ class Flow:
         ]
         if not ready and not finished:
             return [], menu
-        if menu is None:  # the statistics are read once per level, the pool every time
-            pool, stats = await asyncio.gather(self._pool(run, lv.path), deps.stats.read(run.scope))
-            menu = Menu(deps.options, stats, deps.default_endpoint)
-        else:
-            pool = await self._pool(run, lv.path)
+        if menu is None:  # the statistics are read once per level
+            menu = Menu(deps.options, await deps.stats.read(run.scope), deps.default_endpoint)
+        pool = await self._pool(run, lv.path)  # kept, not read again (see PoolBook)
         work: list[WorkItem] = []
         for g in deps.policy.escalate(pool, finished, menu=menu):
             if g.subtask_id in by_id and g.subtask_id not in busy:
@@ -717,9 +767,8 @@ class Flow:
             if paid is not None:
                 return replace(item, paid=paid)
         account = item.level.account(item.subtask.id, run.delivery, item.attempt)
-        budget = Budget.from_nanos(tokens=item.tokens, nanos=item.nanos)
         try:
-            await self.deps.ledger.open_account(run.task_id, account, budget)
+            await self._open(run, item.level.path, account, Pool(item.tokens, item.nanos))
         except (BudgetExceeded, AccountClosed):
             return replace(item, unpaid=True)
         return item
@@ -781,19 +830,20 @@ class Flow:
         except BudgetExceeded:
             out = _result(sub, attempt, exhausted=True)
         except BaseException:
+            run.pools.pop(lv.path, None)  # the level ends here; its pool is not kept
             await self._close(run, account, nested=item.composite)
             raise
         if out["exhausted"]:
-            await self._close(run, account, nested=item.composite)
+            await self._close_item(run, item, account)
             return None if attempt > 1 else out  # an unpaid retry keeps the earlier answer
         if out["composite"]:  # what the whole sub-level spent, as its account closed
-            closed = await self._close(run, account, nested=True)
+            closed = await self._close_item(run, item, account)
             out = {**out, "tokens": closed.spent_tokens, "cost_nanos": closed.spent_nanos}
             return await self._finish(run, item, out)
         # The reply is kept with its payment, so closing, saving and counting may go
         # together: a crash between them is mended by the next delivery either way.
         _, done = await asyncio.gather(
-            self._close(run, account, nested=False), self._finish(run, item, out)
+            self._close_item(run, item, account), self._finish(run, item, out)
         )
         return done
 
@@ -816,6 +866,16 @@ class Flow:
             composite=True,
             short=short,
         )
+
+    async def _close_item(self, run: TaskRun, item: WorkItem, account: str) -> Closed:
+        """Close a try's account; its limit less what it spent goes back to the level's pool."""
+        closed = await self._close(run, account, nested=item.composite)
+        run.moved(
+            item.level.path,
+            None if item.tokens is None else item.tokens - closed.spent_tokens,
+            None if item.nanos is None else item.nanos - closed.spent_nanos,
+        )
+        return closed
 
     async def _close(self, run: TaskRun, account: str, *, nested: bool) -> Closed:
         """Close a subtask's account; a composite's open descendants first, deepest first."""
@@ -911,15 +971,19 @@ class Flow:
             return ordered[0].text.strip()
         await self._may_pay(run)
         manager_acct = lv.manager_account(run.delivery)
-        pool = await self._pool(run, lv.path)
-        if (pool.tokens or 0) > 0 or (pool.nanos or 0) > 0:
+        # Read, not kept: what is left goes to the answer, including what a step
+        # outside this delivery's own (a late commit, another worker's) moved.
+        pool = await self._pool(run, lv.path, read=True)
+        tokens, nanos = pool.tokens or 0, pool.nanos or 0
+        if tokens > 0 or nanos > 0:
             await deps.ledger.transfer(
                 run.task_id,
                 src=lv.path,
                 dst=manager_acct,
-                amount=Amount(tokens=pool.tokens or 0, nanos=pool.nanos or 0),
+                amount=Amount(tokens=tokens, nanos=nanos),
                 op_id=synthesis_op_id(run.delivery, lv.work),
             )
+            run.moved(lv.path, -tokens, -nanos)
         return await deps.manager.synthesize(
             task_id=run.task_id, account=manager_acct, task=lv.text, results=ordered
         )
@@ -980,6 +1044,10 @@ def _plus(a: Pool, b: Pool) -> Pool:
 
 def _budget_of(pool: Pool) -> Budget:
     return Budget.from_nanos(tokens=pool.tokens, nanos=pool.nanos)
+
+
+def _minus(limit: int | None) -> int | None:
+    return None if limit is None else -limit
 
 
 def planning_budget(pool: Pool, *, reserve: Pool, full: Amount, least: Amount) -> Pool | None:

@@ -19,8 +19,10 @@ import pytest
 from agents.stub_server import RecordedRequest, Reply, ScriptedModelServer
 from budgets import Budget
 from budgets.keys import ROOT
+from budgets.policy import Pool
 from budgets.tree import AccountView, TaskTree
 from orchestrator.api import Paymaster
+from orchestrator.flow import Flow, TaskRun
 from orchestrator.records import Records, Status
 from tests.test_orchestrator import (
     ACCEPT_ALL,
@@ -206,6 +208,41 @@ async def test_a_composite_subtask_is_planned_again_inside_its_own_account(
     # Each level's worker results are counted once in the statistics; a composite is not.
     stats = await pm.astats(None)
     assert stats.cell("stub").calls == 3
+
+
+async def test_a_level_reads_its_pool_to_plan_and_synthesize_and_keeps_it_in_between(
+    make_pm: Callable[..., Paymaster], stub: ScriptedModelServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stub.responder = responder(NESTED)  # s2 waits for the composite s1: a decision after it
+    pm = make_pm()
+    ledger = pm.runtime().ledger
+    real_account = ledger.account
+    reads: list[str] = []
+
+    async def account(task_id: str, path: str) -> AccountView:
+        reads.append(path)
+        return await real_account(task_id, path)
+
+    real_pool = Flow._pool
+    seen: list[tuple[Pool, AccountView]] = []
+
+    async def pool(self: Flow, run: TaskRun, path: str, *, read: bool = False) -> Pool:
+        got = await real_pool(self, run, path, read=read)
+        seen.append((got, await real_account(run.task_id, path)))
+        return got
+
+    monkeypatch.setattr(ledger, "account", account)
+    monkeypatch.setattr(Flow, "_pool", pool)
+    rec = await pm.arun("a big task", budget=Budget(tokens=40_000, usd="1"))
+    assert rec.status is Status.SUCCEEDED, rec.error
+    # Each level (the task's and s1's) reads its pool when it plans and when it synthesizes...
+    composite = f"{ROOT}/s1.1.1"
+    assert sorted(reads) == sorted([ROOT, ROOT, composite, composite])
+    # ...and every decision in between is answered from what its own steps moved, which is
+    # what a read would have said.
+    assert len(seen) > len(reads)
+    for got, view in seen:
+        assert (got.tokens, got.nanos) == (view.available_tokens, view.available_nanos)
 
 
 async def test_the_depth_limit_clamps_a_plan_asking_for_more_nesting(
