@@ -486,19 +486,35 @@ class Ledger:
         )
         return _budget(reply[1], reply[2]), _budget(reply[3], reply[4])
 
-    async def close_account(self, task_id: str, path: str, *, force: bool = False) -> Closed:
+    async def close_account(
+        self,
+        task_id: str,
+        path: str,
+        *,
+        force: bool = False,
+        result: tuple[str, str] | None = None,
+    ) -> Closed:
         """Return what ``path`` did not spend to its parent and seal it.
 
         Refused with :class:`AccountBusy` while it has open children, or open
         reservations unless ``force`` (which expires them: a call still in
-        flight may commit late and is still charged).
+        flight may commit late and is still charged). ``result=(work_id, text)``
+        saves ``text`` in the task's results hash (``TaskKeys.results``) under
+        ``work_id`` in the same atomic step, when the close succeeds or repeats:
+        the try's account is never closed without its result kept.
         """
         check_task_id(task_id)
         check_path(path)
         parent = parent_of(path)
         accounts = [path] if parent is None else [path, parent]
+        work, text = ("", "") if result is None else (check_op_id(result[0], "work id"), result[1])
+        if SEP in text or _EVENT_SEP in text:
+            raise InvalidAmount("result", result, "the text must not hold U+001E or U+001F")
         reply = await self._run(
-            Op.CLOSE, task_id, accounts, [path, "1" if force else "0", close_marker(path)]
+            Op.CLOSE,
+            task_id,
+            accounts,
+            [path, "1" if force else "0", close_marker(path), work, text],
         )
         return Closed(
             returned_tokens=_opt(reply[1]),

@@ -17,7 +17,8 @@ that subtask's carved account, down to ``max_depth`` levels. Each level
 3. **finishes each subtask in a fixed order** (:meth:`Flow.subtask`): the call
    (its reply kept by the commit that pays for it), the account closed so its
    leftover flows back to the level's pool, the manager's review where it is
-   on, the result saved, the outcome counted in the statistics;
+   on, the result saved (by the close itself, in the same step, when there is
+   no review), the outcome counted in the statistics;
 4. **synthesizes** its children's results with what is left of its pool (a
    single finished subtask is the answer as it is).
 
@@ -59,7 +60,7 @@ from budgets.policy import Grant, Menu, Need, Option, Outcome, Policy, Pool
 from budgets.stats import Observation, StatsBook
 from orchestrator.errors import DeliveryLost, TaskCancelled
 from orchestrator.queue import Delivery
-from orchestrator.records import Records
+from orchestrator.records import Records, result_text
 from orchestrator.telemetry import NO_TELEMETRY, Telemetry
 
 log = logging.getLogger(__name__)
@@ -798,7 +799,8 @@ class Flow:
 
         The order is fixed: the call (its reply kept with its payment), the
         account closed (its leftover back to the level's pool), the review,
-        the result saved, the outcome counted.
+        the result saved, the outcome counted. Without a review, the close
+        saves the result in the same atomic step.
         """
         deps, lv, sub, attempt = self.deps, item.level, item.subtask, item.attempt
         work = lv.work_of(sub.id)
@@ -842,10 +844,16 @@ class Flow:
             return await self._finish(run, item, out)
         # The reply is kept with its payment, so closing, saving and counting may go
         # together: a crash between them is mended by the next delivery either way.
-        _, done = await asyncio.gather(
-            self._close_item(run, item, account), self._finish(run, item, out)
+        if _needs_review(item, out):
+            _, done = await asyncio.gather(
+                self._close_item(run, item, account), self._finish(run, item, out)
+            )
+            return done
+        # Not reviewed: the close saves the result in the same step, counted beside it.
+        await asyncio.gather(
+            self._close_item(run, item, account, result=out), self._count(run.scope, out)
         )
-        return done
+        return out
 
     async def _composite(self, run: TaskRun, item: WorkItem, account: str) -> SubtaskResult:
         """A sub-manager plans the subtask inside its account; its answer is the result."""
@@ -867,9 +875,17 @@ class Flow:
             short=short,
         )
 
-    async def _close_item(self, run: TaskRun, item: WorkItem, account: str) -> Closed:
-        """Close a try's account; its limit less what it spent goes back to the level's pool."""
-        closed = await self._close(run, account, nested=item.composite)
+    async def _close_item(
+        self, run: TaskRun, item: WorkItem, account: str, *, result: SubtaskResult | None = None
+    ) -> Closed:
+        """Close a try's account; its limit less what it spent goes back to the level's pool.
+
+        With ``result`` (a leaf's), the close saves it too, in the same atomic step.
+        """
+        saved = None
+        if result is not None:
+            saved = (item.level.work_of(item.subtask.id), result_text(result))
+        closed = await self._close(run, account, nested=item.composite, result=saved)
         run.moved(
             item.level.path,
             None if item.tokens is None else item.tokens - closed.spent_tokens,
@@ -877,8 +893,18 @@ class Flow:
         )
         return closed
 
-    async def _close(self, run: TaskRun, account: str, *, nested: bool) -> Closed:
-        """Close a subtask's account; a composite's open descendants first, deepest first."""
+    async def _close(
+        self,
+        run: TaskRun,
+        account: str,
+        *,
+        nested: bool,
+        result: tuple[str, str] | None = None,
+    ) -> Closed:
+        """Close a subtask's account; a composite's open descendants first, deepest first.
+
+        ``result`` (work id, JSON) is saved by the close of ``account`` itself.
+        """
         ledger = self.deps.ledger
         if nested:
             # A finished sub-level leaves only its manager's account open: close it, then
@@ -896,11 +922,11 @@ class Flow:
             ]
             for path in sorted(inside, key=lambda p: -p.count("/")):
                 await ledger.close_account(run.task_id, path, force=True)
-        return await ledger.close_account(run.task_id, account, force=True)
+        return await ledger.close_account(run.task_id, account, force=True, result=result)
 
     async def _finish(self, run: TaskRun, item: WorkItem, out: SubtaskResult) -> SubtaskResult:
         lv, sub = item.level, item.subtask
-        if not out["composite"] and out["finished"] and item.review and not out["reviewed"]:
+        if _needs_review(item, out):
             out = await self._review(run, lv, sub, out)
         # Saved and counted together: a crash between the two is mended by the next
         # delivery, which counts every saved result again and rebuilds an unsaved one
@@ -987,6 +1013,11 @@ class Flow:
         return await deps.manager.synthesize(
             task_id=run.task_id, account=manager_acct, task=lv.text, results=ordered
         )
+
+
+def _needs_review(item: WorkItem, out: SubtaskResult) -> bool:
+    """A finished leaf result the level's manager reviews, not reviewed yet."""
+    return not out["composite"] and out["finished"] and item.review and not out["reviewed"]
 
 
 def _outcome_word(res: SubtaskResult) -> str:

@@ -124,6 +124,11 @@ class Created:
         return (self.task, self.budget, self.tenant) == (task, budget, tenant)
 
 
+def result_text(result: Mapping[str, Any]) -> str:
+    """A finished subtask's result as the results hash keeps it (JSON)."""
+    return json.dumps(result)
+
+
 def _opt_float(value: str | None) -> float | None:
     return float(value) if value else None
 
@@ -279,7 +284,7 @@ class Records:
         together) are written with one ``HSET``; each call returns once its own
         result is written, or raises what the write raised.
         """
-        await self._save((task_id, subtask_id, json.dumps(result)))
+        await self._save((task_id, subtask_id, result_text(result)))
 
     async def _save_batch(self, items: list[tuple[str, str, str]]) -> list[BaseException | None]:
         by_task: dict[str, dict[str, str]] = {}

@@ -421,6 +421,28 @@ async def test_close_returns_unspent_to_parent(ledger: Ledger) -> None:
     assert await state(ledger) == snap
 
 
+async def test_close_saves_a_result_in_the_same_step(ledger: Ledger) -> None:
+    await opened(ledger)
+    await ledger.open_account(T, "root/a", Budget(tokens=100, usd="0.1"))
+    await ledger.open_account(T, "root/a/x", Budget(tokens=10, usd="0.01"))
+    results = TaskKeys(T).results
+    # Refused (an open child): nothing is saved, as nothing is closed.
+    with pytest.raises(AccountBusy):
+        await ledger.close_account(T, "root/a", result=("a", '{"text": "A"}'))
+    assert await ledger.redis.hgetall(results) == {}
+    closed = await ledger.close_account(T, "root/a/x", result=("a:x", '{"text": "X"}'))
+    assert await ledger.redis.hgetall(results) == {"a:x": '{"text": "X"}'}
+    # A repeat (a batch sent again after a lost reply) answers as the first and saves too.
+    await ledger.redis.hdel(results, "a:x")
+    assert await ledger.close_account(T, "root/a/x", result=("a:x", '{"text": "X"}')) == closed
+    assert await ledger.redis.hget(results, "a:x") == '{"text": "X"}'
+    with pytest.raises(InvalidAmount):
+        await ledger.close_account(T, "root/a", result=("a", "no \x1f in it"))
+    with pytest.raises(InvalidName):
+        await ledger.close_account(T, "root/a", result=("a b", "{}"))
+    assert not (await ledger.account(T, "root/a")).closed
+
+
 async def test_closed_account_takes_no_reservations(ledger: Ledger) -> None:
     await opened(ledger)
     await ledger.open_account(T, "root/a", Budget(tokens=10, usd="0.1"))
