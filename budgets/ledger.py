@@ -220,6 +220,17 @@ class Ledger:
             self._admissions.settled(task_id)
         return check(op.value, reply, ctx or Context(task_id=task_id))
 
+    def _close_args(
+        self, path: str, force: bool, result: tuple[str, str] | None = None
+    ) -> tuple[list[str], list[str | int]]:
+        """The accounts and arguments of one ``close`` (see close.lua)."""
+        parent = parent_of(path)
+        accounts = [path] if parent is None else [path, parent]
+        work, text = ("", "") if result is None else (check_op_id(result[0], "work id"), result[1])
+        if SEP in text or _EVENT_SEP in text:
+            raise InvalidAmount("result", result, "the text must not hold U+001E or U+001F")
+        return accounts, [path, "1" if force else "0", close_marker(path), work, text]
+
     # -- tasks and accounts ---------------------------------------------------
 
     async def open_task(
@@ -505,23 +516,8 @@ class Ledger:
         """
         check_task_id(task_id)
         check_path(path)
-        parent = parent_of(path)
-        accounts = [path] if parent is None else [path, parent]
-        work, text = ("", "") if result is None else (check_op_id(result[0], "work id"), result[1])
-        if SEP in text or _EVENT_SEP in text:
-            raise InvalidAmount("result", result, "the text must not hold U+001E or U+001F")
-        reply = await self._run(
-            Op.CLOSE,
-            task_id,
-            accounts,
-            [path, "1" if force else "0", close_marker(path), work, text],
-        )
-        return Closed(
-            returned_tokens=_opt(reply[1]),
-            returned_nanos=_opt(reply[2]),
-            spent_tokens=int(reply[3]),
-            spent_nanos=int(reply[4]),
-        )
+        accounts, args = self._close_args(path, force, result)
+        return _closed(await self._run(Op.CLOSE, task_id, accounts, args))
 
     async def close_task(
         self, task_id: str, *, force: bool = False, retention_s: int | None = None
@@ -537,7 +533,10 @@ class Ledger:
         """
         check_task_id(task_id)
         keys = TaskKeys(task_id)
-        meta = await _hash(self.redis, keys.meta)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(keys.meta)
+        pipe.smembers(keys.accounts)
+        meta, paths = cast("tuple[dict[str, str], set[str]]", tuple(await pipe.execute()))
         if not meta:
             raise UnknownTask(task_id)
         tenant, incarnation = meta.get("tenant") or "", meta.get("inc") or ""
@@ -545,12 +544,17 @@ class Ledger:
             await self._tenants.settle(tenant, task_id, incarnation, mode="undo")
             await self._run(Op.UNCLAIM, task_id, [], [incarnation])
             raise UnknownTask(task_id)
-        paths = await _members(self.redis, keys.accounts)
-        depths = sorted({p.count("/") for p in paths if p != ROOT}, reverse=True)
-        for depth in depths:  # deepest first; one level at a time goes as one batch
-            level = sorted(p for p in paths if p != ROOT and p.count("/") == depth)
-            await asyncio.gather(*(self.close_account(task_id, p, force=force) for p in level))
-        closed = await self.close_account(task_id, ROOT, force=force)
+        # Deepest first, then the root, in one script call that runs them in that order
+        # (a closed account answers its first reply again).
+        order = sorted((p for p in paths if p != ROOT), key=lambda p: (-p.count("/"), p))
+        order.append(ROOT)
+        ops = [(Op.CLOSE, *self._close_args(p, force)) for p in order]
+        replies = await self._runner.task_ops(keys, ops)
+        self._admissions.settled(task_id)
+        ctx = Context(task_id=task_id)
+        for reply in replies:  # the first refusal, deepest first, is the one raised
+            check(Op.CLOSE.value, reply, ctx)
+        closed = _closed(replies[-1])
         if tenant and incarnation:
             # The root's spend now, late commits included, not the first close's.
             root = await _hash(self.redis, keys.account(ROOT))
@@ -561,9 +565,10 @@ class Ledger:
             await self._tenants.settle(tenant, task_id, incarnation, mode="close", spent=spent)
         elif tenant:
             log.warning("task %s has no incarnation; its tenant %s is not settled", task_id, tenant)
-        await self.redis.srem(OPEN_TASKS, task_id)
-        if retention_s is not None:
-            await self._expire(keys, meta, paths, retention_s)
+        if retention_s is None:
+            await self.redis.srem(OPEN_TASKS, task_id)
+        else:
+            await self._expire(keys, meta, paths, retention_s, closed=True)
         return closed
 
     async def expire_task(self, task_id: str, *, retention_s: int) -> None:
@@ -579,10 +584,19 @@ class Ledger:
         await self._expire(keys, meta, paths, retention_s)
 
     async def _expire(
-        self, keys: TaskKeys, meta: Mapping[str, str], paths: set[str], retention_s: int
+        self,
+        keys: TaskKeys,
+        meta: Mapping[str, str],
+        paths: set[str],
+        retention_s: int,
+        *,
+        closed: bool = False,
     ) -> None:
+        """Give the task's keys ``retention_s``; with ``closed``, it also leaves the open set."""
         task_id = keys.task_id
         pipe = self.redis.pipeline(transaction=False)
+        if closed:
+            pipe.srem(OPEN_TASKS, task_id)
         for key in [*keys.script_keys(), *(keys.account(p) for p in paths)]:
             pipe.expire(key, retention_s)
         tenant, incarnation = meta.get("tenant") or "", meta.get("inc") or ""
@@ -728,6 +742,15 @@ class Ledger:
 def _free_text(text: str) -> str:
     """Audit text safe to travel in an operation's fields (no separator characters)."""
     return text.replace(SEP, " ").replace(_EVENT_SEP, " ")
+
+
+def _closed(reply: Sequence[Any]) -> Closed:
+    return Closed(
+        returned_tokens=_opt(reply[1]),
+        returned_nanos=_opt(reply[2]),
+        spent_tokens=int(reply[3]),
+        spent_nanos=int(reply[4]),
+    )
 
 
 def _opt(value: Any) -> int | None:

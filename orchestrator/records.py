@@ -62,12 +62,20 @@ class TaskRecord(BaseModel):
 
 
 # KEYS[1] task record   ARGV[1] now (s)
-# returns the delivery count, or -1 when the task is already final (nothing written)
-_MARK_RUNNING = """
+# returns {deliveries, field, value, ...}: the delivery count and the record as it is
+#   after marking it running, or {-1, field, value, ...} when it is already final (nothing
+#   written); {} when there is no record
+_START = """
+if redis.call('HEXISTS', KEYS[1], 'task') == 0 then return {} end
 local status = redis.call('HGET', KEYS[1], 'status')
-if status ~= 'queued' and status ~= 'running' then return -1 end
-redis.call('HSET', KEYS[1], 'status', 'running', 'started_s', ARGV[1])
-return redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
+local n = -1
+if status == 'queued' or status == 'running' then
+  redis.call('HSET', KEYS[1], 'status', 'running', 'started_s', ARGV[1])
+  n = redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
+end
+local out = redis.call('HGETALL', KEYS[1])
+table.insert(out, 1, n)
+return out
 """
 
 # KEYS[1] task record
@@ -129,6 +137,28 @@ def result_text(result: Mapping[str, Any]) -> str:
     return json.dumps(result)
 
 
+def _record(task_id: str, raw: Mapping[str, str]) -> TaskRecord | None:
+    """A record read from its hash; ``None`` when there is none (or no task in it)."""
+    if not raw or "task" not in raw:
+        return None
+    spent = Spent.model_validate_json(raw["spent"]) if raw.get("spent") else None
+    return TaskRecord(
+        id=task_id,
+        status=Status(raw["status"]),
+        task=raw["task"],
+        budget=Budget.model_validate_json(raw["budget"]),
+        tenant=raw.get("tenant") or None,
+        answer=raw.get("answer"),
+        error=raw.get("error") or None,
+        spent=spent,
+        created_s=float(raw["created_s"]),
+        started_s=_opt_float(raw.get("started_s")),
+        finished_s=_opt_float(raw.get("finished_s")),
+        deliveries=int(raw.get("deliveries", 0)),
+        cancel_requested=raw.get("cancel") == "1",
+    )
+
+
 def _opt_float(value: str | None) -> float | None:
     return float(value) if value else None
 
@@ -144,7 +174,7 @@ class Records:
         self.redis = redis
         self._create = redis.register_script(_CREATE)
         self._discard = redis.register_script(_DISCARD)
-        self._mark_running = redis.register_script(_MARK_RUNNING)
+        self._start = redis.register_script(_START)
         self._cancel_queued = redis.register_script(_CANCEL_QUEUED)
         # Results saved while a write is in flight go together, one HSET per task.
         self._save: Coalescer[tuple[str, str, str], None] = Coalescer(self._save_batch)
@@ -189,34 +219,24 @@ class Records:
             "dict[str, str]",
             await self.redis.hgetall(TaskKeys(task_id).record),
         )
-        if not raw or "task" not in raw:
-            return None
-        spent = Spent.model_validate_json(raw["spent"]) if raw.get("spent") else None
-        return TaskRecord(
-            id=task_id,
-            status=Status(raw["status"]),
-            task=raw["task"],
-            budget=Budget.model_validate_json(raw["budget"]),
-            tenant=raw.get("tenant") or None,
-            answer=raw.get("answer"),
-            error=raw.get("error") or None,
-            spent=spent,
-            created_s=float(raw["created_s"]),
-            started_s=_opt_float(raw.get("started_s")),
-            finished_s=_opt_float(raw.get("finished_s")),
-            deliveries=int(raw.get("deliveries", 0)),
-            cancel_requested=raw.get("cancel") == "1",
-        )
+        return _record(task_id, raw)
 
-    async def mark_running(self, task_id: str) -> int | None:
-        """Record a delivery; how many times the task has been delivered, ``None`` if final.
+    async def start(self, task_id: str) -> tuple[TaskRecord, int | None] | None:
+        """Record a delivery: the record as it is then, and how many times it was delivered.
 
-        Atomic with the status check, so a task cancelled while queued is never
-        marked running again.
+        The count is ``None`` when the task is final (nothing is written, so a task
+        cancelled while queued is never marked running again); ``None`` alone when
+        there is no such task. One atomic step with the status check.
         """
         keys = TaskKeys(task_id)
-        deliveries = int(await self._mark_running(keys=[keys.record], args=[repr(time.time())]))
-        return None if deliveries < 0 else deliveries
+        reply = cast("list[Any]", await self._start(keys=[keys.record], args=[repr(time.time())]))
+        if not reply:
+            return None
+        count, *flat = reply
+        record = _record(task_id, dict(zip(flat[::2], flat[1::2], strict=True)))
+        assert record is not None  # the script checked it has a task
+        deliveries = int(count)
+        return record, None if deliveries < 0 else deliveries
 
     async def cancel_queued(self, task_id: str) -> bool:
         """Cancel a task no worker has taken yet; ``False`` if it is not queued."""
@@ -231,8 +251,8 @@ class Records:
         error: str | None,
         spent: Spent | None,
         retention_s: int,
-    ) -> None:
-        """Write the final state and let the record expire after ``retention_s``."""
+    ) -> TaskRecord:
+        """Write the final state, let the record expire after ``retention_s``; the record then."""
         keys = TaskKeys(task_id)
         fields: dict[str, str] = {"status": status.value, "finished_s": repr(time.time())}
         if answer is not None:
@@ -245,7 +265,11 @@ class Records:
         pipe.hset(keys.record, mapping=cast(Any, fields))
         for key in (keys.record, keys.results, keys.plan, keys.plans):
             pipe.expire(key, retention_s)
-        await pipe.execute()
+        pipe.hgetall(keys.record)
+        *_, raw = await pipe.execute()
+        record = _record(task_id, cast("dict[str, str]", raw))
+        assert record is not None  # written just now, in the same transaction
+        return record
 
     async def request_cancel(self, task_id: str) -> bool:
         """Flag the task for cancellation; ``False`` if it is unknown or already final."""

@@ -121,14 +121,12 @@ class Runtime:
         another worker took it over (nothing is finished then). An error
         reaching Redis propagates: the task is delivered again, not failed.
         """
-        record = await self.records.get(task_id)
-        if record is None:
+        started = await self.records.start(task_id)
+        if started is None:
             raise UnknownTask(task_id)
-        if record.status.final:
+        record, delivery = started
+        if delivery is None:  # final already (cancelled while queued, or finished)
             return record
-        delivery = await self.records.mark_running(task_id)
-        if delivery is None:  # cancelled (or finished) since it was read
-            return await self.records.get(task_id) or record
         # Observability hook: one scope per delivery (orchestrator/telemetry.py).
         with self.telemetry.task(task_id=task_id, delivery=delivery) as scope:
             scope.note(tenant=record.tenant)
@@ -145,7 +143,7 @@ class Runtime:
         self, task_id: str, record: TaskRecord, delivery: int, claim: Delivery | None
     ) -> TaskRecord:
         """One delivery of a task marked running, to its final record."""
-        if await self.records.cancel_requested(task_id):
+        if record.cancel_requested:  # as read when it was marked running
             return await self._finish(task_id, Status.CANCELLED, None, None)
         if delivery > 1:  # only an earlier delivery can have left accounts open
             await self._close_stale_accounts(task_id)
@@ -307,12 +305,9 @@ async def finish_task(
         spent = Spent(tokens=closed.spent_tokens, usd=str(nanos_to_usd(closed.spent_nanos)))
     except UnknownTask:
         pass
-    await records.finish(
+    return await records.finish(
         task_id, status=status, answer=answer, error=error, spent=spent, retention_s=retention_s
     )
-    record = await records.get(task_id)
-    assert record is not None
-    return record
 
 
 #: The task ``smallest_budgets`` sizes: the quick start's.

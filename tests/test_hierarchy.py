@@ -312,9 +312,13 @@ async def test_a_sub_plan_naming_ids_of_another_level_is_mended_and_carves_nothi
 
 
 def _reject_first(sid: str) -> Callable[[RecordedRequest], Reply]:
+    """Rejects ``sid`` the first time it is reviewed (whichever review comes first)."""
     lock, seen = threading.Lock(), [0]
 
     def review(req: RecordedRequest) -> Reply:
+        assert req.body is not None
+        if f"### {sid}" not in str(req.body["messages"][-1]["content"]):
+            return Reply(text=json.dumps({"reject": []}))
         with lock:
             seen[0] += 1
             first = seen[0] == 1

@@ -651,5 +651,12 @@ async def test_non_batching_ledger_behaves_the_same(redis_url: str) -> None:
             await led.reserve(T, "root", tokens=1, nanos=0)
         await led.commit(T, res.id, used=Amount(tokens=3))
         assert (await led.snapshot(T)).root.available_tokens == 7
+        # close_task's closes go in one call, deepest first, batching or not.
+        await led.open_account(T, "root/a", Budget(tokens=5))
+        await led.open_account(T, "root/a/x", Budget(tokens=2))
+        await led.open_account(T, "root/a/x/y", Budget(tokens=1))
+        closed = await led.close_task(T)
+        assert (closed.spent_tokens, closed.returned_tokens) == (3, 7)
+        assert all(a.closed for a in (await led.snapshot(T)).walk())
     finally:
         await led.aclose()
