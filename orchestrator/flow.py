@@ -390,9 +390,8 @@ class Flow:
             raise ValueError(f"max_depth must be at least 1, got {deps.max_depth}")
         self.deps = deps
         # Each try of a subtask is a LangGraph task: started at once, awaited as a future.
-        as_task: Any = task(name="subtask")
-        self._start: Callable[[TaskRun, WorkItem], asyncio.Future[SubtaskResult | None]]
-        self._start = as_task(self._observed_subtask)
+        self._start: Callable[[Flow, TaskRun, WorkItem], asyncio.Future[SubtaskResult | None]]
+        self._start = _SUBTASK
 
     async def run(self, inputs: Mapping[str, Any]) -> FlowReport:
         """Run one delivery of a task: the task's own level, and every level under it."""
@@ -621,7 +620,7 @@ class Flow:
                 if chosen:  # once for every try this decision starts
                     await self._may_pay(run)
                 for item in await asyncio.gather(*(self.carve(run, i) for i in chosen)):
-                    running[self._start(run, item)] = item
+                    running[self._start(self, run, item)] = item
                 if not running:
                     break
                 await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
@@ -1138,6 +1137,17 @@ def _ordered_results(plan: Plan, results: Mapping[str, SubtaskResult]) -> list[W
             )
         )
     return ordered
+
+
+async def _run_subtask(flow: Flow, run: TaskRun, item: WorkItem) -> SubtaskResult | None:
+    """One try of a subtask, as the LangGraph task ``subtask`` runs it."""
+    return await flow._observed_subtask(run, item)
+
+
+# A module-level function, found under its own name: LangGraph then builds its runnable
+# once, not again for every try (as it does for a bound method).
+_as_task: Any = task(name="subtask")
+_SUBTASK: Any = _as_task(_run_subtask)
 
 
 def build_graph(flow: Flow) -> Any:
