@@ -519,6 +519,29 @@ class Ledger:
         accounts, args = self._close_args(path, force, result)
         return _closed(await self._run(Op.CLOSE, task_id, accounts, args))
 
+    async def close_accounts(
+        self, task_id: str, paths: Sequence[str], *, force: bool = False
+    ) -> list[Closed]:
+        """Close several accounts in one call, in the order given (children before parents).
+
+        Each close is atomic and as :meth:`close_account`'s; the first refusal among them is
+        raised, and the closes before and after it have still run.
+        """
+        check_task_id(task_id)
+        for path in paths:
+            check_path(path)
+        ops = [(Op.CLOSE, *self._close_args(p, force)) for p in paths]
+        return [_closed(r) for r in await self._closes(task_id, ops, len(ops))]
+
+    async def _closes(
+        self, task_id: str, ops: Sequence[tuple[Op, Sequence[str], Sequence[str | int]]], n: int
+    ) -> list[list[Any]]:
+        """Run ``ops`` in one call; the replies of the first ``n`` (closes), each checked."""
+        replies = await self._runner.task_ops(TaskKeys(task_id), ops)
+        self._admissions.settled(task_id)
+        ctx = Context(task_id=task_id)
+        return [check(Op.CLOSE.value, r, ctx) for r in replies[:n]]
+
     async def close_task(
         self, task_id: str, *, force: bool = False, retention_s: int | None = None
     ) -> Closed:
@@ -545,16 +568,15 @@ class Ledger:
             await self._run(Op.UNCLAIM, task_id, [], [incarnation])
             raise UnknownTask(task_id)
         # Deepest first, then the root, in one script call that runs them in that order
-        # (a closed account answers its first reply again).
+        # (a closed account answers its first reply again); with a retention, the keys
+        # are given it in the same call.
         order = sorted((p for p in paths if p != ROOT), key=lambda p: (-p.count("/"), p))
         order.append(ROOT)
+        ops: list[tuple[Op, Sequence[str], Sequence[str | int]]]
         ops = [(Op.CLOSE, *self._close_args(p, force)) for p in order]
-        replies = await self._runner.task_ops(keys, ops)
-        self._admissions.settled(task_id)
-        ctx = Context(task_id=task_id)
-        for reply in replies:  # the first refusal, deepest first, is the one raised
-            check(Op.CLOSE.value, reply, ctx)
-        closed = _closed(replies[-1])
+        if retention_s is not None:
+            ops.append((Op.EXPIRE, [], [_retention(retention_s)]))
+        closed = _closed((await self._closes(task_id, ops, len(order)))[-1])
         if tenant and incarnation:
             # The root's spend now, late commits included, not the first close's.
             root = await _hash(self.redis, keys.account(ROOT))
@@ -568,7 +590,7 @@ class Ledger:
         if retention_s is None:
             await self.redis.srem(OPEN_TASKS, task_id)
         else:
-            await self._expire(keys, meta, paths, retention_s, closed=True)
+            await self._expire_rest(keys, meta, retention_s, closed=True)
         return closed
 
     async def expire_task(self, task_id: str, *, retention_s: int) -> None:
@@ -580,27 +602,24 @@ class Ledger:
         check_task_id(task_id)
         keys = TaskKeys(task_id)
         meta = await _hash(self.redis, keys.meta)
-        paths = await _members(self.redis, keys.accounts)
-        await self._expire(keys, meta, paths, retention_s)
+        await self._run(Op.EXPIRE, task_id, [], [_retention(retention_s)])
+        await self._expire_rest(keys, meta, retention_s)
 
-    async def _expire(
-        self,
-        keys: TaskKeys,
-        meta: Mapping[str, str],
-        paths: set[str],
-        retention_s: int,
-        *,
-        closed: bool = False,
+    async def _expire_rest(
+        self, keys: TaskKeys, meta: Mapping[str, str], retention_s: int, *, closed: bool = False
     ) -> None:
-        """Give the task's keys ``retention_s``; with ``closed``, it also leaves the open set."""
+        """What the task script cannot reach: the tenant's funding record of the task (on
+        the tenant's slot) gets ``retention_s`` and a grace; with ``closed``, the task
+        leaves the set of open tasks."""
         task_id = keys.task_id
+        tenant, incarnation = meta.get("tenant") or "", meta.get("inc") or ""
+        funded = bool(tenant and incarnation)
+        if not funded and not closed:
+            return
         pipe = self.redis.pipeline(transaction=False)
         if closed:
             pipe.srem(OPEN_TASKS, task_id)
-        for key in [*keys.script_keys(), *(keys.account(p) for p in paths)]:
-            pipe.expire(key, retention_s)
-        tenant, incarnation = meta.get("tenant") or "", meta.get("inc") or ""
-        if tenant and incarnation:
+        if funded:
             funding = TenantKeys(tenant).funding(task_id, incarnation)
             pipe.expire(funding, retention_s + FUNDING_GRACE_S)
         await pipe.execute()
@@ -742,6 +761,12 @@ class Ledger:
 def _free_text(text: str) -> str:
     """Audit text safe to travel in an operation's fields (no separator characters)."""
     return text.replace(SEP, " ").replace(_EVENT_SEP, " ")
+
+
+def _retention(retention_s: int) -> int:
+    if type(retention_s) is not int or retention_s < 1:
+        raise InvalidAmount("retention_s", retention_s, "must be a whole number of seconds, >= 1")
+    return retention_s
 
 
 def _closed(reply: Sequence[Any]) -> Closed:

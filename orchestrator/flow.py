@@ -910,9 +910,9 @@ class Flow:
             # the composite. Anything else still open (a sub-level cut off part way) is
             # found in a snapshot.
             manager = manager_account(account, run.delivery)
-            try:
-                await ledger.close_account(run.task_id, manager, force=True)
-                return await ledger.close_account(run.task_id, account, force=True)
+            try:  # both in one call, the manager's first
+                closes = await ledger.close_accounts(run.task_id, [manager, account], force=True)
+                return closes[-1]
             except (AccountBusy, UnknownAccount):
                 pass
             tree = await ledger.snapshot(run.task_id)
