@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Protocol, TypedDict
+from typing import Any, Literal, Protocol, TypedDict, TypeVar
 
 from langgraph.func import entrypoint, task
 
@@ -47,6 +47,7 @@ from budgets.keys import (
     ROOT,
     SHARED_SCOPE,
     WORK_SEPARATOR,
+    TaskKeys,
     child_path,
     level_of,
     outcome_id,
@@ -58,12 +59,15 @@ from budgets.keys import (
 from budgets.ledger import Closed
 from budgets.policy import Grant, Menu, Need, Option, Outcome, Policy, Pool
 from budgets.stats import Observation, StatsBook
+from budgets.tree import AccountView, account_from_hash
 from orchestrator.errors import DeliveryLost, TaskCancelled
 from orchestrator.queue import Delivery
 from orchestrator.records import Records, result_text
 from orchestrator.telemetry import NO_TELEMETRY, Telemetry
 
 log = logging.getLogger(__name__)
+
+_Read = TypeVar("_Read")
 
 #: The least output a subtask's share must pay for besides its prompt to be worth starting.
 USEFUL_OUTPUT_TOKENS = 64
@@ -435,27 +439,49 @@ class Flow:
         Both questions go to Redis at once (an ``HGET`` of the record and one
         ``XPENDING``): a round trip per step, not per token.
         """
+        await self._checked(run, self._cancel_asked(run))
+
+    async def _cancel_asked(self, run: TaskRun) -> tuple[bool, None]:
+        return await self.deps.records.cancel_requested(run.task_id), None
+
+    async def _may_pay_from(self, run: TaskRun, path: str) -> Pool:
+        """:meth:`_may_pay`, and the pool of the level at ``path`` read in the same round trip
+        (and kept from then on: see :class:`PoolBook`)."""
+        key = TaskKeys(run.task_id).account(path)
+        fields = await self._checked(
+            run, self.deps.records.cancel_requested_and_read(run.task_id, key)
+        )
+        if not fields:
+            raise UnknownAccount(run.task_id, path)
+        return self._keep_pool(run, account_from_hash(path, fields, []))
+
+    async def _checked(self, run: TaskRun, asking: Awaitable[tuple[bool, _Read]]) -> _Read:
+        """``asking`` (whether a cancel was asked, and what was read with it) and the
+        ownership check, at once; what was read, unless the task must stop."""
         ownership = self.deps.ownership
-        cancelled = self.deps.records.cancel_requested(run.task_id)
         if run.claim is None or ownership is None:
-            if await cancelled:
-                raise TaskCancelled(run.task_id)
-            return
-        asked, owned = await asyncio.gather(cancelled, ownership.owns(run.claim))
-        if not owned:
-            raise DeliveryLost(run.task_id, run.claim.message_id)
+            asked, read = await asking
+        else:
+            (asked, read), owned = await asyncio.gather(asking, ownership.owns(run.claim))
+            if not owned:
+                raise DeliveryLost(run.task_id, run.claim.message_id)
         if asked:
             raise TaskCancelled(run.task_id)
+        return read
 
-    async def _pool(self, run: TaskRun, path: str, *, read: bool = False) -> Pool:
-        """What a level's pool holds: read from the ledger once (or with ``read``), then kept."""
+    async def _pool(self, run: TaskRun, path: str) -> Pool:
+        """What a level's pool holds: read from the ledger once, then kept."""
         book = run.pools.get(path)
-        if book is None or read:
-            view = await self.deps.ledger.account(run.task_id, path)
-            if view.closed:  # nothing can be carved from it any more
-                run.pools.pop(path, None)
-                return Pool(tokens=view.available_tokens, nanos=view.available_nanos)
-            book = run.pools[path] = PoolBook(tokens=view.room_tokens, nanos=view.room_nanos)
+        if book is None:
+            return self._keep_pool(run, await self.deps.ledger.account(run.task_id, path))
+        return book.pool()
+
+    def _keep_pool(self, run: TaskRun, view: AccountView) -> Pool:
+        """A pool as read: kept from now on (unless its account is closed), and returned."""
+        if view.closed:  # nothing can be carved from it any more
+            run.pools.pop(view.path, None)
+            return Pool(tokens=view.available_tokens, nanos=view.available_nanos)
+        book = run.pools[view.path] = PoolBook(tokens=view.room_tokens, nanos=view.room_nanos)
         return book.pool()
 
     def _reviews(self, lv: Level, plan: Plan, pool: Pool) -> tuple[frozenset[str], Pool]:
@@ -507,7 +533,8 @@ class Flow:
         as one subtask, noted in the audit stream.
         """
         deps = self.deps
-        pool = await self._pool(run, lv.path, read=True)  # the level's one read of its pool
+        # The level's read of its pool, with the check before planning's paid call.
+        pool = await self._may_pay_from(run, lv.path)
         reserve = deps.policy.synthesis_reserve(pool)
         manager_acct = lv.manager_account(run.delivery)
         nested = lv.depth < deps.max_depth
@@ -532,7 +559,6 @@ class Flow:
             outcome = deps.manager.unplanned(lv.text, why)
             reviewed = frozenset[str]()
         else:
-            await self._may_pay(run)
             await self._open(run, lv.path, manager_acct, size)
             outcome = await deps.manager.plan(
                 task_id=run.task_id,
@@ -994,11 +1020,10 @@ class Flow:
         if len(plan.subtasks) == 1 and len(ordered) == 1 and ordered[0].finished:
             # One finished subtask is the answer: a synthesis call would only restate it.
             return ordered[0].text.strip()
-        await self._may_pay(run)
         manager_acct = lv.manager_account(run.delivery)
         # Read, not kept: what is left goes to the answer, including what a step
         # outside this delivery's own (a late commit, another worker's) moved.
-        pool = await self._pool(run, lv.path, read=True)
+        pool = await self._may_pay_from(run, lv.path)
         tokens, nanos = pool.tokens or 0, pool.nanos or 0
         if tokens > 0 or nanos > 0:
             await deps.ledger.transfer(

@@ -284,6 +284,17 @@ class Records:
         flag = await self.redis.hget(TaskKeys(task_id).record, "cancel")
         return flag == "1"
 
+    async def cancel_requested_and_read(
+        self, task_id: str, key: str
+    ) -> tuple[bool, dict[str, str]]:
+        """Whether someone asked to cancel the task, and the hash at ``key`` (another key of
+        the task's, so on its slot) read in the same round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hget(TaskKeys(task_id).record, "cancel")
+        pipe.hgetall(key)
+        flag, fields = await pipe.execute()
+        return flag == "1", cast("dict[str, str]", fields)
+
     async def save_plan(self, task_id: str, plan_json: str, *, level: str = "") -> None:
         """Keep a level's plan so a re-delivered task does not plan (and pay) again.
 

@@ -215,32 +215,39 @@ async def test_a_level_reads_its_pool_to_plan_and_synthesize_and_keeps_it_in_bet
 ) -> None:
     stub.responder = responder(NESTED)  # s2 waits for the composite s1: a decision after it
     pm = make_pm()
-    ledger = pm.runtime().ledger
-    real_account = ledger.account
+    runtime = pm.runtime()
+    ledger, records = runtime.ledger, runtime.records
+    real_account, real_checked_read = ledger.account, records.cancel_requested_and_read
     reads: list[str] = []
 
     async def account(task_id: str, path: str) -> AccountView:
         reads.append(path)
         return await real_account(task_id, path)
 
+    async def checked_read(task_id: str, key: str) -> tuple[bool, dict[str, str]]:
+        reads.append(key.split(":acct:", 1)[1])
+        return await real_checked_read(task_id, key)
+
     real_pool = Flow._pool
     seen: list[tuple[Pool, AccountView]] = []
 
-    async def pool(self: Flow, run: TaskRun, path: str, *, read: bool = False) -> Pool:
-        got = await real_pool(self, run, path, read=read)
+    async def pool(self: Flow, run: TaskRun, path: str) -> Pool:
+        got = await real_pool(self, run, path)
         seen.append((got, await real_account(run.task_id, path)))
         return got
 
     monkeypatch.setattr(ledger, "account", account)
+    monkeypatch.setattr(records, "cancel_requested_and_read", checked_read)
     monkeypatch.setattr(Flow, "_pool", pool)
     rec = await pm.arun("a big task", budget=Budget(tokens=40_000, usd="1"))
     assert rec.status is Status.SUCCEEDED, rec.error
-    # Each level (the task's and s1's) reads its pool when it plans and when it synthesizes...
+    # Each level (the task's and s1's) reads its pool when it plans and when it synthesizes,
+    # with the cancel check before each of those paid steps...
     composite = f"{ROOT}/s1.1.1"
     assert sorted(reads) == sorted([ROOT, ROOT, composite, composite])
     # ...and every decision in between is answered from what its own steps moved, which is
     # what a read would have said.
-    assert len(seen) > len(reads)
+    assert len(seen) >= 4
     for got, view in seen:
         assert (got.tokens, got.nanos) == (view.available_tokens, view.available_nanos)
 
