@@ -58,7 +58,7 @@ from budgets.keys import (
 )
 from budgets.ledger import Closed
 from budgets.policy import Grant, Menu, Need, Option, Outcome, Policy, Pool
-from budgets.stats import Observation, StatsBook
+from budgets.stats import Observation, Stats, StatsBook
 from budgets.tree import AccountView, account_from_hash
 from orchestrator.errors import DeliveryLost, TaskCancelled
 from orchestrator.queue import Delivery
@@ -514,9 +514,15 @@ class Flow:
     async def _level(self, run: TaskRun, lv: Level) -> LevelReport:
         # Observability hooks: the manager's two steps are scopes (orchestrator/telemetry.py).
         tel, acct = self.deps.telemetry, lv.manager_account(run.delivery)
-        with tel.step(task_id=run.task_id, account=acct, step="plan", depth=lv.depth):
-            plan, reviewed = await self._plan(run, lv)
-        results = await self._dataflow(run, lv, plan, reviewed)
+        # The level's statistics (for its decisions) are read while it plans.
+        stats = asyncio.ensure_future(self.deps.stats.read(run.scope))
+        stats.add_done_callback(_retrieved)
+        try:
+            with tel.step(task_id=run.task_id, account=acct, step="plan", depth=lv.depth):
+                plan, reviewed = await self._plan(run, lv)
+            results = await self._dataflow(run, lv, plan, reviewed, stats)
+        finally:
+            stats.cancel()  # nothing if it was read
         with tel.step(task_id=run.task_id, account=acct, step="synthesize", depth=lv.depth):
             answer = await self._synthesize(run, lv, plan, results)
         return LevelReport(plan=plan, results=results, answer=answer)
@@ -623,11 +629,17 @@ class Flow:
         run.moved(pool_path, _minus(limit.tokens), _minus(limit.nanos))
 
     async def _dataflow(
-        self, run: TaskRun, lv: Level, plan: Plan, reviewed: frozenset[str]
+        self,
+        run: TaskRun,
+        lv: Level,
+        plan: Plan,
+        reviewed: frozenset[str],
+        stats: Awaitable[Stats],
     ) -> dict[str, SubtaskResult]:
         """Start each subtask as soon as its dependencies are done and it is granted a budget.
 
-        ``reviewed``: the subtasks whose results the level's manager reviews.
+        ``reviewed``: the subtasks whose results the level's manager reviews; ``stats``:
+        the statistics the level decides with.
         """
         by_id = {s.id: s for s in plan.subtasks}
         prefix = f"{lv.work}{WORK_SEPARATOR}" if lv.work else ""
@@ -641,7 +653,9 @@ class Flow:
         menu: Menu | None = None
         try:
             while True:
-                decided, menu = await self._decide(run, lv, plan, results, attempts, running, menu)
+                decided, menu = await self._decide(
+                    run, lv, plan, results, attempts, running, menu, stats
+                )
                 chosen = [replace(item, review=item.subtask.id in reviewed) for item in decided]
                 if chosen:  # once for every try this decision starts
                     await self._may_pay(run)
@@ -672,11 +686,12 @@ class Flow:
         attempts: Mapping[str, int],
         running: Mapping[asyncio.Future[SubtaskResult | None], WorkItem],
         menu: Menu | None,
+        stats: Awaitable[Stats],
     ) -> tuple[list[WorkItem], Menu | None]:
         """What starts now: escalations of finished subtasks first, then every ready subtask.
 
         Returns the tries to start and the menu they were chosen from (``menu``,
-        or one built from the statistics when it is ``None``), for the next decision.
+        or one built from ``stats`` when it is ``None``), for the next decision.
         """
         deps = self.deps
         busy = {item.subtask.id for item in running.values()}
@@ -696,7 +711,7 @@ class Flow:
         if not ready and not finished:
             return [], menu
         if menu is None:  # the statistics are read once per level
-            menu = Menu(deps.options, await deps.stats.read(run.scope), deps.default_endpoint)
+            menu = Menu(deps.options, await stats, deps.default_endpoint)
         pool = await self._pool(run, lv.path)  # kept, not read again (see PoolBook)
         work: list[WorkItem] = []
         for g in deps.policy.escalate(pool, finished, menu=menu):
@@ -1042,6 +1057,12 @@ class Flow:
 def _needs_review(item: WorkItem, out: SubtaskResult) -> bool:
     """A finished leaf result the level's manager reviews, not reviewed yet."""
     return not out["composite"] and out["finished"] and item.review and not out["reviewed"]
+
+
+def _retrieved(fut: asyncio.Future[Any]) -> None:
+    """Marks a background read's error as seen when nobody came to await it."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _outcome_word(res: SubtaskResult) -> str:
