@@ -292,28 +292,49 @@ class Ledger:
         Returns what the parent has left. A child may be unlimited only in a unit
         its parent does not limit.
         """
+        reply = await self._open(task_id, path, budget.tokens, budget.nanos, op_id, tags)
+        return _budget(reply[1], reply[2])
+
+    async def carve(
+        self,
+        task_id: str,
+        path: str,
+        *,
+        tokens: int | None,
+        nanos: int | None,
+        op_id: str | None = None,
+        tags: Tags | None = None,
+    ) -> None:
+        """:meth:`open_account` with the limit in the ledger's own integers (``None``:
+        unlimited), for callers that hold them so: no :class:`Budget` is built."""
+        if tokens is not None:
+            check_tokens(tokens)
+        if nanos is not None:
+            check_nanos(nanos)
+        await self._open(task_id, path, tokens, nanos, op_id, tags)
+
+    async def _open(
+        self,
+        task_id: str,
+        path: str,
+        tokens: int | None,
+        nanos: int | None,
+        op_id: str | None,
+        tags: Tags | None,
+    ) -> list[Any]:
         check_task_id(task_id)
         check_path(path)
         parent = parent_of(path)
         if parent is None:
             raise InvalidAmount("path", path, "the root is opened with open_task()")
         op_id = check_op_id(op_id) if op_id is not None else open_op_id(path)
-        reply = await self._run(
+        return await self._run(
             Op.OPEN,
             task_id,
             [parent, path],
-            [
-                open_marker(op_id),
-                parent,
-                path,
-                _limit(budget.tokens),
-                _limit(budget.nanos),
-                _tags(tags),
-                op_id,
-            ],
+            [open_marker(op_id), parent, path, _limit(tokens), _limit(nanos), _tags(tags), op_id],
             Context(task_id=task_id, op_id=op_id),
         )
-        return _budget(reply[1], reply[2])
 
     async def reserve(
         self,

@@ -41,7 +41,7 @@ from agents.manager import ManagerAgent, PlanOutcome
 from agents.plan import Plan, Subtask, single_subtask_plan
 from agents.verifier import reply_signals
 from agents.worker import WorkerAgent, WorkerResult
-from budgets import Amount, Budget, BudgetExceeded, Ledger, nanos_to_usd
+from budgets import Amount, BudgetExceeded, Ledger, nanos_to_usd
 from budgets.errors import AccountBusy, AccountClosed, UnknownAccount
 from budgets.keys import (
     ROOT,
@@ -625,7 +625,7 @@ class Flow:
 
     async def _open(self, run: TaskRun, pool_path: str, account: str, limit: Pool) -> None:
         """Carve ``account`` out of a level's pool, and note what it took."""
-        await self.deps.ledger.open_account(run.task_id, account, _budget_of(limit))
+        await self.deps.ledger.carve(run.task_id, account, tokens=limit.tokens, nanos=limit.nanos)
         run.moved(pool_path, _minus(limit.tokens), _minus(limit.nanos))
 
     async def _dataflow(
@@ -1116,10 +1116,6 @@ def _plus(a: Pool, b: Pool) -> Pool:
         tokens=None if a.tokens is None else a.tokens + (b.tokens or 0),
         nanos=None if a.nanos is None else a.nanos + (b.nanos or 0),
     )
-
-
-def _budget_of(pool: Pool) -> Budget:
-    return Budget.from_nanos(tokens=pool.tokens, nanos=pool.nanos)
 
 
 def _minus(limit: int | None) -> int | None:

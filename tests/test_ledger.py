@@ -124,6 +124,26 @@ async def test_open_account_errors(ledger: Ledger) -> None:
     assert await state(ledger) == before
 
 
+async def test_carve_opens_as_open_account_does_from_the_ledgers_integers(
+    ledger: Ledger,
+) -> None:
+    await opened(ledger, tokens=1000, usd="1")
+    await ledger.carve(T, "root/a", tokens=300, nanos=250_000_000)
+    await ledger.open_account(T, "root/b", Budget.from_nanos(tokens=300, nanos=250_000_000))
+    tree = await ledger.snapshot(T)
+    a, b = tree.account("root/a"), tree.account("root/b")
+    assert (a.limit_tokens, a.limit_nanos) == (b.limit_tokens, b.limit_nanos) == (300, 250_000_000)
+    assert tree.root.available_tokens == 400
+    before = await state(ledger)
+    with pytest.raises(BudgetExceeded):
+        await ledger.carve(T, "root/c", tokens=401, nanos=0)
+    with pytest.raises(UnlimitedChild):
+        await ledger.carve(T, "root/c", tokens=None, nanos=0)
+    with pytest.raises(InvalidAmount):
+        await ledger.carve(T, "root/c", tokens=-1, nanos=0)
+    assert await state(ledger) == before
+
+
 @pytest.mark.parametrize("bad", ["", "a b", "{x}", "x" * 200, "-lead", None, 5])
 async def test_bad_task_ids_are_refused(ledger: Ledger, bad: object) -> None:
     with pytest.raises(InvalidName):
