@@ -488,17 +488,25 @@ class Ledger:
         return bool(reply[4])
 
     async def transfer(
-        self, task_id: str, *, src: str, dst: str, amount: Amount, op_id: str | None = None
+        self,
+        task_id: str,
+        *,
+        src: str,
+        dst: str,
+        amount: Amount | None,
+        op_id: str | None = None,
     ) -> tuple[Budget, Budget]:
         """Move unallocated budget from ``src`` to ``dst``; returns both accounts' availability.
 
         ``src`` and ``dst`` must be parent and child, or siblings (the money then
-        passes through their parent in the same atomic step).
+        passes through their parent in the same atomic step). ``amount=None`` moves
+        all ``src`` has available in each unit it limits, read and moved in one step
+        (nothing at all, and no event, when it has none).
         """
         check_task_id(task_id)
         check_path(src)
         check_path(dst)
-        if amount.tokens == 0 and amount.nanos == 0:
+        if amount is not None and amount.tokens == 0 and amount.nanos == 0:
             raise InvalidAmount("amount", amount, "transfer something")
         if parent_of(dst) == src:
             direction, mid = "down", src
@@ -513,7 +521,15 @@ class Ledger:
             Op.TRANSFER,
             task_id,
             [src, dst, mid],
-            [transfer_marker(op_id), src, dst, amount.tokens, amount.nanos, direction, op_id],
+            [
+                transfer_marker(op_id),
+                src,
+                dst,
+                "all" if amount is None else amount.tokens,
+                "all" if amount is None else amount.nanos,
+                direction,
+                op_id,
+            ],
             Context(task_id=task_id, op_id=op_id),
         )
         return _budget(reply[1], reply[2]), _budget(reply[3], reply[4])

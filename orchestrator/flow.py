@@ -284,7 +284,7 @@ class TaskRun:
     #: Every result saved by earlier deliveries, by work id.
     saved: Mapping[str, SubtaskResult] = field(default_factory=dict)
     #: Each level's pool, by account path, kept from this delivery's own steps (see
-    #: :class:`PoolBook`); a level reads its pool when it plans and when it synthesizes.
+    #: :class:`PoolBook`); a level reads its pool when it plans.
     pools: dict[str, PoolBook] = field(default_factory=dict)
 
     def moved(self, path: str, tokens: int | None, nanos: int | None) -> None:
@@ -1036,19 +1036,18 @@ class Flow:
             # One finished subtask is the answer: a synthesis call would only restate it.
             return ordered[0].text.strip()
         manager_acct = lv.manager_account(run.delivery)
-        # Read, not kept: what is left goes to the answer, including what a step
-        # outside this delivery's own (a late commit, another worker's) moved.
-        pool = await self._may_pay_from(run, lv.path)
-        tokens, nanos = pool.tokens or 0, pool.nanos or 0
-        if tokens > 0 or nanos > 0:
-            await deps.ledger.transfer(
-                run.task_id,
-                src=lv.path,
-                dst=manager_acct,
-                amount=Amount(tokens=tokens, nanos=nanos),
-                op_id=synthesis_op_id(run.delivery, lv.work),
-            )
-            run.moved(lv.path, -tokens, -nanos)
+        # All the pool holds goes to the manager, as the ledger counts it in that step
+        # (what a step outside this delivery's own moved included), at once with the
+        # check before the synthesis call: moving money is not paying.
+        handing = deps.ledger.transfer(
+            run.task_id,
+            src=lv.path,
+            dst=manager_acct,
+            amount=None,
+            op_id=synthesis_op_id(run.delivery, lv.work),
+        )
+        await asyncio.gather(self._may_pay(run), handing)
+        run.pools.pop(lv.path, None)  # the level decides nothing more
         return await deps.manager.synthesize(
             task_id=run.task_id, account=manager_acct, task=lv.text, results=ordered
         )

@@ -210,7 +210,7 @@ async def test_a_composite_subtask_is_planned_again_inside_its_own_account(
     assert stats.cell("stub").calls == 3
 
 
-async def test_a_level_reads_its_pool_to_plan_and_synthesize_and_keeps_it_in_between(
+async def test_a_level_reads_its_pool_once_and_keeps_it_from_its_own_steps(
     make_pm: Callable[..., Paymaster], stub: ScriptedModelServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     stub.responder = responder(NESTED)  # s2 waits for the composite s1: a decision after it
@@ -241,10 +241,10 @@ async def test_a_level_reads_its_pool_to_plan_and_synthesize_and_keeps_it_in_bet
     monkeypatch.setattr(Flow, "_pool", pool)
     rec = await pm.arun("a big task", budget=Budget(tokens=40_000, usd="1"))
     assert rec.status is Status.SUCCEEDED, rec.error
-    # Each level (the task's and s1's) reads its pool when it plans and when it synthesizes,
-    # with the cancel check before each of those paid steps...
+    # Each level (the task's and s1's) reads its pool once, when it plans (with the cancel
+    # check before that paid step); its synthesis takes what is left in one step...
     composite = f"{ROOT}/s1.1.1"
-    assert sorted(reads) == sorted([ROOT, ROOT, composite, composite])
+    assert sorted(reads) == sorted([ROOT, composite])
     # ...and every decision in between is answered from what its own steps moved, which is
     # what a read would have said.
     assert len(seen) >= 4

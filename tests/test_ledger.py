@@ -390,6 +390,33 @@ async def test_transfer_never_takes_what_is_spent_or_reserved(ledger: Ledger) ->
     assert (await ledger.snapshot(T)).account("root/a").available_tokens == 0
 
 
+async def test_transfer_of_everything_moves_what_the_source_has_in_one_step(
+    ledger: Ledger,
+) -> None:
+    await opened(ledger, tokens=1000, usd="1")
+    await ledger.open_account(T, "root/a", Budget(tokens=100, usd="0.1"))
+    res = await ledger.reserve(T, "root/a", tokens=60, nanos=5)
+    await ledger.commit(T, res.id, used=Amount(tokens=30, nanos=5))
+    await ledger.reserve(T, "root/a", tokens=20, nanos=0)
+    src, dst = await ledger.transfer(T, src="root/a", dst="root", amount=None, op_id="all1")
+    tree = await ledger.snapshot(T)
+    assert tree.account("root/a").available_tokens == src.tokens == 0
+    assert tree.account("root/a").available_nanos == 0
+    assert tree.root.available_tokens == dst.tokens == 900 + 50
+    assert tree.root.available_nanos == 900_000_000 + 100_000_000 - 5
+    moved = [e for e in await ledger.events(T) if e.op == "transfer"]
+    assert [(e.tokens, e.nanos) for e in moved] == [(50, 100_000_000 - 5)]
+    # A repeat answers as the first; nothing left to move writes nothing.
+    snap = await state(ledger)
+    assert await ledger.transfer(T, src="root/a", dst="root", amount=None, op_id="all1") == (
+        src,
+        dst,
+    )
+    await ledger.transfer(T, src="root/a", dst="root", amount=None, op_id="all2")
+    assert await state(ledger) == snap
+    assert len([e for e in await ledger.events(T) if e.op == "transfer"]) == 1
+
+
 async def test_transfer_refusals_change_nothing(ledger: Ledger) -> None:
     await opened(ledger, tokens=1000, usd="1")
     await ledger.open_account(T, "root/a", Budget(tokens=100, usd="0.1"))
