@@ -102,6 +102,24 @@ redis.call('HSET', KEYS[1], 'status', 'queued', 'task', ARGV[1], 'budget', ARGV[
 return {1, ARGV[5], 'queued', ARGV[1], ARGV[2], ARGV[3]}
 """
 
+# KEYS[1] task record   KEYS[2..] the task's results, plan and plans
+# ARGV[1] retention (s)   ARGV[2] '1': only when the task is not final yet
+# ARGV[3..] field, value, ... of the final state
+# returns {written (1 or 0), field, value, ...}: whether it wrote, and the record as it is
+#   then; when it writes, every key gets the retention
+_FINISH = """
+local status = redis.call('HGET', KEYS[1], 'status')
+local written = 0
+if ARGV[2] ~= '1' or not status or status == 'queued' or status == 'running' then
+  redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+  for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[1]) end
+  written = 1
+end
+local out = redis.call('HGETALL', KEYS[1])
+table.insert(out, 1, written)
+return out
+"""
+
 # KEYS[1] task record   ARGV[1] incarnation
 # returns 1 when the record of that incarnation, still queued, was removed; else 0
 _DISCARD = """
@@ -176,6 +194,7 @@ class Records:
         self._discard = redis.register_script(_DISCARD)
         self._start = redis.register_script(_START)
         self._cancel_queued = redis.register_script(_CANCEL_QUEUED)
+        self._finish = redis.register_script(_FINISH)
         # Results saved while a write is in flight go together, one HSET per task.
         self._save: Coalescer[tuple[str, str, str], None] = Coalescer(self._save_batch)
 
@@ -251,25 +270,33 @@ class Records:
         error: str | None,
         spent: Spent | None,
         retention_s: int,
-    ) -> TaskRecord:
-        """Write the final state, let the record expire after ``retention_s``; the record then."""
+        unless_final: bool = False,
+    ) -> tuple[TaskRecord, bool]:
+        """Write the final state and let the record expire after ``retention_s``.
+
+        Returns the record as it is then, and whether this call wrote it: with
+        ``unless_final``, a task already final (finished by someone else) keeps
+        what it has and nothing is written, in the same atomic step as the check.
+        """
         keys = TaskKeys(task_id)
-        fields: dict[str, str] = {"status": status.value, "finished_s": repr(time.time())}
+        fields: list[str] = ["status", status.value, "finished_s", repr(time.time())]
         if answer is not None:
-            fields["answer"] = answer
+            fields += ["answer", answer]
         if error is not None:
-            fields["error"] = error
+            fields += ["error", error]
         if spent is not None:
-            fields["spent"] = spent.model_dump_json()
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(keys.record, mapping=cast(Any, fields))
-        for key in (keys.record, keys.results, keys.plan, keys.plans):
-            pipe.expire(key, retention_s)
-        pipe.hgetall(keys.record)
-        *_, raw = await pipe.execute()
-        record = _record(task_id, cast("dict[str, str]", raw))
-        assert record is not None  # written just now, in the same transaction
-        return record
+            fields += ["spent", spent.model_dump_json()]
+        reply = cast(
+            "list[Any]",
+            await self._finish(
+                keys=[keys.record, keys.results, keys.plan, keys.plans],
+                args=[retention_s, "1" if unless_final else "0", *fields],
+            ),
+        )
+        written, *flat = reply
+        record = _record(task_id, dict(zip(flat[::2], flat[1::2], strict=True)))
+        assert record is not None  # it has its task: written just now, or final before
+        return record, bool(written)
 
     async def request_cancel(self, task_id: str) -> bool:
         """Flag the task for cancellation; ``False`` if it is unknown or already final."""

@@ -206,10 +206,7 @@ class Runtime:
         # a task someone else already finished keeps the status it has.
         if claim is not None and not await self.queue.owns(claim):
             raise DeliveryLost(task_id, claim.message_id)
-        current = await self.records.get(task_id)
-        if current is not None and current.status.final:
-            return current
-        final = await finish_task(
+        final, written = await finished_task(
             self.ledger,
             self.records,
             task_id,
@@ -217,7 +214,10 @@ class Runtime:
             answer=answer,
             error=error,
             retention_s=self.settings.retention_s,
+            unless_final=True,
         )
+        if not written:  # final already: its ledger was closed again, which changes nothing
+            return final
         if self.telemetry is not NO_TELEMETRY:  # observability hook
             self.telemetry.task_finished(await self._facts(final))
         return final
@@ -299,6 +299,31 @@ async def finish_task(
 
     Both the ledger and the record then expire after ``retention_s``.
     """
+    record, _ = await finished_task(
+        ledger,
+        records,
+        task_id,
+        status=status,
+        answer=answer,
+        error=error,
+        retention_s=retention_s,
+    )
+    return record
+
+
+async def finished_task(
+    ledger: Ledger,
+    records: Records,
+    task_id: str,
+    *,
+    status: Status,
+    answer: str | None,
+    error: str | None,
+    retention_s: int,
+    unless_final: bool = False,
+) -> tuple[TaskRecord, bool]:
+    """:func:`finish_task`, and whether its record was written: with ``unless_final``, a
+    task someone else finished keeps the status it has (checked as the record is written)."""
     spent: Spent | None = None
     try:
         closed = await ledger.close_task(task_id, force=True, retention_s=retention_s)
@@ -306,7 +331,13 @@ async def finish_task(
     except UnknownTask:
         pass
     return await records.finish(
-        task_id, status=status, answer=answer, error=error, spent=spent, retention_s=retention_s
+        task_id,
+        status=status,
+        answer=answer,
+        error=error,
+        spent=spent,
+        retention_s=retention_s,
+        unless_final=unless_final,
     )
 
 
