@@ -469,7 +469,8 @@ class MeteredClient:
                 attempt=attempt,
             )
             if call.keep_as is not None:
-                keep = (call.keep_as, json.dumps(dataclasses.asdict(result)))
+                # Its fields are plain values: no deep copy (dataclasses.asdict) needed.
+                keep = (call.keep_as, json.dumps({f: getattr(result, f) for f in _RESULT_FIELDS}))
         assert reservation is not None  # what is charged was held
         await self._commit(call, reservation, used=used, keep=keep)
         return result
@@ -552,6 +553,9 @@ class MeteredClient:
         if gate is None:
             gate = self._gates[ep.name] = asyncio.Semaphore(ep.max_concurrency)
         return gate
+
+
+_RESULT_FIELDS = tuple(f.name for f in dataclasses.fields(CallResult))
 
 
 def _result(

@@ -94,9 +94,7 @@ class ScriptRunner:
         per field, and the script splits it for about the same as Redis's own
         argument handling.
         """
-        encoded: list[Arg] = [
-            SEP.join([op.value, str(len(accounts)), *accounts, *[str(a) for a in args]])
-        ]
+        encoded: list[Arg] = [_encode(op, accounts, args)]
         if not self._batching:
             replies = await self._retrying([(keys, 1, encoded)])
             return _first(replies[0])
@@ -109,6 +107,18 @@ class ScriptRunner:
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
         return await fut
+
+    async def task_ops(
+        self, keys: TaskKeys, ops: Sequence[tuple[Op, Sequence[str], Sequence[Arg]]]
+    ) -> list[Any]:
+        """Run several operations of the task script in one call, in the order given.
+
+        Each is atomic and has its own reply, as in a batch; unlike operations sent
+        one by one, they run in this order whether batching is on or not.
+        """
+        encoded: list[Arg] = [_encode(op, accounts, args) for op, accounts, args in ops]
+        replies = await self._retrying([(keys, len(encoded), encoded)])
+        return _all(replies[0])
 
     async def tenant_op(self, op: TenantOp, keys: Sequence[str], args: Sequence[Arg]) -> list[Any]:
         """Run a tenant script (rare: once when a task opens and once when it closes)."""
@@ -199,21 +209,23 @@ class ScriptRunner:
         return replies
 
     async def _call_task(self, keys: TaskKeys, count: int, args: list[Arg]) -> Any:
+        named = keys.script_keys()
         argv = [*keys.script_argv(), count, *args]
         if self._functions:
             fn = self._scripts.library.function
-            return await self._redis.fcall(fn, 6, *keys.script_keys(), *argv)
+            return await self._redis.fcall(fn, len(named), *named, *argv)
         sha = self._scripts.task.sha
-        return await self._redis.evalsha(sha, 6, *keys.script_keys(), *argv)
+        return await self._redis.evalsha(sha, len(named), *named, *argv)
 
     async def _pipelined(self, calls: list[tuple[TaskKeys, int, list[Arg]]]) -> list[Any]:
         pipe = self._redis.pipeline(transaction=False)
         for keys, count, args in calls:
+            named = keys.script_keys()
             argv = [*keys.script_argv(), count, *args]
             if self._functions:
-                pipe.fcall(self._scripts.library.function, 6, *keys.script_keys(), *argv)
+                pipe.fcall(self._scripts.library.function, len(named), *named, *argv)
             else:
-                pipe.evalsha(self._scripts.task.sha, 6, *keys.script_keys(), *argv)
+                pipe.evalsha(self._scripts.task.sha, len(named), *named, *argv)
         return list(await pipe.execute(raise_on_error=False))
 
     async def _load(self) -> None:
@@ -239,6 +251,16 @@ class ScriptRunner:
 def _no_function(reply: Any) -> bool:
     """True for FCALL's reply when the library is not loaded (a fresh or flushed server)."""
     return isinstance(reply, rex.ResponseError) and "Function not found" in str(reply)
+
+
+def _encode(op: Op, accounts: Sequence[str], args: Sequence[Arg]) -> str:
+    return SEP.join([op.value, str(len(accounts)), *accounts, *[str(a) for a in args]])
+
+
+def _all(reply: Any) -> list[Any]:
+    if isinstance(reply, Exception):
+        raise reply
+    return list(reply)
 
 
 def _first(reply: Any) -> list[Any]:

@@ -320,7 +320,10 @@ class TaskKeys:
 
     @property
     def results(self) -> str:
-        """Hash: subtask id -> its finished result (JSON), so a re-run never pays twice."""
+        """Hash: work id -> its finished result (JSON), so a re-run never pays twice.
+
+        Written by the close of the try's account (one step) or by the orchestrator.
+        """
         return self.base + "results"
 
     @property
@@ -356,8 +359,17 @@ class TaskKeys:
         return [self.account_prefix, self.wait_prefix]
 
     def script_keys(self) -> list[str]:
-        """KEYS of the task script, in its order; also every key but the account hashes."""
-        return [self.meta, self.reservations, self.leases, self.ops, self.events, self.accounts]
+        """KEYS of the task script, in its order; also every key of the ledger but the
+        account hashes."""
+        return [
+            self.meta,
+            self.reservations,
+            self.leases,
+            self.ops,
+            self.events,
+            self.accounts,
+            self.results,
+        ]
 
 
 @dataclass(frozen=True, slots=True)

@@ -230,6 +230,17 @@ class Ledger:
             self._admissions.settled(task_id)
         return check(op.value, reply, ctx or Context(task_id=task_id))
 
+    def _close_args(
+        self, path: str, force: bool, result: tuple[str, str] | None = None
+    ) -> tuple[list[str], list[str | int]]:
+        """The accounts and arguments of one ``close`` (see close.lua)."""
+        parent = parent_of(path)
+        accounts = [path] if parent is None else [path, parent]
+        work, text = ("", "") if result is None else (check_op_id(result[0], "work id"), result[1])
+        if SEP in text or _EVENT_SEP in text:
+            raise InvalidAmount("result", result, "the text must not hold U+001E or U+001F")
+        return accounts, [path, "1" if force else "0", close_marker(path), work, text]
+
     # -- tasks and accounts ---------------------------------------------------
 
     async def open_task(
@@ -291,28 +302,49 @@ class Ledger:
         Returns what the parent has left. A child may be unlimited only in a unit
         its parent does not limit.
         """
+        reply = await self._open(task_id, path, budget.tokens, budget.nanos, op_id, tags)
+        return _budget(reply[1], reply[2])
+
+    async def carve(
+        self,
+        task_id: str,
+        path: str,
+        *,
+        tokens: int | None,
+        nanos: int | None,
+        op_id: str | None = None,
+        tags: Tags | None = None,
+    ) -> None:
+        """:meth:`open_account` with the limit in the ledger's own integers (``None``:
+        unlimited), for callers that hold them so: no :class:`Budget` is built."""
+        if tokens is not None:
+            check_tokens(tokens)
+        if nanos is not None:
+            check_nanos(nanos)
+        await self._open(task_id, path, tokens, nanos, op_id, tags)
+
+    async def _open(
+        self,
+        task_id: str,
+        path: str,
+        tokens: int | None,
+        nanos: int | None,
+        op_id: str | None,
+        tags: Tags | None,
+    ) -> list[Any]:
         check_task_id(task_id)
         check_path(path)
         parent = parent_of(path)
         if parent is None:
             raise InvalidAmount("path", path, "the root is opened with open_task()")
         op_id = check_op_id(op_id) if op_id is not None else open_op_id(path)
-        reply = await self._run(
+        return await self._run(
             Op.OPEN,
             task_id,
             [parent, path],
-            [
-                open_marker(op_id),
-                parent,
-                path,
-                _limit(budget.tokens),
-                _limit(budget.nanos),
-                _tags(tags),
-                op_id,
-            ],
+            [open_marker(op_id), parent, path, _limit(tokens), _limit(nanos), _tags(tags), op_id],
             Context(task_id=task_id, op_id=op_id),
         )
-        return _budget(reply[1], reply[2])
 
     async def reserve(
         self,
@@ -466,17 +498,25 @@ class Ledger:
         return bool(reply[4])
 
     async def transfer(
-        self, task_id: str, *, src: str, dst: str, amount: Amount, op_id: str | None = None
+        self,
+        task_id: str,
+        *,
+        src: str,
+        dst: str,
+        amount: Amount | None,
+        op_id: str | None = None,
     ) -> tuple[Budget, Budget]:
         """Move unallocated budget from ``src`` to ``dst``; returns both accounts' availability.
 
         ``src`` and ``dst`` must be parent and child, or siblings (the money then
-        passes through their parent in the same atomic step).
+        passes through their parent in the same atomic step). ``amount=None`` moves
+        all ``src`` has available in each unit it limits, read and moved in one step
+        (nothing at all, and no event, when it has none).
         """
         check_task_id(task_id)
         check_path(src)
         check_path(dst)
-        if amount.tokens == 0 and amount.nanos == 0:
+        if amount is not None and amount.tokens == 0 and amount.nanos == 0:
             raise InvalidAmount("amount", amount, "transfer something")
         if parent_of(dst) == src:
             direction, mid = "down", src
@@ -491,31 +531,63 @@ class Ledger:
             Op.TRANSFER,
             task_id,
             [src, dst, mid],
-            [transfer_marker(op_id), src, dst, amount.tokens, amount.nanos, direction, op_id],
+            [
+                transfer_marker(op_id),
+                src,
+                dst,
+                "all" if amount is None else amount.tokens,
+                "all" if amount is None else amount.nanos,
+                direction,
+                op_id,
+            ],
             Context(task_id=task_id, op_id=op_id),
         )
         return _budget(reply[1], reply[2]), _budget(reply[3], reply[4])
 
-    async def close_account(self, task_id: str, path: str, *, force: bool = False) -> Closed:
+    async def close_account(
+        self,
+        task_id: str,
+        path: str,
+        *,
+        force: bool = False,
+        result: tuple[str, str] | None = None,
+    ) -> Closed:
         """Return what ``path`` did not spend to its parent and seal it.
 
         Refused with :class:`AccountBusy` while it has open children, or open
         reservations unless ``force`` (which expires them: a call still in
-        flight may commit late and is still charged).
+        flight may commit late and is still charged). ``result=(work_id, text)``
+        saves ``text`` in the task's results hash (``TaskKeys.results``) under
+        ``work_id`` in the same atomic step, when the close succeeds or repeats:
+        the try's account is never closed without its result kept.
         """
         check_task_id(task_id)
         check_path(path)
-        parent = parent_of(path)
-        accounts = [path] if parent is None else [path, parent]
-        reply = await self._run(
-            Op.CLOSE, task_id, accounts, [path, "1" if force else "0", close_marker(path)]
-        )
-        return Closed(
-            returned_tokens=_opt(reply[1]),
-            returned_nanos=_opt(reply[2]),
-            spent_tokens=int(reply[3]),
-            spent_nanos=int(reply[4]),
-        )
+        accounts, args = self._close_args(path, force, result)
+        return _closed(await self._run(Op.CLOSE, task_id, accounts, args))
+
+    async def close_accounts(
+        self, task_id: str, paths: Sequence[str], *, force: bool = False
+    ) -> list[Closed]:
+        """Close several accounts in one call, in the order given (children before parents).
+
+        Each close is atomic and as :meth:`close_account`'s; the first refusal among them is
+        raised, and the closes before and after it have still run.
+        """
+        check_task_id(task_id)
+        for path in paths:
+            check_path(path)
+        ops = [(Op.CLOSE, *self._close_args(p, force)) for p in paths]
+        return [_closed(r) for r in await self._closes(task_id, ops, len(ops))]
+
+    async def _closes(
+        self, task_id: str, ops: Sequence[tuple[Op, Sequence[str], Sequence[str | int]]], n: int
+    ) -> list[list[Any]]:
+        """Run ``ops`` in one call; the replies of the first ``n`` (closes), each checked."""
+        replies = await self._runner.task_ops(self.space.task(task_id), ops)
+        self._admissions.settled(task_id)
+        ctx = Context(task_id=task_id)
+        return [check(Op.CLOSE.value, r, ctx) for r in replies[:n]]
 
     async def close_task(
         self, task_id: str, *, force: bool = False, retention_s: int | None = None
@@ -531,7 +603,10 @@ class Ledger:
         """
         check_task_id(task_id)
         keys = self.space.task(task_id)
-        meta = await _hash(self.redis, keys.meta)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(keys.meta)
+        pipe.smembers(keys.accounts)
+        meta, paths = cast("tuple[dict[str, str], set[str]]", tuple(await pipe.execute()))
         if not meta:
             raise UnknownTask(task_id)
         tenant, incarnation = meta.get("tenant") or "", meta.get("inc") or ""
@@ -539,12 +614,16 @@ class Ledger:
             await self._tenants.settle(tenant, task_id, incarnation, mode="undo")
             await self._run(Op.UNCLAIM, task_id, [], [incarnation])
             raise UnknownTask(task_id)
-        paths = await _members(self.redis, keys.accounts)
-        depths = sorted({p.count("/") for p in paths if p != ROOT}, reverse=True)
-        for depth in depths:  # deepest first; one level at a time goes as one batch
-            level = sorted(p for p in paths if p != ROOT and p.count("/") == depth)
-            await asyncio.gather(*(self.close_account(task_id, p, force=force) for p in level))
-        closed = await self.close_account(task_id, ROOT, force=force)
+        # Deepest first, then the root, in one script call that runs them in that order
+        # (a closed account answers its first reply again); with a retention, the keys
+        # are given it in the same call.
+        order = sorted((p for p in paths if p != ROOT), key=lambda p: (-p.count("/"), p))
+        order.append(ROOT)
+        ops: list[tuple[Op, Sequence[str], Sequence[str | int]]]
+        ops = [(Op.CLOSE, *self._close_args(p, force)) for p in order]
+        if retention_s is not None:
+            ops.append((Op.EXPIRE, [], [_retention(retention_s)]))
+        closed = _closed((await self._closes(task_id, ops, len(order)))[-1])
         if tenant and incarnation:
             # The root's spend now, late commits included, not the first close's.
             root = await _hash(self.redis, keys.account(ROOT))
@@ -555,9 +634,10 @@ class Ledger:
             await self._tenants.settle(tenant, task_id, incarnation, mode="close", spent=spent)
         elif tenant:
             log.warning("task %s has no incarnation; its tenant %s is not settled", task_id, tenant)
-        await self.redis.srem(self.space.open_tasks, task_id)
-        if retention_s is not None:
-            await self._expire(keys, meta, paths, retention_s)
+        if retention_s is None:
+            await self.redis.srem(self.space.open_tasks, task_id)
+        else:
+            await self._expire_rest(keys, meta, retention_s, closed=True)
         return closed
 
     async def expire_task(self, task_id: str, *, retention_s: int) -> None:
@@ -569,18 +649,24 @@ class Ledger:
         check_task_id(task_id)
         keys = self.space.task(task_id)
         meta = await _hash(self.redis, keys.meta)
-        paths = await _members(self.redis, keys.accounts)
-        await self._expire(keys, meta, paths, retention_s)
+        await self._run(Op.EXPIRE, task_id, [], [_retention(retention_s)])
+        await self._expire_rest(keys, meta, retention_s)
 
-    async def _expire(
-        self, keys: TaskKeys, meta: Mapping[str, str], paths: set[str], retention_s: int
+    async def _expire_rest(
+        self, keys: TaskKeys, meta: Mapping[str, str], retention_s: int, *, closed: bool = False
     ) -> None:
+        """What the task script cannot reach: the tenant's funding record of the task (on
+        the tenant's slot) gets ``retention_s`` and a grace; with ``closed``, the task
+        leaves the set of open tasks."""
         task_id = keys.task_id
-        pipe = self.redis.pipeline(transaction=False)
-        for key in [*keys.script_keys(), *(keys.account(p) for p in paths)]:
-            pipe.expire(key, retention_s)
         tenant, incarnation = meta.get("tenant") or "", meta.get("inc") or ""
-        if tenant and incarnation:
+        funded = bool(tenant and incarnation)
+        if not funded and not closed:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        if closed:
+            pipe.srem(self.space.open_tasks, task_id)
+        if funded:
             funding = self.space.tenant_keys(tenant).funding(task_id, incarnation)
             pipe.expire(funding, retention_s + FUNDING_GRACE_S)
         await pipe.execute()
@@ -722,6 +808,21 @@ class Ledger:
 def _free_text(text: str) -> str:
     """Audit text safe to travel in an operation's fields (no separator characters)."""
     return text.replace(SEP, " ").replace(_EVENT_SEP, " ")
+
+
+def _retention(retention_s: int) -> int:
+    if type(retention_s) is not int or retention_s < 1:
+        raise InvalidAmount("retention_s", retention_s, "must be a whole number of seconds, >= 1")
+    return retention_s
+
+
+def _closed(reply: Sequence[Any]) -> Closed:
+    return Closed(
+        returned_tokens=_opt(reply[1]),
+        returned_nanos=_opt(reply[2]),
+        spent_tokens=int(reply[3]),
+        spent_nanos=int(reply[4]),
+    )
 
 
 def _opt(value: Any) -> int | None:

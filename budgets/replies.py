@@ -199,6 +199,7 @@ TABLES: dict[str, Table] = {
         CloseError.BUSY: AccountBusy,
     },
     Op.REAP.value: {},
+    Op.EXPIRE.value: {},
     TenantOp.FUND.value: {
         FundError.NO_TENANT: UnknownTenant,
         FundError.UNLIMITED: UnlimitedChild,

@@ -35,6 +35,7 @@ class Op(StrEnum):
     TRANSFER = "transfer"
     CLOSE = "close"
     REAP = "reap"
+    EXPIRE = "expire"
 
 
 class TenantOp(StrEnum):

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+from redis.exceptions import NoScriptError
+
 from budgets.coalesce import Coalescer
 from budgets.connection import Client, clustered
 from budgets.errors import InvalidObservation, UnknownOutcome
@@ -374,10 +376,19 @@ class StatsBook:
                     return_exceptions=True,
                 )
             )
+        # EVALSHA itself: a registered script in a pipeline would first ask SCRIPT EXISTS,
+        # one more round trip for every batch.
         pipe = self.redis.pipeline(transaction=False)
         for keys, args in items:
-            await self._record(keys=keys, args=args, client=pipe)
-        return list(await pipe.execute(raise_on_error=False))
+            pipe.evalsha(self._record.sha, len(keys), *keys, *args)
+        replies: list[Any] = list(await pipe.execute(raise_on_error=False))
+        lost = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        if lost:  # a restarted or flushed server: load the script and send those again
+            await self.redis.script_load(self._record.script)
+            again = await self._count_batch([items[i] for i in lost])
+            for i, reply in zip(lost, again, strict=True):
+                replies[i] = reply
+        return replies
 
     async def read(self, scope: str) -> Stats:
         """Every cell of ``scope`` and its learner's weights (two reads of one slot)."""

@@ -17,7 +17,8 @@ that subtask's carved account, down to ``max_depth`` levels. Each level
 3. **finishes each subtask in a fixed order** (:meth:`Flow.subtask`): the call
    (its reply kept by the commit that pays for it), the account closed so its
    leftover flows back to the level's pool, the manager's review where it is
-   on, the result saved, the outcome counted in the statistics;
+   on, the result saved (by the close itself, in the same step, when there is
+   no review), the outcome counted in the statistics;
 4. **synthesizes** its children's results with what is left of its pool (a
    single finished subtask is the answer as it is).
 
@@ -30,9 +31,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Protocol, TypedDict
+from typing import Any, Literal, Protocol, TypedDict, TypeVar
 
 from langgraph.func import entrypoint, task
 
@@ -40,7 +41,7 @@ from agents.manager import ManagerAgent, PlanOutcome
 from agents.plan import Plan, Subtask, single_subtask_plan
 from agents.verifier import reply_signals
 from agents.worker import WorkerAgent, WorkerResult
-from budgets import Amount, Budget, BudgetExceeded, Ledger, nanos_to_usd
+from budgets import Amount, BudgetExceeded, Ledger, nanos_to_usd
 from budgets.errors import AccountBusy, AccountClosed, UnknownAccount
 from budgets.keys import (
     ROOT,
@@ -56,13 +57,16 @@ from budgets.keys import (
 )
 from budgets.ledger import Closed
 from budgets.policy import Grant, Menu, Need, Option, Outcome, Policy, Pool
-from budgets.stats import Observation, StatsBook
+from budgets.stats import Observation, Stats, StatsBook
+from budgets.tree import AccountView, account_from_hash
 from orchestrator.errors import DeliveryLost, TaskCancelled
 from orchestrator.queue import Delivery
-from orchestrator.records import Records
+from orchestrator.records import Records, result_text
 from orchestrator.telemetry import NO_TELEMETRY, Telemetry
 
 log = logging.getLogger(__name__)
+
+_Read = TypeVar("_Read")
 
 #: The least output a subtask's share must pay for besides its prompt to be worth starting.
 USEFUL_OUTPUT_TOKENS = 64
@@ -237,6 +241,36 @@ def shortfall(work: str, res: SubtaskResult) -> list[str]:
     return []
 
 
+@dataclass(slots=True)
+class PoolBook:
+    """A level's pool as the ledger holds it, read once and then kept here.
+
+    Nothing but the level's own steps moves money in or out of a pool account
+    (it holds no reservations of its own): carving a child takes its limit,
+    closing one gives back its limit less what it spent, a transfer moves its
+    amount. Kept from those deltas, the pool is what a read would return, and a
+    decision need not read it back. ``tokens`` and ``nanos`` are the raw room
+    (negative after an overrun, as the ledger counts it); ``None`` is unlimited.
+    """
+
+    tokens: int | None
+    nanos: int | None
+
+    def pool(self) -> Pool:
+        """The pool as the policy sees it: the room, never below zero."""
+        return Pool(
+            tokens=None if self.tokens is None else max(0, self.tokens),
+            nanos=None if self.nanos is None else max(0, self.nanos),
+        )
+
+    def add(self, tokens: int | None, nanos: int | None) -> None:
+        """Move the room by a signed amount (``None``: that unit of the child is unlimited)."""
+        if self.tokens is not None and tokens is not None:
+            self.tokens += tokens
+        if self.nanos is not None and nanos is not None:
+            self.nanos += nanos
+
+
 @dataclass(frozen=True, slots=True)
 class TaskRun:
     """One delivery of one task, as every step of it sees it."""
@@ -248,6 +282,15 @@ class TaskRun:
     scope: str
     #: Every result saved by earlier deliveries, by work id.
     saved: Mapping[str, SubtaskResult] = field(default_factory=dict)
+    #: Each level's pool, by account path, kept from this delivery's own steps (see
+    #: :class:`PoolBook`); a level reads its pool when it plans.
+    pools: dict[str, PoolBook] = field(default_factory=dict)
+
+    def moved(self, path: str, tokens: int | None, nanos: int | None) -> None:
+        """Note that one of this delivery's steps moved ``path``'s room by this much."""
+        book = self.pools.get(path)
+        if book is not None:
+            book.add(tokens, nanos)
 
 
 def manager_account(level_path: str, delivery: int) -> str:
@@ -350,9 +393,8 @@ class Flow:
             raise ValueError(f"max_depth must be at least 1, got {deps.max_depth}")
         self.deps = deps
         # Each try of a subtask is a LangGraph task: started at once, awaited as a future.
-        as_task: Any = task(name="subtask")
-        self._start: Callable[[TaskRun, WorkItem], asyncio.Future[SubtaskResult | None]]
-        self._start = as_task(self._observed_subtask)
+        self._start: Callable[[Flow, TaskRun, WorkItem], asyncio.Future[SubtaskResult | None]]
+        self._start = _SUBTASK
 
     async def run(self, inputs: Mapping[str, Any]) -> FlowReport:
         """Run one delivery of a task: the task's own level, and every level under it."""
@@ -396,21 +438,50 @@ class Flow:
         Both questions go to Redis at once (an ``HGET`` of the record and one
         ``XPENDING``): a round trip per step, not per token.
         """
+        await self._checked(run, self._cancel_asked(run))
+
+    async def _cancel_asked(self, run: TaskRun) -> tuple[bool, None]:
+        return await self.deps.records.cancel_requested(run.task_id), None
+
+    async def _may_pay_from(self, run: TaskRun, path: str) -> Pool:
+        """:meth:`_may_pay`, and the pool of the level at ``path`` read in the same round trip
+        (and kept from then on: see :class:`PoolBook`)."""
+        key = self.deps.ledger.space.task(run.task_id).account(path)
+        fields = await self._checked(
+            run, self.deps.records.cancel_requested_and_read(run.task_id, key)
+        )
+        if not fields:
+            raise UnknownAccount(run.task_id, path)
+        return self._keep_pool(run, account_from_hash(path, fields, []))
+
+    async def _checked(self, run: TaskRun, asking: Awaitable[tuple[bool, _Read]]) -> _Read:
+        """``asking`` (whether a cancel was asked, and what was read with it) and the
+        ownership check, at once; what was read, unless the task must stop."""
         ownership = self.deps.ownership
-        cancelled = self.deps.records.cancel_requested(run.task_id)
         if run.claim is None or ownership is None:
-            if await cancelled:
-                raise TaskCancelled(run.task_id)
-            return
-        asked, owned = await asyncio.gather(cancelled, ownership.owns(run.claim))
-        if not owned:
-            raise DeliveryLost(run.task_id, run.claim.message_id)
+            asked, read = await asking
+        else:
+            (asked, read), owned = await asyncio.gather(asking, ownership.owns(run.claim))
+            if not owned:
+                raise DeliveryLost(run.task_id, run.claim.message_id)
         if asked:
             raise TaskCancelled(run.task_id)
+        return read
 
     async def _pool(self, run: TaskRun, path: str) -> Pool:
-        view = await self.deps.ledger.account(run.task_id, path)
-        return Pool(tokens=view.available_tokens, nanos=view.available_nanos)
+        """What a level's pool holds: read from the ledger once, then kept."""
+        book = run.pools.get(path)
+        if book is None:
+            return self._keep_pool(run, await self.deps.ledger.account(run.task_id, path))
+        return book.pool()
+
+    def _keep_pool(self, run: TaskRun, view: AccountView) -> Pool:
+        """A pool as read: kept from now on (unless its account is closed), and returned."""
+        if view.closed:  # nothing can be carved from it any more
+            run.pools.pop(view.path, None)
+            return Pool(tokens=view.available_tokens, nanos=view.available_nanos)
+        book = run.pools[view.path] = PoolBook(tokens=view.room_tokens, nanos=view.room_nanos)
+        return book.pool()
 
     def _reviews(self, lv: Level, plan: Plan, pool: Pool) -> tuple[frozenset[str], Pool]:
         """Which subtasks the level's manager reviews, and what their reviews reserve.
@@ -442,9 +513,15 @@ class Flow:
     async def _level(self, run: TaskRun, lv: Level) -> LevelReport:
         # Observability hooks: the manager's two steps are scopes (orchestrator/telemetry.py).
         tel, acct = self.deps.telemetry, lv.manager_account(run.delivery)
-        with tel.step(task_id=run.task_id, account=acct, step="plan", depth=lv.depth):
-            plan, reviewed = await self._plan(run, lv)
-        results = await self._dataflow(run, lv, plan, reviewed)
+        # The level's statistics (for its decisions) are read while it plans.
+        stats = asyncio.ensure_future(self.deps.stats.read(run.scope))
+        stats.add_done_callback(_retrieved)
+        try:
+            with tel.step(task_id=run.task_id, account=acct, step="plan", depth=lv.depth):
+                plan, reviewed = await self._plan(run, lv)
+            results = await self._dataflow(run, lv, plan, reviewed, stats)
+        finally:
+            stats.cancel()  # nothing if it was read
         with tel.step(task_id=run.task_id, account=acct, step="synthesize", depth=lv.depth):
             answer = await self._synthesize(run, lv, plan, results)
         return LevelReport(plan=plan, results=results, answer=answer)
@@ -461,7 +538,8 @@ class Flow:
         as one subtask, noted in the audit stream.
         """
         deps = self.deps
-        pool = await self._pool(run, lv.path)
+        # The level's read of its pool, with the check before planning's paid call.
+        pool = await self._may_pay_from(run, lv.path)
         reserve = deps.policy.synthesis_reserve(pool)
         manager_acct = lv.manager_account(run.delivery)
         nested = lv.depth < deps.max_depth
@@ -472,7 +550,7 @@ class Flow:
             plan = Plan.model_validate_json(saved)
             reviewed, reviews = self._reviews(lv, plan, pool)
             keep = _plus(reserve, reviews)
-            await deps.ledger.open_account(run.task_id, manager_acct, _budget_of(keep))
+            await self._open(run, lv.path, manager_acct, keep)
             return plan, reviewed
         most = self._subtasks_affordable(pool, reserve, lv.text)
         full, least = deps.manager.plan_cost(task=lv.text, max_subtasks=most, nested=nested)
@@ -482,12 +560,11 @@ class Flow:
                 f"the budget cannot pay for planning (a plan needs {least.tokens:,} tokens, "
                 f"${nanos_to_usd(least.nanos):f})"
             )
-            await deps.ledger.open_account(run.task_id, manager_acct, _budget_of(reserve))
+            await self._open(run, lv.path, manager_acct, reserve)
             outcome = deps.manager.unplanned(lv.text, why)
             reviewed = frozenset[str]()
         else:
-            await self._may_pay(run)
-            await deps.ledger.open_account(run.task_id, manager_acct, _budget_of(size))
+            await self._open(run, lv.path, manager_acct, size)
             outcome = await deps.manager.plan(
                 task_id=run.task_id,
                 account=manager_acct,
@@ -543,13 +620,25 @@ class Flow:
                 amount=Amount(tokens=extra[0], nanos=extra[1]),
                 op_id=plan_leftover_op_id(run.delivery, lv.work),
             )
+            run.moved(lv.path, extra[0], extra[1])
+
+    async def _open(self, run: TaskRun, pool_path: str, account: str, limit: Pool) -> None:
+        """Carve ``account`` out of a level's pool, and note what it took."""
+        await self.deps.ledger.carve(run.task_id, account, tokens=limit.tokens, nanos=limit.nanos)
+        run.moved(pool_path, _minus(limit.tokens), _minus(limit.nanos))
 
     async def _dataflow(
-        self, run: TaskRun, lv: Level, plan: Plan, reviewed: frozenset[str]
+        self,
+        run: TaskRun,
+        lv: Level,
+        plan: Plan,
+        reviewed: frozenset[str],
+        stats: Awaitable[Stats],
     ) -> dict[str, SubtaskResult]:
         """Start each subtask as soon as its dependencies are done and it is granted a budget.
 
-        ``reviewed``: the subtasks whose results the level's manager reviews.
+        ``reviewed``: the subtasks whose results the level's manager reviews; ``stats``:
+        the statistics the level decides with.
         """
         by_id = {s.id: s for s in plan.subtasks}
         prefix = f"{lv.work}{WORK_SEPARATOR}" if lv.work else ""
@@ -563,12 +652,14 @@ class Flow:
         menu: Menu | None = None
         try:
             while True:
-                decided, menu = await self._decide(run, lv, plan, results, attempts, running, menu)
+                decided, menu = await self._decide(
+                    run, lv, plan, results, attempts, running, menu, stats
+                )
                 chosen = [replace(item, review=item.subtask.id in reviewed) for item in decided]
                 if chosen:  # once for every try this decision starts
                     await self._may_pay(run)
                 for item in await asyncio.gather(*(self.carve(run, i) for i in chosen)):
-                    running[self._start(run, item)] = item
+                    running[self._start(self, run, item)] = item
                 if not running:
                     break
                 await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
@@ -594,11 +685,12 @@ class Flow:
         attempts: Mapping[str, int],
         running: Mapping[asyncio.Future[SubtaskResult | None], WorkItem],
         menu: Menu | None,
+        stats: Awaitable[Stats],
     ) -> tuple[list[WorkItem], Menu | None]:
         """What starts now: escalations of finished subtasks first, then every ready subtask.
 
         Returns the tries to start and the menu they were chosen from (``menu``,
-        or one built from the statistics when it is ``None``), for the next decision.
+        or one built from ``stats`` when it is ``None``), for the next decision.
         """
         deps = self.deps
         busy = {item.subtask.id for item in running.values()}
@@ -617,11 +709,9 @@ class Flow:
         ]
         if not ready and not finished:
             return [], menu
-        if menu is None:  # the statistics are read once per level, the pool every time
-            pool, stats = await asyncio.gather(self._pool(run, lv.path), deps.stats.read(run.scope))
-            menu = Menu(deps.options, stats, deps.default_endpoint)
-        else:
-            pool = await self._pool(run, lv.path)
+        if menu is None:  # the statistics are read once per level
+            menu = Menu(deps.options, await stats, deps.default_endpoint)
+        pool = await self._pool(run, lv.path)  # kept, not read again (see PoolBook)
         work: list[WorkItem] = []
         for g in deps.policy.escalate(pool, finished, menu=menu):
             if g.subtask_id in by_id and g.subtask_id not in busy:
@@ -717,9 +807,8 @@ class Flow:
             if paid is not None:
                 return replace(item, paid=paid)
         account = item.level.account(item.subtask.id, run.delivery, item.attempt)
-        budget = Budget.from_nanos(tokens=item.tokens, nanos=item.nanos)
         try:
-            await self.deps.ledger.open_account(run.task_id, account, budget)
+            await self._open(run, item.level.path, account, Pool(item.tokens, item.nanos))
         except (BudgetExceeded, AccountClosed):
             return replace(item, unpaid=True)
         return item
@@ -749,7 +838,8 @@ class Flow:
 
         The order is fixed: the call (its reply kept with its payment), the
         account closed (its leftover back to the level's pool), the review,
-        the result saved, the outcome counted.
+        the result saved, the outcome counted. Without a review, the close
+        saves the result in the same atomic step.
         """
         deps, lv, sub, attempt = self.deps, item.level, item.subtask, item.attempt
         work = lv.work_of(sub.id)
@@ -781,21 +871,28 @@ class Flow:
         except BudgetExceeded:
             out = _result(sub, attempt, exhausted=True)
         except BaseException:
+            run.pools.pop(lv.path, None)  # the level ends here; its pool is not kept
             await self._close(run, account, nested=item.composite)
             raise
         if out["exhausted"]:
-            await self._close(run, account, nested=item.composite)
+            await self._close_item(run, item, account)
             return None if attempt > 1 else out  # an unpaid retry keeps the earlier answer
         if out["composite"]:  # what the whole sub-level spent, as its account closed
-            closed = await self._close(run, account, nested=True)
+            closed = await self._close_item(run, item, account)
             out = {**out, "tokens": closed.spent_tokens, "cost_nanos": closed.spent_nanos}
             return await self._finish(run, item, out)
         # The reply is kept with its payment, so closing, saving and counting may go
         # together: a crash between them is mended by the next delivery either way.
-        _, done = await asyncio.gather(
-            self._close(run, account, nested=False), self._finish(run, item, out)
+        if _needs_review(item, out):
+            _, done = await asyncio.gather(
+                self._close_item(run, item, account), self._finish(run, item, out)
+            )
+            return done
+        # Not reviewed: the close saves the result in the same step, counted beside it.
+        await asyncio.gather(
+            self._close_item(run, item, account, result=out), self._count(run.scope, out)
         )
-        return done
+        return out
 
     async def _composite(self, run: TaskRun, item: WorkItem, account: str) -> SubtaskResult:
         """A sub-manager plans the subtask inside its account; its answer is the result."""
@@ -817,17 +914,45 @@ class Flow:
             short=short,
         )
 
-    async def _close(self, run: TaskRun, account: str, *, nested: bool) -> Closed:
-        """Close a subtask's account; a composite's open descendants first, deepest first."""
+    async def _close_item(
+        self, run: TaskRun, item: WorkItem, account: str, *, result: SubtaskResult | None = None
+    ) -> Closed:
+        """Close a try's account; its limit less what it spent goes back to the level's pool.
+
+        With ``result`` (a leaf's), the close saves it too, in the same atomic step.
+        """
+        saved = None
+        if result is not None:
+            saved = (item.level.work_of(item.subtask.id), result_text(result))
+        closed = await self._close(run, account, nested=item.composite, result=saved)
+        run.moved(
+            item.level.path,
+            None if item.tokens is None else item.tokens - closed.spent_tokens,
+            None if item.nanos is None else item.nanos - closed.spent_nanos,
+        )
+        return closed
+
+    async def _close(
+        self,
+        run: TaskRun,
+        account: str,
+        *,
+        nested: bool,
+        result: tuple[str, str] | None = None,
+    ) -> Closed:
+        """Close a subtask's account; a composite's open descendants first, deepest first.
+
+        ``result`` (work id, JSON) is saved by the close of ``account`` itself.
+        """
         ledger = self.deps.ledger
         if nested:
             # A finished sub-level leaves only its manager's account open: close it, then
             # the composite. Anything else still open (a sub-level cut off part way) is
             # found in a snapshot.
             manager = manager_account(account, run.delivery)
-            try:
-                await ledger.close_account(run.task_id, manager, force=True)
-                return await ledger.close_account(run.task_id, account, force=True)
+            try:  # both in one call, the manager's first
+                closes = await ledger.close_accounts(run.task_id, [manager, account], force=True)
+                return closes[-1]
             except (AccountBusy, UnknownAccount):
                 pass
             tree = await ledger.snapshot(run.task_id)
@@ -836,11 +961,11 @@ class Flow:
             ]
             for path in sorted(inside, key=lambda p: -p.count("/")):
                 await ledger.close_account(run.task_id, path, force=True)
-        return await ledger.close_account(run.task_id, account, force=True)
+        return await ledger.close_account(run.task_id, account, force=True, result=result)
 
     async def _finish(self, run: TaskRun, item: WorkItem, out: SubtaskResult) -> SubtaskResult:
         lv, sub = item.level, item.subtask
-        if not out["composite"] and out["finished"] and item.review and not out["reviewed"]:
+        if _needs_review(item, out):
             out = await self._review(run, lv, sub, out)
         # Saved and counted together: a crash between the two is mended by the next
         # delivery, which counts every saved result again and rebuilds an unsaved one
@@ -909,20 +1034,33 @@ class Flow:
         if len(plan.subtasks) == 1 and len(ordered) == 1 and ordered[0].finished:
             # One finished subtask is the answer: a synthesis call would only restate it.
             return ordered[0].text.strip()
-        await self._may_pay(run)
         manager_acct = lv.manager_account(run.delivery)
-        pool = await self._pool(run, lv.path)
-        if (pool.tokens or 0) > 0 or (pool.nanos or 0) > 0:
-            await deps.ledger.transfer(
-                run.task_id,
-                src=lv.path,
-                dst=manager_acct,
-                amount=Amount(tokens=pool.tokens or 0, nanos=pool.nanos or 0),
-                op_id=synthesis_op_id(run.delivery, lv.work),
-            )
+        # All the pool holds goes to the manager, as the ledger counts it in that step
+        # (what a step outside this delivery's own moved included), at once with the
+        # check before the synthesis call: moving money is not paying.
+        handing = deps.ledger.transfer(
+            run.task_id,
+            src=lv.path,
+            dst=manager_acct,
+            amount=None,
+            op_id=synthesis_op_id(run.delivery, lv.work),
+        )
+        await asyncio.gather(self._may_pay(run), handing)
+        run.pools.pop(lv.path, None)  # the level decides nothing more
         return await deps.manager.synthesize(
             task_id=run.task_id, account=manager_acct, task=lv.text, results=ordered
         )
+
+
+def _needs_review(item: WorkItem, out: SubtaskResult) -> bool:
+    """A finished leaf result the level's manager reviews, not reviewed yet."""
+    return not out["composite"] and out["finished"] and item.review and not out["reviewed"]
+
+
+def _retrieved(fut: asyncio.Future[Any]) -> None:
+    """Marks a background read's error as seen when nobody came to await it."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _outcome_word(res: SubtaskResult) -> str:
@@ -978,8 +1116,8 @@ def _plus(a: Pool, b: Pool) -> Pool:
     )
 
 
-def _budget_of(pool: Pool) -> Budget:
-    return Budget.from_nanos(tokens=pool.tokens, nanos=pool.nanos)
+def _minus(limit: int | None) -> int | None:
+    return None if limit is None else -limit
 
 
 def planning_budget(pool: Pool, *, reserve: Pool, full: Amount, least: Amount) -> Pool | None:
@@ -1039,6 +1177,17 @@ def _ordered_results(plan: Plan, results: Mapping[str, SubtaskResult]) -> list[W
             )
         )
     return ordered
+
+
+async def _run_subtask(flow: Flow, run: TaskRun, item: WorkItem) -> SubtaskResult | None:
+    """One try of a subtask, as the LangGraph task ``subtask`` runs it."""
+    return await flow._observed_subtask(run, item)
+
+
+# A module-level function, found under its own name: LangGraph then builds its runnable
+# once, not again for every try (as it does for a bound method).
+_as_task: Any = task(name="subtask")
+_SUBTASK: Any = _as_task(_run_subtask)
 
 
 def build_graph(flow: Flow) -> Any:

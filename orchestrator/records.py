@@ -62,12 +62,20 @@ class TaskRecord(BaseModel):
 
 
 # KEYS[1] task record   ARGV[1] now (s)
-# returns the delivery count, or -1 when the task is already final (nothing written)
-_MARK_RUNNING = """
+# returns {deliveries, field, value, ...}: the delivery count and the record as it is
+#   after marking it running, or {-1, field, value, ...} when it is already final (nothing
+#   written); {} when there is no record
+_START = """
+if redis.call('HEXISTS', KEYS[1], 'task') == 0 then return {} end
 local status = redis.call('HGET', KEYS[1], 'status')
-if status ~= 'queued' and status ~= 'running' then return -1 end
-redis.call('HSET', KEYS[1], 'status', 'running', 'started_s', ARGV[1])
-return redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
+local n = -1
+if status == 'queued' or status == 'running' then
+  redis.call('HSET', KEYS[1], 'status', 'running', 'started_s', ARGV[1])
+  n = redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
+end
+local out = redis.call('HGETALL', KEYS[1])
+table.insert(out, 1, n)
+return out
 """
 
 # KEYS[1] task record
@@ -92,6 +100,24 @@ end
 redis.call('HSET', KEYS[1], 'status', 'queued', 'task', ARGV[1], 'budget', ARGV[2],
   'tenant', ARGV[3], 'created_s', ARGV[4], 'inc', ARGV[5])
 return {1, ARGV[5], 'queued', ARGV[1], ARGV[2], ARGV[3]}
+"""
+
+# KEYS[1] task record   KEYS[2..] the task's results, plan and plans
+# ARGV[1] retention (s)   ARGV[2] '1': only when the task is not final yet
+# ARGV[3..] field, value, ... of the final state
+# returns {written (1 or 0), field, value, ...}: whether it wrote, and the record as it is
+#   then; when it writes, every key gets the retention
+_FINISH = """
+local status = redis.call('HGET', KEYS[1], 'status')
+local written = 0
+if ARGV[2] ~= '1' or not status or status == 'queued' or status == 'running' then
+  redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+  for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[1]) end
+  written = 1
+end
+local out = redis.call('HGETALL', KEYS[1])
+table.insert(out, 1, written)
+return out
 """
 
 # KEYS[1] task record   ARGV[1] incarnation
@@ -124,6 +150,33 @@ class Created:
         return (self.task, self.budget, self.tenant) == (task, budget, tenant)
 
 
+def result_text(result: Mapping[str, Any]) -> str:
+    """A finished subtask's result as the results hash keeps it (JSON)."""
+    return json.dumps(result)
+
+
+def _record(task_id: str, raw: Mapping[str, str]) -> TaskRecord | None:
+    """A record read from its hash; ``None`` when there is none (or no task in it)."""
+    if not raw or "task" not in raw:
+        return None
+    spent = Spent.model_validate_json(raw["spent"]) if raw.get("spent") else None
+    return TaskRecord(
+        id=task_id,
+        status=Status(raw["status"]),
+        task=raw["task"],
+        budget=Budget.model_validate_json(raw["budget"]),
+        tenant=raw.get("tenant") or None,
+        answer=raw.get("answer"),
+        error=raw.get("error") or None,
+        spent=spent,
+        created_s=float(raw["created_s"]),
+        started_s=_opt_float(raw.get("started_s")),
+        finished_s=_opt_float(raw.get("finished_s")),
+        deliveries=int(raw.get("deliveries", 0)),
+        cancel_requested=raw.get("cancel") == "1",
+    )
+
+
 def _opt_float(value: str | None) -> float | None:
     return float(value) if value else None
 
@@ -141,8 +194,9 @@ class Records:
         self.space = space
         self._create = redis.register_script(_CREATE)
         self._discard = redis.register_script(_DISCARD)
-        self._mark_running = redis.register_script(_MARK_RUNNING)
+        self._start = redis.register_script(_START)
         self._cancel_queued = redis.register_script(_CANCEL_QUEUED)
+        self._finish = redis.register_script(_FINISH)
         # Results saved while a write is in flight go together, one HSET per task.
         self._save: Coalescer[tuple[str, str, str], None] = Coalescer(self._save_batch)
 
@@ -186,34 +240,24 @@ class Records:
             "dict[str, str]",
             await self.redis.hgetall(self.space.task(task_id).record),
         )
-        if not raw or "task" not in raw:
-            return None
-        spent = Spent.model_validate_json(raw["spent"]) if raw.get("spent") else None
-        return TaskRecord(
-            id=task_id,
-            status=Status(raw["status"]),
-            task=raw["task"],
-            budget=Budget.model_validate_json(raw["budget"]),
-            tenant=raw.get("tenant") or None,
-            answer=raw.get("answer"),
-            error=raw.get("error") or None,
-            spent=spent,
-            created_s=float(raw["created_s"]),
-            started_s=_opt_float(raw.get("started_s")),
-            finished_s=_opt_float(raw.get("finished_s")),
-            deliveries=int(raw.get("deliveries", 0)),
-            cancel_requested=raw.get("cancel") == "1",
-        )
+        return _record(task_id, raw)
 
-    async def mark_running(self, task_id: str) -> int | None:
-        """Record a delivery; how many times the task has been delivered, ``None`` if final.
+    async def start(self, task_id: str) -> tuple[TaskRecord, int | None] | None:
+        """Record a delivery: the record as it is then, and how many times it was delivered.
 
-        Atomic with the status check, so a task cancelled while queued is never
-        marked running again.
+        The count is ``None`` when the task is final (nothing is written, so a task
+        cancelled while queued is never marked running again); ``None`` alone when
+        there is no such task. One atomic step with the status check.
         """
         keys = self.space.task(task_id)
-        deliveries = int(await self._mark_running(keys=[keys.record], args=[repr(time.time())]))
-        return None if deliveries < 0 else deliveries
+        reply = cast("list[Any]", await self._start(keys=[keys.record], args=[repr(time.time())]))
+        if not reply:
+            return None
+        count, *flat = reply
+        record = _record(task_id, dict(zip(flat[::2], flat[1::2], strict=True)))
+        assert record is not None  # the script checked it has a task
+        deliveries = int(count)
+        return record, None if deliveries < 0 else deliveries
 
     async def cancel_queued(self, task_id: str) -> bool:
         """Cancel a task no worker has taken yet; ``False`` if it is not queued."""
@@ -228,21 +272,33 @@ class Records:
         error: str | None,
         spent: Spent | None,
         retention_s: int,
-    ) -> None:
-        """Write the final state and let the record expire after ``retention_s``."""
+        unless_final: bool = False,
+    ) -> tuple[TaskRecord, bool]:
+        """Write the final state and let the record expire after ``retention_s``.
+
+        Returns the record as it is then, and whether this call wrote it: with
+        ``unless_final``, a task already final (finished by someone else) keeps
+        what it has and nothing is written, in the same atomic step as the check.
+        """
         keys = self.space.task(task_id)
-        fields: dict[str, str] = {"status": status.value, "finished_s": repr(time.time())}
+        fields: list[str] = ["status", status.value, "finished_s", repr(time.time())]
         if answer is not None:
-            fields["answer"] = answer
+            fields += ["answer", answer]
         if error is not None:
-            fields["error"] = error
+            fields += ["error", error]
         if spent is not None:
-            fields["spent"] = spent.model_dump_json()
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(keys.record, mapping=cast(Any, fields))
-        for key in (keys.record, keys.results, keys.plan, keys.plans):
-            pipe.expire(key, retention_s)
-        await pipe.execute()
+            fields += ["spent", spent.model_dump_json()]
+        reply = cast(
+            "list[Any]",
+            await self._finish(
+                keys=[keys.record, keys.results, keys.plan, keys.plans],
+                args=[retention_s, "1" if unless_final else "0", *fields],
+            ),
+        )
+        written, *flat = reply
+        record = _record(task_id, dict(zip(flat[::2], flat[1::2], strict=True)))
+        assert record is not None  # it has its task: written just now, or final before
+        return record, bool(written)
 
     async def request_cancel(self, task_id: str) -> bool:
         """Flag the task for cancellation; ``False`` if it is unknown or already final."""
@@ -256,6 +312,17 @@ class Records:
         """Whether someone asked to cancel the task."""
         flag = await self.redis.hget(self.space.task(task_id).record, "cancel")
         return flag == "1"
+
+    async def cancel_requested_and_read(
+        self, task_id: str, key: str
+    ) -> tuple[bool, dict[str, str]]:
+        """Whether someone asked to cancel the task, and the hash at ``key`` (another key of
+        the task's, so on its slot) read in the same round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hget(self.space.task(task_id).record, "cancel")
+        pipe.hgetall(key)
+        flag, fields = await pipe.execute()
+        return flag == "1", cast("dict[str, str]", fields)
 
     async def save_plan(self, task_id: str, plan_json: str, *, level: str = "") -> None:
         """Keep a level's plan so a re-delivered task does not plan (and pay) again.
@@ -281,7 +348,7 @@ class Records:
         together) are written with one ``HSET``; each call returns once its own
         result is written, or raises what the write raised.
         """
-        await self._save((task_id, subtask_id, json.dumps(result)))
+        await self._save((task_id, subtask_id, result_text(result)))
 
     async def _save_batch(self, items: list[tuple[str, str, str]]) -> list[BaseException | None]:
         by_task: dict[str, dict[str, str]] = {}

@@ -122,14 +122,12 @@ class Runtime:
         another worker took it over (nothing is finished then). An error
         reaching Redis propagates: the task is delivered again, not failed.
         """
-        record = await self.records.get(task_id)
-        if record is None:
+        started = await self.records.start(task_id)
+        if started is None:
             raise UnknownTask(task_id)
-        if record.status.final:
+        record, delivery = started
+        if delivery is None:  # final already (cancelled while queued, or finished)
             return record
-        delivery = await self.records.mark_running(task_id)
-        if delivery is None:  # cancelled (or finished) since it was read
-            return await self.records.get(task_id) or record
         # Observability hook: one scope per delivery (orchestrator/telemetry.py).
         with self.telemetry.task(task_id=task_id, delivery=delivery) as scope:
             scope.note(tenant=record.tenant)
@@ -146,7 +144,7 @@ class Runtime:
         self, task_id: str, record: TaskRecord, delivery: int, claim: Delivery | None
     ) -> TaskRecord:
         """One delivery of a task marked running, to its final record."""
-        if await self.records.cancel_requested(task_id):
+        if record.cancel_requested:  # as read when it was marked running
             return await self._finish(task_id, Status.CANCELLED, None, None)
         if delivery > 1:  # only an earlier delivery can have left accounts open
             await self._close_stale_accounts(task_id)
@@ -209,10 +207,7 @@ class Runtime:
         # a task someone else already finished keeps the status it has.
         if claim is not None and not await self.queue.owns(claim):
             raise DeliveryLost(task_id, claim.message_id)
-        current = await self.records.get(task_id)
-        if current is not None and current.status.final:
-            return current
-        final = await finish_task(
+        final, written = await finished_task(
             self.ledger,
             self.records,
             task_id,
@@ -220,7 +215,10 @@ class Runtime:
             answer=answer,
             error=error,
             retention_s=self.settings.retention_s,
+            unless_final=True,
         )
+        if not written:  # final already: its ledger was closed again, which changes nothing
+            return final
         if self.telemetry is not NO_TELEMETRY:  # observability hook
             self.telemetry.task_finished(await self._facts(final))
         return final
@@ -302,18 +300,46 @@ async def finish_task(
 
     Both the ledger and the record then expire after ``retention_s``.
     """
+    record, _ = await finished_task(
+        ledger,
+        records,
+        task_id,
+        status=status,
+        answer=answer,
+        error=error,
+        retention_s=retention_s,
+    )
+    return record
+
+
+async def finished_task(
+    ledger: Ledger,
+    records: Records,
+    task_id: str,
+    *,
+    status: Status,
+    answer: str | None,
+    error: str | None,
+    retention_s: int,
+    unless_final: bool = False,
+) -> tuple[TaskRecord, bool]:
+    """:func:`finish_task`, and whether its record was written: with ``unless_final``, a
+    task someone else finished keeps the status it has (checked as the record is written)."""
     spent: Spent | None = None
     try:
         closed = await ledger.close_task(task_id, force=True, retention_s=retention_s)
         spent = Spent(tokens=closed.spent_tokens, usd=str(nanos_to_usd(closed.spent_nanos)))
     except UnknownTask:
         pass
-    await records.finish(
-        task_id, status=status, answer=answer, error=error, spent=spent, retention_s=retention_s
+    return await records.finish(
+        task_id,
+        status=status,
+        answer=answer,
+        error=error,
+        spent=spent,
+        retention_s=retention_s,
+        unless_final=unless_final,
     )
-    record = await records.get(task_id)
-    assert record is not None
-    return record
 
 
 #: The task ``smallest_budgets`` sizes: the quick start's.

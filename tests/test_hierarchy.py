@@ -19,8 +19,10 @@ import pytest
 from agents.stub_server import RecordedRequest, Reply, ScriptedModelServer
 from budgets import Budget
 from budgets.keys import ROOT
+from budgets.policy import Pool
 from budgets.tree import AccountView, TaskTree
 from orchestrator.api import Paymaster
+from orchestrator.flow import Flow, TaskRun
 from orchestrator.records import Records, Status
 from tests.test_orchestrator import (
     ACCEPT_ALL,
@@ -208,6 +210,48 @@ async def test_a_composite_subtask_is_planned_again_inside_its_own_account(
     assert stats.cell("stub").calls == 3
 
 
+async def test_a_level_reads_its_pool_once_and_keeps_it_from_its_own_steps(
+    make_pm: Callable[..., Paymaster], stub: ScriptedModelServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stub.responder = responder(NESTED)  # s2 waits for the composite s1: a decision after it
+    pm = make_pm()
+    runtime = pm.runtime()
+    ledger, records = runtime.ledger, runtime.records
+    real_account, real_checked_read = ledger.account, records.cancel_requested_and_read
+    reads: list[str] = []
+
+    async def account(task_id: str, path: str) -> AccountView:
+        reads.append(path)
+        return await real_account(task_id, path)
+
+    async def checked_read(task_id: str, key: str) -> tuple[bool, dict[str, str]]:
+        reads.append(key.split(":acct:", 1)[1])
+        return await real_checked_read(task_id, key)
+
+    real_pool = Flow._pool
+    seen: list[tuple[Pool, AccountView]] = []
+
+    async def pool(self: Flow, run: TaskRun, path: str) -> Pool:
+        got = await real_pool(self, run, path)
+        seen.append((got, await real_account(run.task_id, path)))
+        return got
+
+    monkeypatch.setattr(ledger, "account", account)
+    monkeypatch.setattr(records, "cancel_requested_and_read", checked_read)
+    monkeypatch.setattr(Flow, "_pool", pool)
+    rec = await pm.arun("a big task", budget=Budget(tokens=40_000, usd="1"))
+    assert rec.status is Status.SUCCEEDED, rec.error
+    # Each level (the task's and s1's) reads its pool once, when it plans (with the cancel
+    # check before that paid step); its synthesis takes what is left in one step...
+    composite = f"{ROOT}/s1.1.1"
+    assert sorted(reads) == sorted([ROOT, composite])
+    # ...and every decision in between is answered from what its own steps moved, which is
+    # what a read would have said.
+    assert len(seen) >= 4
+    for got, view in seen:
+        assert (got.tokens, got.nanos) == (view.available_tokens, view.available_nanos)
+
+
 async def test_the_depth_limit_clamps_a_plan_asking_for_more_nesting(
     make_pm: Callable[..., Paymaster], stub: ScriptedModelServer
 ) -> None:
@@ -275,9 +319,13 @@ async def test_a_sub_plan_naming_ids_of_another_level_is_mended_and_carves_nothi
 
 
 def _reject_first(sid: str) -> Callable[[RecordedRequest], Reply]:
+    """Rejects ``sid`` the first time it is reviewed (whichever review comes first)."""
     lock, seen = threading.Lock(), [0]
 
     def review(req: RecordedRequest) -> Reply:
+        assert req.body is not None
+        if f"### {sid}" not in str(req.body["messages"][-1]["content"]):
+            return Reply(text=json.dumps({"reject": []}))
         with lock:
             seen[0] += 1
             first = seen[0] == 1

@@ -209,7 +209,15 @@ def test_no_valid_names_make_two_families_share_a_key(
     for name in GLOBALS:
         expect(getattr(K, name), ("global", getattr(K, name)))
     # The script keys and prefixes are what the builders above make.
-    assert tk.script_keys() == [tk.meta, tk.reservations, tk.leases, tk.ops, tk.events, tk.accounts]
+    assert tk.script_keys() == [
+        tk.meta,
+        tk.reservations,
+        tk.leases,
+        tk.ops,
+        tk.events,
+        tk.accounts,
+        tk.results,
+    ]
     assert tk.account(path) == tk.account_prefix + path
     assert tk.wait_queue(path) == tk.wait_prefix + path
     assert tk.script_argv() == [tk.account_prefix, tk.wait_prefix]

@@ -124,6 +124,26 @@ async def test_open_account_errors(ledger: Ledger) -> None:
     assert await state(ledger) == before
 
 
+async def test_carve_opens_as_open_account_does_from_the_ledgers_integers(
+    ledger: Ledger,
+) -> None:
+    await opened(ledger, tokens=1000, usd="1")
+    await ledger.carve(T, "root/a", tokens=300, nanos=250_000_000)
+    await ledger.open_account(T, "root/b", Budget.from_nanos(tokens=300, nanos=250_000_000))
+    tree = await ledger.snapshot(T)
+    a, b = tree.account("root/a"), tree.account("root/b")
+    assert (a.limit_tokens, a.limit_nanos) == (b.limit_tokens, b.limit_nanos) == (300, 250_000_000)
+    assert tree.root.available_tokens == 400
+    before = await state(ledger)
+    with pytest.raises(BudgetExceeded):
+        await ledger.carve(T, "root/c", tokens=401, nanos=0)
+    with pytest.raises(UnlimitedChild):
+        await ledger.carve(T, "root/c", tokens=None, nanos=0)
+    with pytest.raises(InvalidAmount):
+        await ledger.carve(T, "root/c", tokens=-1, nanos=0)
+    assert await state(ledger) == before
+
+
 @pytest.mark.parametrize("bad", ["", "a b", "{x}", "x" * 200, "-lead", None, 5])
 async def test_bad_task_ids_are_refused(ledger: Ledger, bad: object) -> None:
     with pytest.raises(InvalidName):
@@ -370,6 +390,33 @@ async def test_transfer_never_takes_what_is_spent_or_reserved(ledger: Ledger) ->
     assert (await ledger.snapshot(T)).account("root/a").available_tokens == 0
 
 
+async def test_transfer_of_everything_moves_what_the_source_has_in_one_step(
+    ledger: Ledger,
+) -> None:
+    await opened(ledger, tokens=1000, usd="1")
+    await ledger.open_account(T, "root/a", Budget(tokens=100, usd="0.1"))
+    res = await ledger.reserve(T, "root/a", tokens=60, nanos=5)
+    await ledger.commit(T, res.id, used=Amount(tokens=30, nanos=5))
+    await ledger.reserve(T, "root/a", tokens=20, nanos=0)
+    src, dst = await ledger.transfer(T, src="root/a", dst="root", amount=None, op_id="all1")
+    tree = await ledger.snapshot(T)
+    assert tree.account("root/a").available_tokens == src.tokens == 0
+    assert tree.account("root/a").available_nanos == 0
+    assert tree.root.available_tokens == dst.tokens == 900 + 50
+    assert tree.root.available_nanos == 900_000_000 + 100_000_000 - 5
+    moved = [e for e in await ledger.events(T) if e.op == "transfer"]
+    assert [(e.tokens, e.nanos) for e in moved] == [(50, 100_000_000 - 5)]
+    # A repeat answers as the first; nothing left to move writes nothing.
+    snap = await state(ledger)
+    assert await ledger.transfer(T, src="root/a", dst="root", amount=None, op_id="all1") == (
+        src,
+        dst,
+    )
+    await ledger.transfer(T, src="root/a", dst="root", amount=None, op_id="all2")
+    assert await state(ledger) == snap
+    assert len([e for e in await ledger.events(T) if e.op == "transfer"]) == 1
+
+
 async def test_transfer_refusals_change_nothing(ledger: Ledger) -> None:
     await opened(ledger, tokens=1000, usd="1")
     await ledger.open_account(T, "root/a", Budget(tokens=100, usd="0.1"))
@@ -419,6 +466,28 @@ async def test_close_returns_unspent_to_parent(ledger: Ledger) -> None:
     snap = await state(ledger)
     assert await ledger.close_account(T, "root/a") == closed
     assert await state(ledger) == snap
+
+
+async def test_close_saves_a_result_in_the_same_step(ledger: Ledger) -> None:
+    await opened(ledger)
+    await ledger.open_account(T, "root/a", Budget(tokens=100, usd="0.1"))
+    await ledger.open_account(T, "root/a/x", Budget(tokens=10, usd="0.01"))
+    results = TaskKeys(T).results
+    # Refused (an open child): nothing is saved, as nothing is closed.
+    with pytest.raises(AccountBusy):
+        await ledger.close_account(T, "root/a", result=("a", '{"text": "A"}'))
+    assert await ledger.redis.hgetall(results) == {}
+    closed = await ledger.close_account(T, "root/a/x", result=("a:x", '{"text": "X"}'))
+    assert await ledger.redis.hgetall(results) == {"a:x": '{"text": "X"}'}
+    # A repeat (a batch sent again after a lost reply) answers as the first and saves too.
+    await ledger.redis.hdel(results, "a:x")
+    assert await ledger.close_account(T, "root/a/x", result=("a:x", '{"text": "X"}')) == closed
+    assert await ledger.redis.hget(results, "a:x") == '{"text": "X"}'
+    with pytest.raises(InvalidAmount):
+        await ledger.close_account(T, "root/a", result=("a", "no \x1f in it"))
+    with pytest.raises(InvalidName):
+        await ledger.close_account(T, "root/a", result=("a b", "{}"))
+    assert not (await ledger.account(T, "root/a")).closed
 
 
 async def test_closed_account_takes_no_reservations(ledger: Ledger) -> None:
@@ -629,5 +698,12 @@ async def test_non_batching_ledger_behaves_the_same(redis_url: str) -> None:
             await led.reserve(T, "root", tokens=1, nanos=0)
         await led.commit(T, res.id, used=Amount(tokens=3))
         assert (await led.snapshot(T)).root.available_tokens == 7
+        # close_task's closes go in one call, deepest first, batching or not.
+        await led.open_account(T, "root/a", Budget(tokens=5))
+        await led.open_account(T, "root/a/x", Budget(tokens=2))
+        await led.open_account(T, "root/a/x/y", Budget(tokens=1))
+        closed = await led.close_task(T)
+        assert (closed.spent_tokens, closed.returned_tokens) == (3, 7)
+        assert all(a.closed for a in (await led.snapshot(T)).walk())
     finally:
         await led.aclose()

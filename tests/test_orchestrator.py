@@ -229,6 +229,22 @@ async def test_run_succeeds_within_budget_with_balanced_books(
     assert all(worker_text(s) in synth for s in "abc")
 
 
+async def test_a_task_someone_else_finished_keeps_its_status(pm: Paymaster) -> None:
+    records = Records(pm.books.redis)
+    await records.create("t1", task="x", budget=Budget(tokens=10), tenant=None)
+    first, written = await records.finish(
+        "t1", status=Status.CANCELLED, answer=None, error=None, spent=None, retention_s=60
+    )
+    assert written
+    assert first.status is Status.CANCELLED
+    again, written = await records.finish(
+        "t1", status=Status.SUCCEEDED, answer="late", error=None, spent=None, retention_s=60,
+        unless_final=True,
+    )  # fmt: skip
+    assert not written
+    assert again == first == await records.get("t1")
+
+
 async def test_dependencies_come_first_and_their_answers_reach_the_prompt(
     pm: Paymaster, stub: ScriptedModelServer
 ) -> None:

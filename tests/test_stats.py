@@ -234,6 +234,19 @@ async def test_concurrent_processes_count_each_outcome_exactly_once(
         assert sum(stats.cell("cheap", difficulty).hist) == calls
 
 
+async def test_counts_sent_together_after_the_server_lost_its_scripts_still_count_once(
+    book: StatsBook,
+) -> None:
+    await book.record("t:a", "first", SEEN)  # the script is loaded...
+    await book.redis.script_flush()  # ...and lost (a restart)
+    ids = [f"o{i}" for i in range(6)]
+    # Counts in flight together go as one pipeline of EVALSHA; each one refused with
+    # NOSCRIPT is sent again once the script is loaded, and counts exactly once.
+    assert await asyncio.gather(*(book.record("t:a", oid, SEEN) for oid in ids)) == [True] * 6
+    assert await asyncio.gather(*(book.record("t:a", oid, SEEN) for oid in ids)) == [False] * 6
+    assert (await book.read("t:a")).cell("cheap").calls == 7
+
+
 # -- bad input -----------------------------------------------------------------------
 
 

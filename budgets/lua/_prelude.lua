@@ -3,6 +3,7 @@
 -- one task in order, each atomic and each with its own reply.
 -- KEYS[1] meta hash   KEYS[2] reservations hash   KEYS[3] leases zset
 -- KEYS[4] ops hash    KEYS[5] events stream       KEYS[6] accounts set
+-- KEYS[7] results hash (work id -> a finished subtask's result, saved by close)
 -- ARGV[1] prefix of account hashes ("pm:{k:<task>}:acct:")
 -- ARGV[2] prefix of accounts' wait queues ("pm:{k:<task>}:wait:"): a list per
 --   account of the ids of reservations waiting for held money, oldest first
@@ -21,7 +22,7 @@
 -- The same text runs as a script (EVALSHA: KEYS and ARGV) and as a Redis
 -- Function (FCALL: loaded once, so these definitions are not rebuilt on every
 -- call); begin() sets what belongs to one call.
-local K_META, K_RES, K_LEASES, K_OPS, K_EVENTS, K_ACCTS
+local K_META, K_RES, K_LEASES, K_OPS, K_EVENTS, K_ACCTS, K_RESULTS
 local ACCT_PREFIX, WAIT_PREFIX
 local ROOT = 'root'
 local FIELDS = {'lt', 'ln', 'rt', 'rn', 'st', 'sn', 'at', 'an', 'ct', 'cn', 'ot', 'on', 'nres', 'nkids'}
@@ -320,6 +321,7 @@ end
 -- Start one call of the task script: its keys, prefixes and clock.
 local function begin(keys, argv)
   K_META, K_RES, K_LEASES, K_OPS, K_EVENTS, K_ACCTS = keys[1], keys[2], keys[3], keys[4], keys[5], keys[6]
+  K_RESULTS = keys[7]
   ACCT_PREFIX, WAIT_PREFIX = argv[1], argv[2]
   NOW, SWEPT = now_ms(), 0
   EVENTS, CACHE, DIRTY = {}, {}, {}

@@ -3,16 +3,26 @@
 -- commit late and its spend is still recorded (and charged upward).
 -- K[1] account hash  K[2] parent hash (absent for the root)
 -- A[1] account path  A[2] '1' to force  A[3] marker (the close's ops field and event id)
+-- A[4] work id to save a result under in the results hash ('' none)  A[5] the result,
+--   saved as given when the close succeeds (a repeat saves it too): a subtask's try
+--   is closed and its result kept in one step
 -- returns {'ok', returned_tokens, returned_nanos, spent_tokens, spent_nanos}
 --      (returned is -1 in a unit the account did not limit); a repeat returns the first
 -- errors (budgets/replies.py CloseError):
 --   'no_task' -> UnknownTask              the account is the root and there is none
 --   'no_account' -> UnknownAccount        {.., path}
 --   'busy' -> AccountBusy                 {.., path, open children, open reservations}
+local function save_result(A)
+  if A[4] ~= nil and A[4] ~= '' then redis.call('HSET', K_RESULTS, A[4], A[5]) end
+end
+
 OPS['close'] = function(A, K)
   local path = A[1]
   local prior = kept(A[3])
-  if prior then return prior[2] end
+  if prior then
+    save_result(A)
+    return prior[2]
+  end
   local a = load(K[1])
   if not a then
     if path == ROOT then return {'err', 'no_task'} end
@@ -57,5 +67,6 @@ OPS['close'] = function(A, K)
     redis.call('HSET', K_META, 'status', 'closed', 'closed_ms', NOW)
   end
   event('close', path, back.t, back.n, A[3], {'spent_t', spent.t, 'spent_n', spent.n})
+  save_result(A)
   return remember(A[3], '', {'ok', back.t, back.n, spent.t, spent.n})
 end

@@ -5,6 +5,8 @@
 -- K[3] the common parent hash (siblings only)
 -- A[1] marker (the op id's ops field)  A[2] source path  A[3] destination path
 -- A[4] tokens  A[5] nanos  A[6] 'down' | 'up' | 'across'  A[7] op id (for the event)
+--   (A[4] and A[5] both 'all': everything the source has available, in each unit it
+--   limits; when that is nothing, nothing is written and no event is made)
 -- returns {'ok', src_available_tokens, src_available_nanos, dst_available_tokens, dst_available_nanos}
 -- errors (budgets/replies.py TransferError):
 --   'no_task' -> UnknownTask              the root is named and there is none
@@ -16,7 +18,8 @@
 --   'conflict' -> OperationConflict       the op id was used with other arguments
 OPS['transfer'] = function(A, K)
   local spath, dpath, dir = A[2], A[3], A[6]
-  local amt = {t = tonumber(A[4]), n = tonumber(A[5])}
+  local all = A[4] == 'all'
+  local amt = {t = tonumber(A[4]) or 0, n = tonumber(A[5]) or 0}
   local fp = spath .. '|' .. dpath .. '|' .. A[4] .. '|' .. A[5]
   local prior = kept(A[1])
   if prior then
@@ -31,6 +34,14 @@ OPS['transfer'] = function(A, K)
     end
   end
   if s.closed or d.closed then return {'err', 'closed', spath} end
+  if all then
+    for _, u in ipairs(UNITS) do
+      if limited(s, u) then amt[u] = math.max(0, room(s, u)) end
+    end
+    if amt.t == 0 and amt.n == 0 then
+      return remember(A[1], fp, {'ok', shown(s, 't'), shown(s, 'n'), shown(d, 't'), shown(d, 'n')})
+    end
+  end
   local mid = nil
   if dir == 'down' then
     if d.parent ~= spath then return {'err', 'relation', spath, dpath} end
@@ -72,7 +83,7 @@ OPS['transfer'] = function(A, K)
       end
     end
   end
-  event('transfer', spath, A[4], A[5], A[7], {'to', dpath, 'dir', dir})
+  event('transfer', spath, amt.t, amt.n, A[7], {'to', dpath, 'dir', dir})
   s, d = load(K[1]), load(K[2])
   if d.nwait > 0 then
     -- Money came in: the destination's waiters are served in the same step.
