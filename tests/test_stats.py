@@ -67,9 +67,9 @@ async def cells(book: StatsBook, scope: str) -> dict[str, int]:
 async def everything(book: StatsBook) -> dict[bytes | str, object]:
     """Every key on the server with its value (hashes and strings are all StatsBook writes)."""
     out: dict[bytes | str, object] = {}
-    for key in sorted(await book.redis.keys("*")):
+    for key in sorted([k async for k in book.redis.scan_iter(match="*")]):  # every node's
         kind = await book.redis.type(key)
-        out[key] = await (book.redis.hgetall(key) if kind == b"hash" else book.redis.get(key))
+        out[key] = await (book.redis.hgetall(key) if kind == "hash" else book.redis.get(key))
     return out
 
 
