@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import random
 import time
@@ -66,28 +65,35 @@ _FAILOVER_ERRORS = (
 )
 
 
-@functools.lru_cache(maxsize=64)
+#: What each URL answered, for the life of the process (a URL that did not answer is not kept).
+_KINDS: dict[str, bool] = {}
+
+
 def is_cluster(url: str) -> bool:
     """Whether the Redis at ``url`` is a cluster node (asked once per URL and process).
 
     It asks ``CLUSTER INFO``, which a standalone server refuses and which an ACL
     user of one tenant may send (``INFO`` is in ``@dangerous``). A server that
-    cannot be asked is taken as standalone: its first command then fails as it
-    would have, with the same error.
+    cannot be asked is taken as standalone this time and asked again the next
+    (it may be starting): its first command then fails as it would have.
     """
+    known = _KINDS.get(url)
+    if known is not None:
+        return known
     probe = redis.Redis.from_url(
         url, socket_connect_timeout=PROBE_TIMEOUT_S, socket_timeout=PROBE_TIMEOUT_S
     )
     try:
         probe.execute_command("CLUSTER", "INFO")  # type: ignore[no-untyped-call]
+        answer = True
     except (rex.ConnectionError, rex.TimeoutError, OSError):
-        is_cluster.cache_clear()  # ask again next time: the server may be starting
         return False
     except rex.ResponseError:  # "cluster support disabled", or a server without CLUSTER
-        return False
+        answer = False
     finally:
         probe.close()
-    return True
+    _KINDS[url] = answer
+    return answer
 
 
 def redact_url(url: str) -> str:

@@ -19,7 +19,7 @@ from budgets.connection import is_cluster, redis_client
 from budgets.errors import LedgerError
 from budgets.keys import TaskKeys
 from budgets.tree import ReservationState
-from orchestrator.redis_server import LocalCluster, RedisServer
+from orchestrator.redis_server import LocalCluster, RedisServer, free_cluster_port
 
 TASKS = [f"fo-{i}" for i in range(6)]
 LOOPS = 24
@@ -43,14 +43,14 @@ async def test_a_cluster_node_url_gets_the_cluster_client(
 
 
 def test_a_server_that_cannot_be_asked_is_taken_as_standalone_and_asked_again() -> None:
-    with RedisServer() as server:
-        port = server.port
+    port = free_cluster_port()
     url = f"redis://127.0.0.1:{port}"
     assert not is_cluster(url)  # nothing listens: standalone, its first command fails
-    with LocalCluster() as cluster:
-        # A node on that port now: the unanswered probe was not remembered.
-        late = f"redis://127.0.0.1:{cluster.nodes[0].port}"
-        assert is_cluster(late)
+    node = RedisServer(port=port, extra_args=["--cluster-enabled", "yes"])
+    with node:
+        # A cluster node on that very URL now: the unanswered probe was not kept.
+        assert is_cluster(url)
+    assert is_cluster(url)  # an answer is kept, even once the server is gone
 
 
 @pytest.fixture(scope="module")
