@@ -207,7 +207,7 @@ class Runtime:
         # a task someone else already finished keeps the status it has.
         if claim is not None and not await self.queue.owns(claim):
             raise DeliveryLost(task_id, claim.message_id)
-        final, written = await finished_task(
+        final, written = await finish_task(
             self.ledger,
             self.records,
             task_id,
@@ -295,36 +295,12 @@ async def finish_task(
     answer: str | None,
     error: str | None,
     retention_s: int,
-) -> TaskRecord:
-    """Close the task's ledger (leftovers back to its tenant), write its final record.
-
-    Both the ledger and the record then expire after ``retention_s``.
-    """
-    record, _ = await finished_task(
-        ledger,
-        records,
-        task_id,
-        status=status,
-        answer=answer,
-        error=error,
-        retention_s=retention_s,
-    )
-    return record
-
-
-async def finished_task(
-    ledger: Ledger,
-    records: Records,
-    task_id: str,
-    *,
-    status: Status,
-    answer: str | None,
-    error: str | None,
-    retention_s: int,
     unless_final: bool = False,
 ) -> tuple[TaskRecord, bool]:
-    """:func:`finish_task`, and whether its record was written: with ``unless_final``, a
-    task someone else finished keeps the status it has (checked as the record is written)."""
+    """Close the task's ledger (leftovers back to its tenant), write its final record; both
+    then expire after ``retention_s``. Returns the record and whether it was written: with
+    ``unless_final``, a task someone else finished keeps the status it has (checked as the
+    record is written)."""
     spent: Spent | None = None
     try:
         closed = await ledger.close_task(task_id, force=True, retention_s=retention_s)
