@@ -21,9 +21,11 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from redis import exceptions as rex
+from redis.asyncio.connection import AbstractConnection as Connection
+from redis.asyncio.connection import ConnectionPool
 from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
@@ -76,7 +78,14 @@ class ScriptRunner:
         self._attempts = attempts
         self._scripts = load_scripts()
         self._pending: dict[str, _Batch] = {}
+        # True while a batch is on the wire or a flusher is about to send one.
+        self._sending = False
         self._flusher: asyncio.Task[None] | None = None
+        # The batches' own connection (standalone): one batch is in flight at a
+        # time, so it needs no pool, whose checkout and return cost a lone
+        # operation more than its round trip's own Python does.
+        self._line: Connection | None = None
+        self._pool: ConnectionPool | None = None if clustered(redis) else redis.connection_pool
 
     @property
     def url(self) -> str:
@@ -98,14 +107,25 @@ class ScriptRunner:
         if not self._batching:
             replies = await self._retrying([(keys, 1, encoded)])
             return _first(replies[0])
+        if not self._sending:
+            # Nothing is on the wire: this operation goes at once, from its own
+            # task (no flusher to start), and whatever arrives meanwhile waits
+            # for the flusher this starts when it is done.
+            self._sending = True
+            try:
+                replies = await self._retrying([(keys, 1, encoded)], line=True)
+            finally:
+                if self._pending:
+                    self._flusher = asyncio.create_task(self._flush())
+                else:
+                    self._sending = False
+            return _first(replies[0])
         fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         batch = self._pending.get(keys.task_id)
         if batch is None:
             batch = self._pending[keys.task_id] = _Batch(keys)
         batch.args.extend(encoded)
         batch.waiters.append(fut)
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
         return await fut
 
     async def task_ops(
@@ -129,12 +149,18 @@ class ScriptRunner:
         return reply
 
     async def _flush(self) -> None:
+        try:
+            await self._drain()
+        finally:
+            self._sending = False
+
+    async def _drain(self) -> None:
         while self._pending:
             batches = list(self._pending.values())
             self._pending = {}
             calls = [(b.keys, len(b.waiters), b.args) for b in batches]
             try:
-                replies = await self._retrying(calls)
+                replies = await self._retrying(calls, line=True)
             except BaseException as e:  # every waiter must hear of the failure
                 for b in batches:
                     for fut in b.waiters:
@@ -147,15 +173,15 @@ class ScriptRunner:
                 for i, fut in enumerate(b.waiters):
                     if fut.done():
                         continue
-                    if isinstance(reply, rex.NoPermissionError):
-                        fut.set_exception(forbidden(self._url, reply))
-                    elif isinstance(reply, Exception):
+                    if isinstance(reply, Exception):
                         fut.set_exception(reply)
                     else:
                         fut.set_result(reply[i])
 
-    async def _retrying(self, calls: list[tuple[TaskKeys, int, list[Arg]]]) -> list[Any]:
-        replies: list[Any] = await self._call(lambda: self._send(calls))
+    async def _retrying(
+        self, calls: list[tuple[TaskKeys, int, list[Arg]]], *, line: bool = False
+    ) -> list[Any]:
+        replies: list[Any] = await self._call(lambda: self._send(calls, line=line))
         return replies
 
     async def _call(self, send: Any) -> Any:
@@ -191,10 +217,14 @@ class ScriptRunner:
             await self._load()
             return await send()
 
-    async def _send(self, calls: list[tuple[TaskKeys, int, list[Arg]]]) -> list[Any]:
-        if len(calls) == 1:
+    async def _send(
+        self, calls: list[tuple[TaskKeys, int, list[Arg]]], *, line: bool = False
+    ) -> list[Any]:
+        if line and self._pool is not None:
+            replies = await self._on_line([self._command(*call) for call in calls])
+        elif len(calls) == 1:
             return [await self._call_task(*calls[0])]
-        if self._cluster:
+        elif self._cluster:
             replies = await asyncio.gather(
                 *(self._call_task(*call) for call in calls), return_exceptions=True
             )
@@ -204,9 +234,57 @@ class ScriptRunner:
         else:
             replies = await self._pipelined(calls)
         for r in replies:
-            if isinstance(r, rex.NoScriptError) or _no_function(r):
+            # Scripts to load, or a user the server refuses: the whole send is redone or fails.
+            if isinstance(r, rex.NoScriptError | rex.NoPermissionError) or _no_function(r):
                 raise r
         return replies
+
+    def _command(self, keys: TaskKeys, count: int, args: list[Arg]) -> tuple[Arg, ...]:
+        named = keys.script_keys()
+        if self._functions:
+            call: tuple[Arg, ...] = ("FCALL", self._scripts.library.function)
+        else:
+            call = ("EVALSHA", self._scripts.task.sha)
+        return (*call, len(named), *named, *keys.script_argv(), count, *args)
+
+    async def _on_line(self, commands: list[tuple[Arg, ...]]) -> list[Any]:
+        """Send ``commands`` on the batches' own connection, one reply (or error) each.
+
+        Only one batch is on the wire at a time (``_sending``), so nothing else
+        reads this connection. A dropped connection is retried by the
+        connection's own policy, as the client's commands are; one cut off
+        mid-reply (a cancelled caller) is closed by redis-py and opened afresh by
+        the next send.
+        """
+        conn = self._line
+        if conn is None:
+            assert self._pool is not None  # standalone only
+            made = self._pool.make_connection()  # type: ignore[no-untyped-call]
+            conn = self._line = cast("Connection", made)
+        line = conn
+
+        async def round_trip() -> list[Any]:
+            await line.send_packed_command(line.pack_commands(commands), check_health=False)
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(await line.read_response())
+                except rex.ResponseError as e:  # that command's refusal; the rest still come
+                    replies.append(e)
+            return replies
+
+        async def dropped(_: Exception) -> None:
+            await line.disconnect()
+
+        # The connection's retry policy, as the client applies it to its own commands.
+        replies: list[Any] = await line.retry.call_with_retry(round_trip, dropped)
+        return replies
+
+    async def aclose(self) -> None:
+        """Close the batches' own connection (the client's pool is closed with the client)."""
+        if self._line is not None:
+            await self._line.disconnect()
+            self._line = None
 
     async def _call_task(self, keys: TaskKeys, count: int, args: list[Arg]) -> Any:
         named = keys.script_keys()

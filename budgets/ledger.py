@@ -204,6 +204,7 @@ class Ledger:
 
     async def aclose(self) -> None:
         """Close the Redis connections."""
+        await self._runner.aclose()
         await self.redis.aclose()
 
     async def ping(self) -> None:

@@ -54,13 +54,13 @@ OPS['close'] = function(A, K)
   local spent = {t = a.st + a.ct, n = a.sn + a.cn}
   local back = {t = -1, n = -1}
   for _, u in ipairs(UNITS) do
-    if limited(a, u) then back[u] = math.max(0, a['l' .. u] - spent[u]) end
+    if limited(a, u) then back[u] = math.max(0, a[F[u].l] - spent[u]) end
   end
   redis.call('HSET', K[1], 'closed', '1', 'closed_ms', NOW)
   if a.parent ~= '' then
     for _, u in ipairs(UNITS) do
-      if limited(a, u) then redis.call('HINCRBY', K[2], 'a' .. u, 0 - a['l' .. u]) end
-      redis.call('HINCRBY', K[2], 'c' .. u, spent[u])
+      if limited(a, u) then redis.call('HINCRBY', K[2], F[u].a, 0 - a[F[u].l]) end
+      redis.call('HINCRBY', K[2], F[u].c, spent[u])
     end
     redis.call('HINCRBY', K[2], 'nkids', -1)
   else

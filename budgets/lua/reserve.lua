@@ -52,7 +52,7 @@ OPS['reserve'] = function(A, K)
   local wait_ms = tonumber(A[7]) or 0
   if verdict == 'spent' or wait_ms <= 0 then
     for _, u in ipairs(UNITS) do
-      if limited(a, u) and want[u] > room(a, u) - a['w' .. u] then
+      if limited(a, u) and want[u] > room(a, u) - a[F[u].w] then
         return {'err', 'insufficient', path, UNIT_NAME[u], want[u], open_room(a, u)}
       end
     end

@@ -69,16 +69,16 @@ OPS['transfer'] = function(A, K)
   for _, u in ipairs(UNITS) do
     if amt[u] > 0 then
       if dir == 'down' then
-        redis.call('HINCRBY', K[1], 'a' .. u, amt[u])
-        redis.call('HINCRBY', K[2], 'l' .. u, amt[u])
+        redis.call('HINCRBY', K[1], F[u].a, amt[u])
+        redis.call('HINCRBY', K[2], F[u].l, amt[u])
       else
         -- up or across: the source gives back part of its limit to the parent;
         -- across, the parent carves it straight into the destination.
-        redis.call('HINCRBY', K[1], 'l' .. u, 0 - amt[u])
+        redis.call('HINCRBY', K[1], F[u].l, 0 - amt[u])
         if dir == 'up' then
-          redis.call('HINCRBY', parent_key, 'a' .. u, 0 - amt[u])
+          redis.call('HINCRBY', parent_key, F[u].a, 0 - amt[u])
         else
-          redis.call('HINCRBY', K[2], 'l' .. u, amt[u])
+          redis.call('HINCRBY', K[2], F[u].l, amt[u])
         end
       end
     end
