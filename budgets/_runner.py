@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 Arg = str | int
 
+#: Command heads the runner keeps (one per task it has sent to) before it starts afresh.
+_HEADS = 4096
 #: Separates the fields of one operation in its one script argument (ASCII unit separator).
 SEP = "\x1f"
 
@@ -85,6 +87,8 @@ class ScriptRunner:
         # time, so it needs no pool, whose checkout and return cost a lone
         # operation more than its round trip's own Python does.
         self._line: Connection | None = None
+        # Each task's command head (name, keys, prefixes), built once per task.
+        self._heads: dict[TaskKeys, tuple[bool, tuple[Arg, ...]]] = {}
         self._pool: ConnectionPool | None = None if clustered(redis) else redis.connection_pool
 
     @property
@@ -240,12 +244,20 @@ class ScriptRunner:
         return replies
 
     def _command(self, keys: TaskKeys, count: int, args: list[Arg]) -> tuple[Arg, ...]:
-        named = keys.script_keys()
-        if self._functions:
-            call: tuple[Arg, ...] = ("FCALL", self._scripts.library.function)
-        else:
-            call = ("EVALSHA", self._scripts.task.sha)
-        return (*call, len(named), *named, *keys.script_argv(), count, *args)
+        head = self._heads.get(keys)
+        if head is None or head[0] != self._functions:
+            named = keys.script_keys()
+            if self._functions:
+                call: tuple[Arg, ...] = ("FCALL", self._scripts.library.function)
+            else:
+                call = ("EVALSHA", self._scripts.task.sha)
+            if len(self._heads) >= _HEADS:
+                self._heads.clear()
+            head = self._heads[keys] = (
+                self._functions,
+                (*call, len(named), *named, *keys.script_argv()),
+            )
+        return (*head[1], count, *args)
 
     async def _on_line(self, commands: list[tuple[Arg, ...]]) -> list[Any]:
         """Send ``commands`` on the batches' own connection, one reply (or error) each.
@@ -332,7 +344,7 @@ def _no_function(reply: Any) -> bool:
 
 
 def _encode(op: Op, accounts: Sequence[str], args: Sequence[Arg]) -> str:
-    return SEP.join([op.value, str(len(accounts)), *accounts, *[str(a) for a in args]])
+    return SEP.join([op, str(len(accounts)), *accounts, *map(str, args)])
 
 
 def _all(reply: Any) -> list[Any]:

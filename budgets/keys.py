@@ -24,6 +24,7 @@ them: a 64-character task id or tenant still makes valid op ids, scopes and outc
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import uuid
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ _TAIL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]*$")
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 _INCARNATION = re.compile(r"^[0-9a-f]{32}$")
 _MAX_DEPTH = 8
+#: A whole account path in one match: ``root``, then up to 7 more segments.
+_PATH = re.compile(rf"^root(?:/[A-Za-z0-9][A-Za-z0-9_.\-]{{0,63}}){{0,{_MAX_DEPTH - 1}}}$")
 
 # Hash-tag letters of the named families.
 _TASK, _TENANT, _STATS = "k", "t", "s"
@@ -51,7 +54,7 @@ _TASK, _TENANT, _STATS = "k", "t", "s"
 
 def check_name(kind: str, value: object, *, max_len: int = MAX_OP_ID) -> str:
     """Validate a name: 1 to ``max_len`` of ``[A-Za-z0-9_.:-]``, starting alphanumeric."""
-    if not isinstance(value, str) or not 0 < len(value) <= max_len or not _TAIL.match(value):
+    if not isinstance(value, str) or not 0 < len(value) <= max_len or not _TAIL.fullmatch(value):
         raise InvalidName(
             kind,
             value,
@@ -87,8 +90,7 @@ def check_path(value: object) -> str:
     """
     if not isinstance(value, str):
         raise InvalidName("account", value, "expected a path string such as 'root/s1'")
-    parts = value.split("/")
-    if parts[0] != ROOT or len(parts) > _MAX_DEPTH or not all(_SEGMENT.match(p) for p in parts):
+    if not _PATH.fullmatch(value):
         raise InvalidName(
             "account",
             value,
@@ -119,14 +121,15 @@ def new_incarnation() -> str:
 
 def check_incarnation(value: object) -> str:
     """Validate an incarnation id (32 lowercase hex digits)."""
-    if not isinstance(value, str) or not _INCARNATION.match(value):
+    if not isinstance(value, str) or not _INCARNATION.fullmatch(value):
         raise InvalidName("incarnation", value, "expected 32 lowercase hex digits")
     return value
 
 
 def new_op_id() -> str:
-    """A fresh op or reservation id, for calls that are not retried by id."""
-    return uuid.uuid4().hex
+    """A fresh op or reservation id, for calls that are not retried by id: 32 hex digits
+    of the system's randomness (what ``uuid4().hex`` gives, at half its cost)."""
+    return os.urandom(16).hex()
 
 
 def open_op_id(path: str) -> str:
@@ -198,7 +201,7 @@ def name_part(text: str, *, max_len: int = 48) -> str:
     """
     if max_len < 24:
         raise ValueError(f"max_len must leave room for a digest (>= 24), got {max_len}")
-    if len(text) <= max_len and _SEGMENT.match(text):
+    if len(text) <= max_len and _SEGMENT.fullmatch(text):
         return text
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
     head = re.sub(r"[^A-Za-z0-9_.\-]+", "-", text).strip("-.")[: max_len - len(digest) - 1]

@@ -224,12 +224,20 @@ class Ledger:
         accounts: Sequence[str],
         args: Sequence[str | int],
         ctx: Context | None = None,
+        *,
+        reservation_id: str = "",
     ) -> list[Any]:
-        """Run one operation of the task script; its reply, or the error its refusal means."""
+        """Run one operation of the task script; its reply, or the error its refusal means.
+
+        The error names ``ctx``'s ids, or the task's and ``reservation_id``
+        (built only for a refusal: most replies are ``ok``).
+        """
         reply = await self._runner.task_op(self.space.task(task_id), op, accounts, args)
         if op in _SETTLING:
             self._admissions.settled(task_id)
-        return check(op.value, reply, ctx or Context(task_id=task_id))
+        if reply[0] == "ok":
+            return reply
+        return check(op, reply, ctx or Context(task_id=task_id, reservation_id=reservation_id))
 
     def _close_args(
         self, path: str, force: bool, result: tuple[str, str] | None = None
@@ -381,9 +389,9 @@ class Ledger:
             reply = await self._run(
                 Op.RESERVE,
                 task_id,
-                [account],
+                [],
                 [account, rid, tokens, nanos, lease_ms, _tags(tags), wait_ms],
-                Context(task_id=task_id, reservation_id=rid),
+                reservation_id=rid,
             )
             deadline_ms: int | None = int(reply[1])
             if reply[2] == "waiting":
@@ -457,7 +465,7 @@ class Ledger:
             task_id,
             [],
             [reservation_id, tokens, nanos, _tags(tags), marker, text],
-            Context(task_id=task_id, reservation_id=reservation_id),
+            reservation_id=reservation_id,
         )
         tenant, incarnation = str(reply[8]), str(reply[9])
         if tenant:
@@ -494,7 +502,7 @@ class Ledger:
             task_id,
             [],
             [reservation_id, _free_text(reason[:200])],
-            Context(task_id=task_id, reservation_id=reservation_id),
+            reservation_id=reservation_id,
         )
         return bool(reply[4])
 

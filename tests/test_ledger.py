@@ -121,6 +121,9 @@ async def test_open_account_errors(ledger: Ledger) -> None:
         await ledger.open_account(T, "notroot/a", Budget(tokens=1, usd="0"))
     with pytest.raises(InvalidName):
         await ledger.open_account(T, "root/{evil}", Budget(tokens=1, usd="0"))
+    for bad in ["root/a\n", "root/", "root//a", "root/" + "a" * 65, "/".join(["root"] * 9)]:
+        with pytest.raises(InvalidName):  # a trailing newline too: the whole path must match
+            await ledger.open_account(T, bad, Budget(tokens=1, usd="0"))
     assert await state(ledger) == before
 
 
@@ -144,7 +147,7 @@ async def test_carve_opens_as_open_account_does_from_the_ledgers_integers(
     assert await state(ledger) == before
 
 
-@pytest.mark.parametrize("bad", ["", "a b", "{x}", "x" * 200, "-lead", None, 5])
+@pytest.mark.parametrize("bad", ["", "a b", "{x}", "x" * 200, "-lead", "task\n", None, 5])
 async def test_bad_task_ids_are_refused(ledger: Ledger, bad: object) -> None:
     with pytest.raises(InvalidName):
         await ledger.open_task(bad, Budget(tokens=1))  # type: ignore[arg-type]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import redis.asyncio
 
 from budgets import Amount, Budget, Ledger
 from budgets.connection import clustered
@@ -123,3 +124,43 @@ async def test_a_flushed_server_gets_the_scripts_again(redis_url: str, functions
         assert (await ledger.account(T, "root")).spent_tokens == 4
     finally:
         await ledger.aclose()
+
+
+async def test_a_cancelled_operation_leaves_those_sent_after_it_unharmed(
+    ledger: Ledger, redis_url: str, redis_kind: str, request: pytest.FixtureRequest
+) -> None:
+    # A lone operation goes out from its caller's task; operations arriving while it is
+    # on the wire wait for it. Cancelling it (its reply never read) must not fail them,
+    # nor stop later ones: they go on a connection opened afresh.
+    await ledger.open_task(T, Budget(tokens=1_000, usd="1"))
+    warm = await ledger.reserve(T, "root", tokens=1, nanos=1)  # scripts loaded, line open
+    if redis_kind == "cluster":
+        ports = [node.port for node in request.getfixturevalue("redis_cluster").masters()]
+    else:
+        ports = [int(redis_url.rsplit(":", 1)[1].split("/")[0])]
+    pausers = [redis.asyncio.Redis(port=port) for port in ports]
+    for p in pausers:
+        await p.client_pause(400, all=False)  # writes wait 0.4 s: the script call hangs
+    lone = asyncio.create_task(
+        ledger.reserve(T, "root", tokens=10, nanos=10, reservation_id="lone")
+    )
+    await asyncio.sleep(0.05)
+    queued = [
+        asyncio.create_task(ledger.reserve(T, "root", tokens=10, nanos=10, reservation_id=f"q{i}"))
+        for i in range(8)
+    ]
+    await asyncio.sleep(0.05)
+    lone.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await lone
+    holds = await asyncio.wait_for(asyncio.gather(*queued), timeout=10)
+    assert sorted(h.id for h in holds) == [f"q{i}" for i in range(8)]
+    assert (await ledger.reserve(T, "root", tokens=10, nanos=10, reservation_id="later")).id
+    for p in pausers:
+        await p.aclose()
+    root = (await ledger.snapshot(T)).root
+    held = {r.id for r in root.reservations}
+    # The cancelled call may have run (it was sent) or not; nothing else is missing or extra.
+    expected = {warm.id, "later", *(f"q{i}" for i in range(8))}
+    assert held - {"lone"} == expected
+    assert root.reserved_tokens == 1 + 10 * (len(held) - 1)

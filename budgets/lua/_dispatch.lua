@@ -8,18 +8,16 @@
 -- Leases that ran out are released once, before the batch, by the same clock.
 -- run(keys, argv) is the whole call; budgets/scripts.py ends the text with
 -- "return run(KEYS, ARGV)" for EVALSHA, or registers run as a Redis Function.
+
+-- An operation's fields, in order (the separator closes each, so the last and
+-- empty ones come out too).
 local function fields(s)
-  local out, pos, n = {}, 1, 0
-  while true do
-    local j = string.find(s, '\31', pos, true)
+  local out, n = {}, 0
+  for x in string.gmatch(s .. '\31', '([^\31]*)\31') do
     n = n + 1
-    if not j then
-      out[n] = string.sub(s, pos)
-      return out
-    end
-    out[n] = string.sub(s, pos, j - 1)
-    pos = j + 1
+    out[n] = x
   end
+  return out
 end
 
 -- The operations that work on the batch's copies of accounts; any other one
@@ -34,9 +32,9 @@ local function run(keys, argv)
     local f = fields(argv[3 + n])
     local op = OPS[f[1]]
     local np = tonumber(f[2])
-    local K, A = {}, {}
+    local K = {}
     for j = 1, np do K[j] = ACCT_PREFIX .. f[2 + j] end
-    for j = 3 + np, #f do A[#A + 1] = f[j] end
+    local A = {unpack(f, 3 + np)}
     if op then
       if not HOT[f[1]] then flush_cache() end
       local ok, reply = pcall(op, A, K)

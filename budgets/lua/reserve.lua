@@ -3,7 +3,7 @@
 -- would fit if they came back unspent) and A[7] allows a wait, the reservation
 -- waits instead: it joins the account's queue and is granted, oldest first, by
 -- the operation that settles enough money (or ends when its wait does).
--- K[1] account hash (read through the batch's copy: acct(A[1]))
+-- No K: the account is read through the batch's copy (acct(A[1])).
 -- A[1] account path  A[2] reservation id  A[3] tokens  A[4] nanos
 -- A[5] lease ms      A[6] tags (JSON text, '' for none)
 -- A[7] longest wait ms (0: refuse instead of waiting)
