@@ -10,6 +10,7 @@ errors, ``budgets/keys.py`` builds every key, op id and marker, and
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import math
@@ -168,6 +169,8 @@ class Ledger:
         self.redis = redis
         #: Where this ledger's keys live (``pm:``, or ``pm:<tenant>:`` when fenced).
         self.space = space
+        # A task's keys, built once per task (the hot path asks for them on every call).
+        self._task_keys = functools.lru_cache(maxsize=4096)(space.task)
         # functions: the task script as a Redis Function (FCALL) where the server
         # has them (7.0+), else by EVALSHA; False always uses EVALSHA.
         self._runner = ScriptRunner(redis, url=url, batch=batch, functions=functions)
@@ -232,7 +235,7 @@ class Ledger:
         The error names ``ctx``'s ids, or the task's and ``reservation_id``
         (built only for a refusal: most replies are ``ok``).
         """
-        reply = await self._runner.task_op(self.space.task(task_id), op, accounts, args)
+        reply = await self._runner.task_op(self._task_keys(task_id), op, accounts, args)
         if op in _SETTLING:
             self._admissions.settled(task_id)
         if reply[0] == "ok":
@@ -593,7 +596,7 @@ class Ledger:
         self, task_id: str, ops: Sequence[tuple[Op, Sequence[str], Sequence[str | int]]], n: int
     ) -> list[list[Any]]:
         """Run ``ops`` in one call; the replies of the first ``n`` (closes), each checked."""
-        replies = await self._runner.task_ops(self.space.task(task_id), ops)
+        replies = await self._runner.task_ops(self._task_keys(task_id), ops)
         self._admissions.settled(task_id)
         ctx = Context(task_id=task_id)
         return [check(Op.CLOSE.value, r, ctx) for r in replies[:n]]

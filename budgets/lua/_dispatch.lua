@@ -22,6 +22,9 @@ end
 
 -- The operations that work on the batch's copies of accounts; any other one
 -- finds Redis up to date (flush_cache) and reads and writes it directly.
+-- K of an operation naming no account (most of the hot ones); never written.
+local NO_KEYS = {}
+
 local HOT = {reserve = true, commit = true, release = true, withdraw = true, reap = true}
 
 local function run(keys, argv)
@@ -32,8 +35,11 @@ local function run(keys, argv)
     local f = fields(argv[3 + n])
     local op = OPS[f[1]]
     local np = tonumber(f[2])
-    local K = {}
-    for j = 1, np do K[j] = ACCT_PREFIX .. f[2 + j] end
+    local K = NO_KEYS
+    if np > 0 then
+      K = {}
+      for j = 1, np do K[j] = ACCT_PREFIX .. f[2 + j] end
+    end
     local A = {unpack(f, 3 + np)}
     if op then
       if not HOT[f[1]] then flush_cache() end
