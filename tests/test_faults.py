@@ -18,6 +18,7 @@ balance within the budget.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Literal
 import pytest
 
 from agents.stub_server import RecordedRequest, Reply, ScriptedModelServer
-from budgets import Budget
+from budgets import Amount, Budget, Ledger
 from budgets.keys import QUEUE, WORKER_GROUP
 from orchestrator.api import Paymaster
 from orchestrator.queue import TaskQueue
@@ -164,3 +165,42 @@ async def test_a_redis_fault_leaves_one_final_status_and_every_call_paid_once(
     tree = await pm.aledger(task.id)
     assert_books_clean(tree, budget)
     assert tree.root.total_spent_tokens == sum(e.tokens for e in events if e.op == "commit")
+
+
+async def test_connections_dropped_under_load_lose_no_operation_and_pay_none_twice(
+    redis_proxy: RedisProxy, redis_url: str
+) -> None:
+    # 64 loops reserve and commit through the proxy while every connection is reset
+    # five times: the batches' own connection and the pool's reconnect, each cut-off
+    # batch is sent again (every operation is idempotent), and the books agree with
+    # what the callers were told to the token.
+    setup = Ledger.from_url(redis_url)
+    await setup.open_task("drops", Budget(tokens=10**9, usd="1000"))
+    ledger = Ledger.from_url(redis_proxy.url)
+    told: list[int] = []
+    stop = asyncio.Event()
+
+    async def loop(n: int) -> None:
+        i = 0
+        while not stop.is_set():
+            rid = f"l{n}-{i}"
+            hold = await ledger.reserve("drops", "root", tokens=100, nanos=100, reservation_id=rid)
+            done = await ledger.commit("drops", hold.id, used=Amount(tokens=n + 1, nanos=1))
+            told.append(done.tokens)
+            i += 1
+
+    loops = [asyncio.create_task(loop(n)) for n in range(64)]
+    for _ in range(5):
+        await asyncio.sleep(0.3)
+        redis_proxy.drop()
+    await asyncio.sleep(0.3)
+    stop.set()
+    await asyncio.wait_for(asyncio.gather(*loops), timeout=30)
+    await ledger.aclose()
+    assert len(redis_proxy.faults) == 5
+    assert len(told) > 64 * 5
+    root = (await setup.snapshot("drops")).root
+    await setup.aclose()
+    assert root.spent_tokens == sum(told)  # each commit counted once, none lost
+    assert root.reserved_tokens == 0
+    assert root.open_reservations == 0
