@@ -3,10 +3,14 @@
 Python's cost per command, and Redis's cost per script call, limit a ledger
 client long before Redis's cost per operation does. The runner therefore
 collects every operation waiting at the same moment and sends, per task, one
-``EVALSHA`` of the task script that runs them all in order (each atomic, each
-with its own reply); the calls for several tasks go in one pipeline. While one
-batch is on the wire the next fills up. A lone operation goes out at once, so a
-sequential caller pays one round trip and no extra latency.
+``FCALL`` (or ``EVALSHA``) of the task script that runs them all in order (each
+atomic, each with its own reply); the calls for several tasks go in one
+pipeline. While one batch is on the wire the next fills up. A lone operation
+goes out at once from its caller's own task, so a sequential caller pays one
+round trip and no extra latency. On a standalone server the batches travel on
+a connection of the runner's own, outside the client's pool (one batch is in
+flight at a time, so nothing else reads it): a round trip then costs no pool
+checkout and return, which cost a lone operation more than its own Python.
 
 On a Redis Cluster a task's batch is still one call (one command, on its
 task's slot), but the calls for several tasks go concurrently, each to its own
