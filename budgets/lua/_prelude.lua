@@ -84,15 +84,12 @@ local function text(x)
   return x
 end
 
--- extra: more field names and values in order ({'tags', tags, ...}), or nil.
-local function event(op, path, t, n, id, extra)
-  local e = 'op\31' .. op .. '\31acct\31' .. path .. '\31t\31' .. text(t) .. '\31n\31' .. text(n)
-    .. '\31id\31' .. id
-  if extra then
-    for i = 1, #extra do extra[i] = text(extra[i]) end
-    e = e .. '\31' .. table.concat(extra, '\31')
-  end
-  EVENTS[#EVENTS + 1] = e
+-- tail: the event's further fields as text, each name and value preceded by
+-- \31 ('\31tags\31' .. tags .. '\31deadline\31' .. int(deadline)), or nil. The
+-- caller joins them: a table of them would cost more than the concatenation.
+local function event(op, path, t, n, id, tail)
+  EVENTS[#EVENTS + 1] = 'op\31' .. op .. '\31acct\31' .. path .. '\31t\31' .. text(t)
+    .. '\31n\31' .. text(n) .. '\31id\31' .. id .. (tail or '')
 end
 
 local function flush_events()
@@ -244,8 +241,8 @@ local function unwait(a, rid, r, reason)
   a.nwait, a.wt, a.wn = a.nwait - 1, a.wt - r.t, a.wn - r.n
   redis.call('HDEL', K_RES, rid)
   redis.call('ZREM', K_LEASES, rid)
-  event('unwait', r.path, r.ts, r.ns, rid,
-    {'tags', r.tags, 'reason', reason, 'waited_ms', NOW - tonumber(r.uns)})
+  event('unwait', r.path, r.ts, r.ns, rid, '\31tags\31' .. r.tags .. '\31reason\31' .. reason
+    .. '\31waited_ms\31' .. int(NOW - tonumber(r.uns)))
 end
 
 -- Serve an account's queue, oldest first, after money came back or was added:
@@ -271,8 +268,8 @@ local function serve(a)
           r.state, r.ds, r.uts, r.uns = 'held', int(deadline), '0', '0'
           save_res(rid, r)
           redis.call('ZADD', K_LEASES, deadline, rid)
-          event('reserve', r.path, r.ts, r.ns, rid,
-            {'tags', r.tags, 'deadline', deadline, 'waited_ms', waited})
+          event('reserve', r.path, r.ts, r.ns, rid, '\31tags\31' .. r.tags .. '\31deadline\31'
+            .. int(deadline) .. '\31waited_ms\31' .. int(waited))
         else
           unwait(a, rid, r, 'spent')
         end
@@ -294,11 +291,11 @@ end
 
 -- A held reservation whose lease ran out (or whose account is closed by force)
 -- gives its hold back; a commit may still come, late.
-local function expire_res(a, rid, r, extra)
+local function expire_res(a, rid, r, tail)
   unhold(a, r)
   r.state = 'expired'
   save_res(rid, r)
-  event('expire', r.path, r.t, r.n, rid, extra)
+  event('expire', r.path, r.t, r.n, rid, tail)
 end
 
 -- Release every reservation whose lease ran out, and end every wait whose
@@ -320,7 +317,7 @@ local function sweep(limit)
           order[#order + 1] = r.path
         end
         if r.state == 'held' then
-          expire_res(a, id, r, {'tags', r.tags})
+          expire_res(a, id, r, '\31tags\31' .. r.tags)
         else
           unwait(a, id, r, 'deadline')
           redis.call('LREM', WAIT_PREFIX .. r.path, 1, id)

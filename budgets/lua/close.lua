@@ -40,7 +40,7 @@ OPS['close'] = function(A, K)
       if recs[i] then
         local r = unpack_res(recs[i])
         if r.path == path and r.state == 'held' then
-          expire_res(a, id, r, {'tags', r.tags, 'reason', 'closed'})
+          expire_res(a, id, r, '\31tags\31' .. r.tags .. '\31reason\31closed')
           gone[#gone + 1] = id
         elseif r.path == path and r.state == 'waiting' then
           unwait(a, id, r, 'closed')
@@ -66,7 +66,8 @@ OPS['close'] = function(A, K)
   else
     redis.call('HSET', K_META, 'status', 'closed', 'closed_ms', NOW)
   end
-  event('close', path, back.t, back.n, A[3], {'spent_t', spent.t, 'spent_n', spent.n})
+  event('close', path, back.t, back.n, A[3],
+    '\31spent_t\31' .. int(spent.t) .. '\31spent_n\31' .. int(spent.n))
   save_result(A)
   return remember(A[3], '', {'ok', back.t, back.n, spent.t, spent.n})
 end

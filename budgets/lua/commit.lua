@@ -100,20 +100,20 @@ OPS['commit'] = function(A, K)
   keep(A)
   local tags = A[4]
   if tags == '' then tags = r.tags end
-  local extra = {'tags', tags, 'held_t', r.ts, 'held_n', r.ns}
+  local tail = '\31tags\31' .. tags .. '\31held_t\31' .. r.ts .. '\31held_n\31' .. r.ns
   if estimated then
-    extra[#extra + 1] = 'estimated'; extra[#extra + 1] = 1
+    tail = tail .. '\31estimated\31' .. '1'
     redis.call('HINCRBY', key, 'nest', 1)
   end
   if late then
-    extra[#extra + 1] = 'late'; extra[#extra + 1] = 1
+    tail = tail .. '\31late\31' .. '1'
     redis.call('HINCRBY', key, 'nlate', 1)
   end
-  event('commit', path, r.uts, r.uns, rid, extra)
+  event('commit', path, r.uts, r.uns, rid, tail)
   if over.t > 0 or over.n > 0 then
     redis.call('HINCRBY', key, 'ot', over.t)
     redis.call('HINCRBY', key, 'on', over.n)
-    event('overrun', path, over.t, over.n, rid, {'tags', tags})
+    event('overrun', path, over.t, over.n, rid, '\31tags\31' .. tags)
   end
   -- Money came back: waiters are served in the same step (and the counters saved).
   serve(a)

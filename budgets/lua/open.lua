@@ -46,7 +46,7 @@ OPS['open'] = function(A, K)
     'rt', 0, 'rn', 0, 'st', 0, 'sn', 0, 'at', 0, 'an', 0, 'ct', 0, 'cn', 0, 'ot', 0, 'on', 0,
     'nres', 0, 'nkids', 0, 'opened_ms', NOW)
   redis.call('SADD', K_ACCTS, cpath)
-  event('open', cpath, A[4], A[5], A[7], {'parent', ppath, 'tags', A[6]})
+  event('open', cpath, A[4], A[5], A[7], '\31parent\31' .. ppath .. '\31tags\31' .. A[6])
   p.at, p.an = p.at + carve.t, p.an + carve.n
   return remember(A[1], fp, {'ok', shown(p, 't'), shown(p, 'n')})
 end

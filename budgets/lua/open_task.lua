@@ -27,6 +27,7 @@ OPS['open_task'] = function(A, K)
     'rt', 0, 'rn', 0, 'st', 0, 'sn', 0, 'at', 0, 'an', 0, 'ct', 0, 'cn', 0, 'ot', 0, 'on', 0,
     'nres', 0, 'nkids', 0, 'opened_ms', NOW)
   redis.call('SADD', K_ACCTS, ROOT)
-  event('open', ROOT, A[3], A[4], A[1], {'tenant', A[5], 'period', A[6], 'inc', A[2]})
+  event('open', ROOT, A[3], A[4], A[1],
+    '\31tenant\31' .. A[5] .. '\31period\31' .. A[6] .. '\31inc\31' .. A[2])
   return {'ok', NOW, A[2], 'open'}
 end

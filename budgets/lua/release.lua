@@ -24,7 +24,7 @@ OPS['release'] = function(A, K)
     r.state = 'released'
     save_res(rid, r)
     redis.call('ZREM', K_LEASES, rid)
-    event('release', r.path, r.t, r.n, rid, {'tags', r.tags, 'reason', A[2]})
+    event('release', r.path, r.t, r.n, rid, '\31tags\31' .. r.tags .. '\31reason\31' .. A[2])
     serve(a)
   end
   return {'ok', r.path, r.t, r.n, 0}

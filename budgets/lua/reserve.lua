@@ -43,7 +43,8 @@ OPS['reserve'] = function(A, K)
     hold(a, want.t, want.n)
     save_holds(a)
     redis.call('ZADD', K_LEASES, deadline, rid)
-    event('reserve', path, A[3], A[4], rid, {'tags', A[6], 'deadline', deadline})
+    event('reserve', path, A[3], A[4], rid,
+      '\31tags\31' .. A[6] .. '\31deadline\31' .. int(deadline))
     return {'ok', deadline, 'held'}
   end
   local prior = redis.call('HGET', K_RES, rid)
@@ -64,6 +65,6 @@ OPS['reserve'] = function(A, K)
   save_holds(a)
   redis.call('RPUSH', WAIT_PREFIX .. path, rid)
   redis.call('ZADD', K_LEASES, until_ms, rid)
-  event('wait', path, A[3], A[4], rid, {'tags', A[6], 'until', until_ms})
+  event('wait', path, A[3], A[4], rid, '\31tags\31' .. A[6] .. '\31until\31' .. int(until_ms))
   return {'ok', until_ms, 'waiting'}
 end

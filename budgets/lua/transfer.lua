@@ -83,7 +83,7 @@ OPS['transfer'] = function(A, K)
       end
     end
   end
-  event('transfer', spath, amt.t, amt.n, A[7], {'to', dpath, 'dir', dir})
+  event('transfer', spath, amt.t, amt.n, A[7], '\31to\31' .. dpath .. '\31dir\31' .. dir)
   s, d = load(K[1]), load(K[2])
   if d.nwait > 0 then
     -- Money came in: the destination's waiters are served in the same step.
