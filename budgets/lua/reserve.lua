@@ -34,7 +34,8 @@ OPS['reserve'] = function(A, K)
   if not a.closed then verdict = admit(a, want, false) end
   if verdict == 'fits' then
     local deadline = NOW + tonumber(A[5])
-    local rec = {state = 'held', path = path, ts = A[3], ns = A[4], ds = int(deadline),
+    local ds = int(deadline)
+    local rec = {state = 'held', path = path, ts = A[3], ns = A[4], ds = ds,
       uts = '0', uns = '0', ots = '0', ons = '0', late = false, est = false, tags = A[6]}
     -- Written only if the id is new; otherwise this is a repeat and nothing is written.
     if redis.call('HSETNX', K_RES, rid, pack_res(rec)) == 0 then
@@ -43,8 +44,7 @@ OPS['reserve'] = function(A, K)
     hold(a, want.t, want.n)
     save_holds(a)
     redis.call('ZADD', K_LEASES, deadline, rid)
-    event('reserve', path, A[3], A[4], rid,
-      '\31tags\31' .. A[6] .. '\31deadline\31' .. int(deadline))
+    event('reserve', path, A[3], A[4], rid, '\31tags\31' .. A[6] .. '\31deadline\31' .. ds)
     return {'ok', deadline, 'held'}
   end
   local prior = redis.call('HGET', K_RES, rid)
