@@ -303,23 +303,12 @@ class ScriptRunner:
             self._line = None
 
     async def _call_task(self, keys: TaskKeys, count: int, args: list[Arg]) -> Any:
-        named = keys.script_keys()
-        argv = [*keys.script_argv(), count, *args]
-        if self._functions:
-            fn = self._scripts.library.function
-            return await self._redis.fcall(fn, len(named), *named, *argv)
-        sha = self._scripts.task.sha
-        return await self._redis.evalsha(sha, len(named), *named, *argv)
+        return await self._redis.execute_command(*self._command(keys, count, args))
 
     async def _pipelined(self, calls: list[tuple[TaskKeys, int, list[Arg]]]) -> list[Any]:
         pipe = self._redis.pipeline(transaction=False)
-        for keys, count, args in calls:
-            named = keys.script_keys()
-            argv = [*keys.script_argv(), count, *args]
-            if self._functions:
-                pipe.fcall(self._scripts.library.function, len(named), *named, *argv)
-            else:
-                pipe.evalsha(self._scripts.task.sha, len(named), *named, *argv)
+        for call in calls:
+            pipe.execute_command(*self._command(*call))
         return list(await pipe.execute(raise_on_error=False))
 
     async def _load(self) -> None:

@@ -42,11 +42,12 @@ MAX_OP_ID = 128
 MAX_SCOPE = 128
 
 _TAIL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]*$")
-_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+_SEGMENT_TEXT = r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}"
+_SEGMENT = re.compile(_SEGMENT_TEXT)
 _INCARNATION = re.compile(r"^[0-9a-f]{32}$")
 _MAX_DEPTH = 8
 #: A whole account path in one match: ``root``, then up to 7 more segments.
-_PATH = re.compile(rf"^root(?:/[A-Za-z0-9][A-Za-z0-9_.\-]{{0,63}}){{0,{_MAX_DEPTH - 1}}}$")
+_PATH = re.compile(rf"{ROOT}(?:/{_SEGMENT_TEXT}){{0,{_MAX_DEPTH - 1}}}")
 
 # Hash-tag letters of the named families.
 _TASK, _TENANT, _STATS = "k", "t", "s"

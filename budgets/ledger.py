@@ -50,7 +50,7 @@ from budgets.keys import (
     transfer_marker,
 )
 from budgets.money import UNLIMITED, Amount, Budget, check_nanos, check_tokens
-from budgets.replies import Context, check
+from budgets.replies import Context, check, error_of
 from budgets.scripts import Op
 from budgets.tenants import (
     FUNDING_GRACE_S,
@@ -240,7 +240,7 @@ class Ledger:
             self._admissions.settled(task_id)
         if reply[0] == "ok":
             return reply
-        return check(op, reply, ctx or Context(task_id=task_id, reservation_id=reservation_id))
+        raise error_of(op, reply, ctx or Context(task_id=task_id, reservation_id=reservation_id))
 
     def _close_args(
         self, path: str, force: bool, result: tuple[str, str] | None = None

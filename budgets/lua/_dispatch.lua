@@ -20,11 +20,11 @@ local function fields(s)
   return out
 end
 
--- The operations that work on the batch's copies of accounts; any other one
--- finds Redis up to date (flush_cache) and reads and writes it directly.
 -- K of an operation naming no account (most of the hot ones); never written.
 local NO_KEYS = {}
 
+-- The operations that work on the batch's copies of accounts; any other one
+-- finds Redis up to date (flush_cache) and reads and writes it directly.
 local HOT = {reserve = true, commit = true, release = true, withdraw = true, reap = true}
 
 local function run(keys, argv)
