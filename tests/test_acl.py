@@ -53,7 +53,7 @@ def users(
     for admin in admins:
         for tenant in TENANTS:
             admin.acl_setuser(tenant, reset=True)
-            admin.execute_command(
+            admin.execute_command(  # type: ignore[no-untyped-call]  # redis leaves it unannotated
                 "ACL",
                 "SETUSER",
                 tenant,

@@ -25,6 +25,7 @@ from redis import exceptions as rex
 
 from agents.stub_server import RecordedRequest, Reply, ScriptedModelServer
 from budgets import Budget
+from budgets.connection import Client
 from budgets.keys import QUEUE, SHARED_SCOPE, WORKER_GROUP, WORKERS, outcome_id
 from budgets.stats import StatsBook
 from orchestrator.api import Paymaster
@@ -81,7 +82,7 @@ def chats(srv: ScriptedModelServer) -> list[RecordedRequest]:
     return [r for r in srv.requests if r.path.endswith("/chat/completions")]
 
 
-async def pending(client: aioredis.Redis) -> list[dict[str, Any]]:
+async def pending(client: Client) -> list[dict[str, Any]]:
     rows = await client.xpending_range(QUEUE, WORKER_GROUP, "-", "+", 100)
     return list(rows)
 
@@ -600,13 +601,13 @@ class _Lines(logging.Handler):
             self.succeeded.add(message.split()[2].rstrip(":"))
 
 
-async def _data_memory(client: aioredis.Redis) -> int:
+async def _data_memory(client: Client) -> int:
     """Redis's memory less its clients' buffers (the pool's connections are not data)."""
     info = await client.info("memory")
     return int(info["used_memory"]) - int(info["mem_clients_normal"])
 
 
-async def _dbsize_at_most(client: aioredis.Redis, most: int) -> bool:
+async def _dbsize_at_most(client: Client, most: int) -> bool:
     return int(await client.dbsize()) <= most
 
 

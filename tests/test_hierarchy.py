@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from agents.stub_server import RecordedRequest, Reply, ScriptedModelServer
+from agents.stub_server import RecordedRequest, Reply, Responder, ScriptedModelServer
 from budgets import Budget
 from budgets.keys import ROOT
 from budgets.policy import Pool
@@ -79,7 +79,7 @@ def responder(
     plans: dict[str, list[Sub]],
     worker: Worker | None = None,
     review: Callable[[RecordedRequest], Reply] | None = None,
-) -> Callable[[RecordedRequest], Reply]:
+) -> Responder:
     """Plans each level from ``plans`` (by level), answers workers, reviews, synthesizes."""
 
     def respond(request: RecordedRequest) -> Reply:

@@ -263,10 +263,10 @@ def test_a_fenced_tenants_acl_pattern_matches_its_own_keys_and_no_other(
         assert space == fence, key
         assert parse_in_space(key.replace(pattern, "pm:", 1)) == (None, parsed)
     strangers = [K.SHARED_SPACE] + ([K.KeySpace(other)] if other != fence else [])
-    for space in strangers:
-        for key in space_keys(space, task, tenant, scope, path):
+    for stranger in strangers:
+        for key in space_keys(stranger, task, tenant, scope, path):
             assert not key.startswith(pattern), (fence, key)
-            assert parse_in_space(key)[0] == space.tenant, key
+            assert parse_in_space(key)[0] == stranger.tenant, key
     assert mine.task_id_of(mine.task(task).record) == task
     assert K.SHARED_SPACE.task_id_of(mine.task(task).record) is None
 

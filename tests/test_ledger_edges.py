@@ -12,9 +12,10 @@ import re
 import time
 from collections.abc import Sequence
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 import pytest
+from redis.typing import FieldT, KeyT
 
 from budgets import Amount, Budget, BudgetExceeded, Ledger, LedgerUnavailable
 from budgets.errors import (
@@ -33,6 +34,8 @@ from budgets.tree import ReservationState
 pytestmark = pytest.mark.both_redis
 
 T = "task-1"
+#: A stream's entries as the ledger's client returns them (replies decoded).
+Entries = list[tuple[str, dict[str, str]]]
 
 
 async def gone(ledger: Ledger, task_id: str, timeout_s: float = 5.0) -> None:
@@ -111,7 +114,7 @@ async def test_a_task_named_like_a_tenant_keeps_to_its_own_keys(ledger: Ledger) 
     await ledger.close_task("t:acme")
     await ledger.expire_task("t:acme", retention_s=1)
     await gone(ledger, "t:acme")
-    rows = await ledger.redis.xrange(TenantKeys("acme").events)
+    rows = cast(Entries, await ledger.redis.xrange(TenantKeys("acme").events))
     assert [fields["op"] for _, fields in rows] == ["fund"]
     await spend(ledger, "a-1", 30)
     await ledger.close_task("a-1")
@@ -123,21 +126,19 @@ async def test_a_task_named_like_a_tenant_keeps_to_its_own_keys(ledger: Ledger) 
 # -- the funding saga ------------------------------------------------------------------------
 
 
-def fail_once(ledger: Ledger, op: Op, before: Any = None) -> list[Op]:
-    """Make the first ``op`` sent to the task script fail as a dropped connection would."""
+def fail_once(ledger: Ledger, failing: Op, before: Any = None) -> list[Op]:
+    """Make the first ``failing`` op sent to the task script fail as a dropped connection would."""
     real = ledger._runner.task_op
     seen: list[Op] = []
 
-    async def task_op(
-        keys: TaskKeys, this: Op, accounts: Sequence[str], args: Sequence[Any]
-    ) -> Any:
-        seen.append(this)
-        if this is op and seen.count(op) == 1:
+    async def task_op(keys: TaskKeys, op: Op, accounts: Sequence[str], args: Sequence[Any]) -> Any:
+        seen.append(op)
+        if op is failing and seen.count(failing) == 1:
             if before is not None:
                 await before(keys)
             else:
                 raise LedgerUnavailable("redis://test", "ConnectionError")
-        return await real(keys, this, accounts, args)
+        return await real(keys, op, accounts, args)
 
     ledger._runner.task_op = task_op  # type: ignore[method-assign]
     return seen
@@ -171,9 +172,9 @@ async def test_each_step_of_a_funded_open_can_fail_and_a_retry_lands_once(
         drop("fund" if op.value == "tenant_fund" else "")
         return await real_tenant_op(op, keys, args)
 
-    async def sadd(key: str, *values: str) -> Any:
+    async def sadd(name: KeyT, *values: FieldT) -> int:
         drop("index")
-        return await real_sadd(key, *values)
+        return await real_sadd(name, *values)
 
     ledger._runner.task_op = task_op  # type: ignore[method-assign]
     ledger._runner.tenant_op = tenant_op  # type: ignore[method-assign]
@@ -252,7 +253,7 @@ async def test_concurrent_opens_of_one_id_fund_it_once(ledger: Ledger) -> None:
     assert all(isinstance(r, TaskExists) for r in failures), failures
     assert len(failures) in (8, 15)  # the "same" eight won together, or one "other" alone
     assert (await ledger.tenant("acme")).funded_tokens == 300
-    funds = [f for _, f in await ledger.redis.xrange(TenantKeys("acme").events)]
+    funds = [f for _, f in cast(Entries, await ledger.redis.xrange(TenantKeys("acme").events))]
     assert [f["op"] for f in funds] == ["fund"]
 
 

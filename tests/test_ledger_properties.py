@@ -15,7 +15,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -282,7 +282,7 @@ class LedgerMachine(RuleBasedStateMachine):
         ops = await self.ledger.redis.hlen(self.keys.ops)
         # Every reservation's one record, in whatever state: a refusal writes none.
         records = await self.ledger.redis.hgetall(self.keys.reservations)
-        return tree.model_dump_json(), events, ops, records
+        return tree.model_dump_json(), events, ops, cast(dict[str, str], records)
 
     def state(self) -> tuple[str, int, int, dict[str, str]]:
         """Everything a refusal or a retry must leave as it was."""

@@ -300,7 +300,7 @@ def test_an_otlp_endpoint_in_the_environment_receives_the_tasks_spans(
     assert done.returncode == 0, done.stderr
     traces = [body for path, body in received if path == "/v1/traces"]
     assert traces, [p for p, _ in received]
-    names = set()
+    names: set[str] = set()
     for body in traces:
         request = ExportTraceServiceRequest.FromString(body)
         for rs in request.resource_spans:

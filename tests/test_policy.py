@@ -87,7 +87,9 @@ def seen(
 def taught(*rows: tuple[Observation, int, int]) -> Stats:
     """:func:`history`, and a learner that took every verdict of it (rows interleaved)."""
     fields: dict[str, float] = {}
-    left = [[seen.features(), right, times - right] for seen, times, right in rows]
+    left: list[list[str | int]] = [
+        [seen.features(), right, times - right] for seen, times, right in rows
+    ]
     while any(ok or bad for _, ok, bad in left):
         for item in left:
             for index, verdict in ((1, True), (2, False)):

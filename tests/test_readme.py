@@ -43,7 +43,7 @@ def blocks(name: str, lang: str) -> list[str]:
 
 
 def commands(name: str) -> list[str]:
-    lines = []
+    lines: list[str] = []
     for block in blocks(name, "bash"):
         lines.extend(line.strip() for line in block.splitlines())
     return [line for line in lines if line.startswith("paymaster ")]

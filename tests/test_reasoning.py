@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import Any
 
 import pytest
 
@@ -34,7 +35,7 @@ def endpoint(server: ScriptedModelServer, reasoning: ReasoningControl, **extra: 
 
 async def solve(
     ledger: Ledger, server: ScriptedModelServer, ep: Endpoint, *, tokens: int
-) -> dict[str, object]:
+) -> dict[str, Any]:
     client = MeteredClient(
         ledger=ledger, config=EndpointsConfig(endpoints=[ep]), env={}, retry=RetryPolicy(attempts=1)
     )

