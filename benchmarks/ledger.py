@@ -5,6 +5,10 @@ redis-server on a free port. The baseline is ``redis-benchmark`` running
 ``EVAL`` of a script making one call, on the same server in the same run: what
 the server can do. The ledger's rate counts each reserve and each commit as one
 operation, from 4 processes x 64 concurrent subtasks against one task tree.
+Where the time goes is printed beside it: CPU time per operation of the client
+processes together (``getrusage``) and of Redis (``INFO cpu``) in that run.
+The ledger's clients and Redis share the machine's cores, while
+``redis-benchmark``'s C clients cost it little.
 
 With ``--cluster`` the same run measures one redis-server and then a 3-master
 Redis Cluster (:class:`~orchestrator.redis_server.LocalCluster`), each against
@@ -20,6 +24,7 @@ import argparse
 import asyncio
 import csv
 import multiprocessing as mp
+import resource
 import shutil
 import statistics
 import subprocess
@@ -116,6 +121,10 @@ class Figures:
     overshoot_nanos: int
     exhaust_granted: int
     exhaust_expected: int
+    #: CPU time per operation of the throughput run: the client processes' together,
+    #: and the Redis servers' (every master on a cluster) by ``INFO cpu``.
+    client_cpu_us: float
+    server_cpu_us: float
 
 
 def _redis_benchmark() -> str:
@@ -201,12 +210,33 @@ async def _hammer(
     return ops, refused
 
 
-def _worker(args: tuple[str, tuple[Target, ...], float, int, int]) -> tuple[int, int]:
+def _cpu_s() -> float:
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    return use.ru_utime + use.ru_stime
+
+
+def _worker(args: tuple[str, tuple[Target, ...], float, int, int]) -> tuple[int, float]:
+    """One process's operations and the CPU seconds it spent on them."""
     url, targets, start_at, seconds, used_tokens = args
     time.sleep(max(0.0, start_at - time.time()))
+    cpu = _cpu_s()
     until = time.monotonic() + seconds
     used = Amount(tokens=used_tokens, nanos=used_tokens * 10)
-    return asyncio.run(_hammer(url, targets, until, used))
+    ops, _ = asyncio.run(_hammer(url, targets, until, used))
+    return ops, _cpu_s() - cpu
+
+
+def server_cpu_s(ports: Sequence[int]) -> float:
+    """CPU seconds the Redis servers on ``ports`` have used, all together."""
+    total = 0.0
+    for port in ports:
+        node = redis.Redis(port=port)
+        try:
+            info = node.info("cpu")
+        finally:
+            node.close()
+        total += float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+    return total
 
 
 async def _open(url: str, *, shape: Shape, per_account: Budget) -> None:
@@ -239,12 +269,13 @@ async def _overshoot(url: str, tasks: Sequence[str]) -> tuple[int, int, int]:
 
 
 def run_procs(url: str, *, shape: Shape, seconds: int, used: int) -> tuple[int, float]:
+    """Every process's operations together, and the CPU seconds they spent on them."""
     ctx = mp.get_context("spawn")
     start_at = time.time() + 1.5  # let every process import and connect first
     with ctx.Pool(len(shape.targets)) as pool:
         jobs = [(url, targets, start_at, seconds, used) for targets in shape.targets]
         results = pool.map(_worker, jobs)
-    return sum(ops for ops, _ in results), float(seconds)
+    return sum(ops for ops, _ in results), sum(cpu for _, cpu in results)
 
 
 async def _latency(url: str, *, calls: int) -> list[float]:
@@ -262,13 +293,18 @@ async def _latency(url: str, *, calls: int) -> list[float]:
     return samples
 
 
-def measure(url: str, *, shape: Shape, baseline_ops_s: float, quick: bool) -> Figures:
-    """Throughput, exhaustion, overshoot and a sequential client's latency on ``url``."""
+def measure(
+    url: str, *, ports: Sequence[int], shape: Shape, baseline_ops_s: float, quick: bool
+) -> Figures:
+    """Throughput, exhaustion, overshoot and a sequential client's latency on ``url``,
+    whose servers (every master on a cluster) listen on ``ports``."""
     seconds = 4 if quick else 15
 
     # Throughput: a budget the run cannot exhaust.
     asyncio.run(_open(url, shape=shape, per_account=Budget(tokens=10**13, usd="100000")))
-    ops, secs = run_procs(url, shape=shape, seconds=seconds, used=80)
+    server_cpu = server_cpu_s(ports)
+    ops, client_cpu = run_procs(url, shape=shape, seconds=seconds, used=80)
+    server_cpu = server_cpu_s(ports) - server_cpu
     over_t, over_n, _ = asyncio.run(_overshoot(url, shape.tasks))
 
     # Exhaustion: the accounts fit exactly EXHAUST_FITS full reservations in all.
@@ -282,13 +318,15 @@ def measure(url: str, *, shape: Shape, baseline_ops_s: float, quick: bool) -> Fi
     lat.sort()
     return Figures(
         baseline_ops_s=baseline_ops_s,
-        ledger_ops_s=ops / secs,
+        ledger_ops_s=ops / seconds,
         p50_reserve_ms=statistics.median(lat),
         p99_reserve_ms=lat[int(len(lat) * 0.99) - 1],
         overshoot_tokens=max(0, over_t, ex_t),
         overshoot_nanos=max(0, over_n, ex_n),
         exhaust_granted=spent // RESERVE_TOKENS,
         exhaust_expected=fits * shape.accounts,
+        client_cpu_us=client_cpu / ops * 1e6,
+        server_cpu_us=server_cpu / ops * 1e6,
     )
 
 
@@ -318,6 +356,7 @@ def _column(f: Figures) -> list[str]:
         f"{f.p99_reserve_ms:.3f} ms",
         f"{f.exhaust_granted} / {f.exhaust_expected}",
         f"{f.overshoot_tokens}, {f.overshoot_nanos}",
+        f"{f.client_cpu_us:.1f} / {f.server_cpu_us:.1f} us",
     ]
 
 
@@ -331,6 +370,7 @@ def _rows(shape: Shape, *runs: Figures) -> list[list[str]]:
         "reserve latency p99, one sequential client",
         "exhaustion: reservations granted / fit",
         "overshoot (tokens, nanos)",
+        "CPU per op: clients (all procs) / Redis",
     ]
     columns = [_column(f) for f in runs]
     return [[name, *cells] for name, *cells in zip(names, *columns, strict=True)]
@@ -341,13 +381,15 @@ def main_single(*, quick: bool) -> None:
     shape = one_task(PROCS)
     with RedisServer() as server:
         base = baseline(server.port, requests=100_000 if quick else 400_000)
-        f = measure(server.url, shape=shape, baseline_ops_s=base, quick=quick)
+        f = measure(server.url, ports=[server.port], shape=shape, baseline_ops_s=base,
+                    quick=quick)  # fmt: skip
     ratio = f.ledger_ops_s / f.baseline_ops_s
     _table(["measure", "value"], _rows(shape, f))
     print(
         f"RESULT ledger_ops_per_s={f.ledger_ops_s:.0f} baseline_eval_ops_per_s="
         f"{f.baseline_ops_s:.0f} ratio={ratio:.2f} p99_reserve_ms={f.p99_reserve_ms:.3f} "
-        f"overshoot_tokens={f.overshoot_tokens} overshoot_nanos={f.overshoot_nanos}"
+        f"overshoot_tokens={f.overshoot_tokens} overshoot_nanos={f.overshoot_nanos} "
+        f"client_cpu_us_per_op={f.client_cpu_us:.1f} server_cpu_us_per_op={f.server_cpu_us:.1f}"
     )
 
 
@@ -357,12 +399,13 @@ def main_cluster(*, quick: bool) -> None:
     requests = 100_000 if quick else 400_000
     with RedisServer() as server:
         base = baseline(server.port, requests=requests)
-        one = measure(server.url, shape=shape, baseline_ops_s=base, quick=quick)
+        one = measure(server.url, ports=[server.port], shape=shape, baseline_ops_s=base,
+                      quick=quick)  # fmt: skip
     with LocalCluster(masters=MASTERS) as cluster:
         spread = masters_of(cluster, shape.tasks)
         ports = [m.port for m in cluster.masters()]
         base = cluster_baseline(ports, requests=requests)
-        many = measure(cluster.url, shape=shape, baseline_ops_s=base, quick=quick)
+        many = measure(cluster.url, ports=ports, shape=shape, baseline_ops_s=base, quick=quick)
     scaling = many.ledger_ops_s / one.ledger_ops_s
     base_scaling = many.baseline_ops_s / one.baseline_ops_s
     rows = [
