@@ -5,12 +5,19 @@ client long before Redis's cost per operation does. The runner therefore
 collects every operation waiting at the same moment and sends, per task, one
 ``FCALL`` (or ``EVALSHA``) of the task script that runs them all in order (each
 atomic, each with its own reply); the calls for several tasks go in one
-pipeline. While one batch is on the wire the next fills up. A lone operation
-goes out at once from its caller's own task, so a sequential caller pays one
-round trip and no extra latency. On a standalone server the batches travel on
-a connection of the runner's own, outside the client's pool (one batch is in
-flight at a time, so nothing else reads it): a round trip then costs no pool
-checkout and return, which cost a lone operation more than its own Python.
+pipeline. While one batch is on the wire the next fills up. When nothing is
+on the wire, the operation that finds it so sends what is pending from its
+own task (no flusher task to start): at once, so a sequential caller pays one
+round trip; or, when the last batch's replies woke several callers, after
+one turn of the event loop, in which the others issue their next operations
+and join it (they go as one batch, not as the first alone and the rest behind
+it). If that caller is cancelled while its batch is out, the others'
+operations go again in the next batch (every operation is idempotent).
+
+On a standalone server the batches travel on a connection of the runner's
+own, outside the client's pool (one batch is in flight at a time, so nothing
+else reads it): a round trip then costs no pool checkout and return, which
+cost a lone operation more than its own Python.
 
 On a Redis Cluster a task's batch is still one call (one command, on its
 task's slot), but the calls for several tasks go concurrently, each to its own
@@ -87,6 +94,9 @@ class ScriptRunner:
         # True while a batch is on the wire or a flusher is about to send one.
         self._sending = False
         self._flusher: asyncio.Task[None] | None = None
+        # True when the last batch's replies woke more than one caller: the next
+        # batch waits a turn of the loop for the operations they issue in it.
+        self._woke = False
         # The batches' own connection (standalone): one batch is in flight at a
         # time, so it needs no pool, whose checkout and return cost a lone
         # operation more than its round trip's own Python does.
@@ -115,26 +125,42 @@ class ScriptRunner:
         if not self._batching:
             replies = await self._retrying([(keys, 1, encoded)])
             return _first(replies[0])
-        if not self._sending:
-            # Nothing is on the wire: this operation goes at once, from its own
-            # task (no flusher to start), and whatever arrives meanwhile waits
-            # for the flusher this starts when it is done.
-            self._sending = True
-            try:
-                replies = await self._retrying([(keys, 1, encoded)], line=True)
-            finally:
-                if self._pending:
-                    self._flusher = asyncio.create_task(self._flush())
-                else:
-                    self._sending = False
-            return _first(replies[0])
         fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         batch = self._pending.get(keys.task_id)
         if batch is None:
             batch = self._pending[keys.task_id] = _Batch(keys)
         batch.args.extend(encoded)
         batch.waiters.append(fut)
+        if not self._sending:
+            await self._lead(fut)
         return await fut
+
+    async def _lead(self, mine: asyncio.Future[list[Any]]) -> None:
+        """Send what is pending from this caller's task.
+
+        Nothing was on the wire when ``mine`` was queued, so nothing else was
+        pending either. If the last batch's replies woke several callers, the
+        rest of them are about to issue their next operations in this same turn
+        of the loop: this one waits the turn out so that they join it. Otherwise
+        it goes at once (a lone caller pays no turn of a busy loop). Whatever
+        arrives while this batch is out waits for the flusher started at the end.
+        """
+        self._sending = True
+        batches: list[_Batch] = []
+        try:
+            if self._woke:
+                await asyncio.sleep(0)
+            batches = self._take()
+            await self._send_batches(batches, share_cancel=False)
+        except asyncio.CancelledError:
+            # Not one reply was handed out: the others' operations go again, first.
+            self._requeue(batches or self._take(), without=mine)
+            raise
+        finally:
+            if self._pending:
+                self._flusher = asyncio.create_task(self._flush())
+            else:
+                self._sending = False
 
     async def task_ops(
         self, keys: TaskKeys, ops: Sequence[tuple[Op, Sequence[str], Sequence[Arg]]]
@@ -164,27 +190,59 @@ class ScriptRunner:
 
     async def _drain(self) -> None:
         while self._pending:
-            batches = list(self._pending.values())
-            self._pending = {}
-            calls = [(b.keys, len(b.waiters), b.args) for b in batches]
-            try:
-                replies = await self._retrying(calls, line=True)
-            except BaseException as e:  # every waiter must hear of the failure
-                for b in batches:
-                    for fut in b.waiters:
-                        if not fut.done():
-                            fut.set_exception(e)
-                if isinstance(e, asyncio.CancelledError):
-                    raise
-                continue
-            for b, reply in zip(batches, replies, strict=True):
-                for i, fut in enumerate(b.waiters):
-                    if fut.done():
-                        continue
-                    if isinstance(reply, Exception):
-                        fut.set_exception(reply)
-                    else:
-                        fut.set_result(reply[i])
+            await self._send_batches(self._take(), share_cancel=True)
+
+    def _take(self) -> list[_Batch]:
+        batches = list(self._pending.values())
+        self._pending = {}
+        self._woke = False
+        return batches
+
+    def _requeue(self, batches: list[_Batch], *, without: asyncio.Future[list[Any]]) -> None:
+        """Put ``batches`` back ahead of what arrived since, less the operation of ``without``."""
+        merged: dict[str, _Batch] = {}
+        for b in batches:
+            if without in b.waiters:
+                i = b.waiters.index(without)
+                del b.waiters[i], b.args[i]
+            if b.waiters:
+                merged[b.keys.task_id] = b
+        for task_id, later in self._pending.items():
+            into = merged.get(task_id)
+            if into is None:
+                merged[task_id] = later
+            else:
+                into.args.extend(later.args)
+                into.waiters.extend(later.waiters)
+        self._pending = merged
+
+    async def _send_batches(self, batches: list[_Batch], *, share_cancel: bool) -> None:
+        """Send ``batches`` and hand each waiter its reply or its error.
+
+        ``share_cancel``: whether the waiters hear of this task's cancellation
+        too (the flusher's, at shutdown), or are left to be sent again (a
+        leading caller's, see :meth:`_lead`).
+        """
+        calls = [(b.keys, len(b.waiters), b.args) for b in batches]
+        try:
+            replies = await self._retrying(calls, line=True)
+        except BaseException as e:  # every waiter must hear of the failure
+            if share_cancel or not isinstance(e, asyncio.CancelledError):
+                _fail(batches, e)
+            if isinstance(e, Exception):
+                return
+            raise
+        woke = 0
+        for b, reply in zip(batches, replies, strict=True):
+            for i, fut in enumerate(b.waiters):
+                if fut.done():
+                    continue
+                woke += 1
+                if isinstance(reply, Exception):
+                    fut.set_exception(reply)
+                else:
+                    fut.set_result(reply[i])
+        self._woke = woke > 1
 
     async def _retrying(
         self, calls: list[tuple[TaskKeys, int, list[Arg]]], *, line: bool = False
@@ -329,6 +387,13 @@ class ScriptRunner:
             await self._redis.ping()
         except (rex.ConnectionError, rex.TimeoutError, OSError) as e:
             raise LedgerUnavailable(self._url, type(e).__name__) from e
+
+
+def _fail(batches: list[_Batch], error: BaseException) -> None:
+    for b in batches:
+        for fut in b.waiters:
+            if not fut.done():
+                fut.set_exception(error)
 
 
 def _no_function(reply: Any) -> bool:

@@ -134,11 +134,7 @@ async def test_a_cancelled_operation_leaves_those_sent_after_it_unharmed(
     # nor stop later ones: they go on a connection opened afresh.
     await ledger.open_task(T, Budget(tokens=1_000, usd="1"))
     warm = await ledger.reserve(T, "root", tokens=1, nanos=1)  # scripts loaded, line open
-    if redis_kind == "cluster":
-        ports = [node.port for node in request.getfixturevalue("redis_cluster").masters()]
-    else:
-        ports = [int(redis_url.rsplit(":", 1)[1].split("/")[0])]
-    pausers = [redis.asyncio.Redis(port=port) for port in ports]
+    pausers = [redis.asyncio.Redis(port=port) for port in _ports(redis_url, redis_kind, request)]
     for p in pausers:
         await p.client_pause(400, all=False)  # writes wait 0.4 s: the script call hangs
     lone = asyncio.create_task(
@@ -164,3 +160,115 @@ async def test_a_cancelled_operation_leaves_those_sent_after_it_unharmed(
     expected = {warm.id, "later", *(f"q{i}" for i in range(8))}
     assert held - {"lone"} == expected
     assert root.reserved_tokens == 1 + 10 * (len(held) - 1)
+
+
+def _ports(redis_url: str, redis_kind: str, request: pytest.FixtureRequest) -> list[int]:
+    """The ports of the server, or of every master of the cluster."""
+    if redis_kind == "cluster":
+        return [node.port for node in request.getfixturevalue("redis_cluster").masters()]
+    return [int(redis_url.rsplit(":", 1)[1].split("/")[0])]
+
+
+async def _script_calls(ports: list[int]) -> int:
+    """Task-script calls (FCALL or EVALSHA) the servers on ``ports`` ran since their reset."""
+    total = 0
+    for port in ports:
+        node = redis.asyncio.Redis(port=port)
+        stats = await node.info("commandstats")
+        await node.aclose()
+        total += sum(stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("fcall", "evalsha"))
+    return total
+
+
+async def _wake_several(ledger: Ledger) -> list[str]:
+    """Three reserves at once: the first goes alone, the two behind it in one batch,
+    whose replies wake two callers (so the next batch waits a turn of the loop)."""
+    ids = ["p0", "p1", "p2"]
+    await asyncio.gather(
+        *(ledger.reserve(T, "root", tokens=1, nanos=1, reservation_id=i) for i in ids)
+    )
+    return ids
+
+
+async def test_callers_woken_together_send_their_next_operations_in_one_call(
+    ledger: Ledger, redis_url: str, redis_kind: str, request: pytest.FixtureRequest
+) -> None:
+    # Sixteen callers each reserve, then commit. The first reserve finds nothing on
+    # the wire and goes at once; the other fifteen (and the first's commit) go in the
+    # batch behind it. That batch's replies wake fifteen callers at once: the first of
+    # them to commit waits one turn of the loop, and the other fourteen commits join
+    # it, instead of it going alone with them behind it.
+    await ledger.open_task(T, Budget(tokens=1_000, usd="1"))
+    await ledger.reserve(T, "root", tokens=1, nanos=1)  # scripts loaded, line open
+    ports = _ports(redis_url, redis_kind, request)
+    for port in ports:
+        node = redis.asyncio.Redis(port=port)
+        await node.config_resetstat()
+        await node.aclose()
+
+    async def call(i: int) -> str:
+        hold = await ledger.reserve(T, "root", tokens=10, nanos=10, reservation_id=f"g{i}")
+        await ledger.commit(T, hold.id, used=Amount(tokens=4, nanos=4))
+        return hold.id
+
+    assert await asyncio.gather(*(call(i) for i in range(16))) == [f"g{i}" for i in range(16)]
+    assert await _script_calls(ports) == 3
+    # One after another, each goes at once, in a call of its own.
+    for i in range(3):
+        await ledger.reserve(T, "root", tokens=10, nanos=10, reservation_id=f"s{i}")
+    assert await _script_calls(ports) == 6
+    a = await ledger.account(T, "root")
+    assert (a.spent_tokens, a.reserved_tokens) == (4 * 16, 1 + 10 * 3)
+
+
+async def test_a_cancelled_caller_leaves_the_operations_it_carried_unharmed(
+    ledger: Ledger, redis_url: str, redis_kind: str, request: pytest.FixtureRequest
+) -> None:
+    # The first of operations issued together after a batch woke several callers sends
+    # them all from its own task. Cancel it while they are on the wire (their replies
+    # never read): the others still get their replies (sent again: each operation is
+    # idempotent) and hold once.
+    await ledger.open_task(T, Budget(tokens=1_000, usd="1"))
+    before = await _wake_several(ledger)
+    pausers = [redis.asyncio.Redis(port=port) for port in _ports(redis_url, redis_kind, request)]
+    for p in pausers:
+        await p.client_pause(400, all=False)  # writes wait 0.4 s: the script call hangs
+    calls = [
+        asyncio.create_task(ledger.reserve(T, "root", tokens=10, nanos=10, reservation_id=f"c{i}"))
+        for i in range(8)
+    ]
+    await asyncio.sleep(0.05)  # c0 leads: all eight are on the wire in its batch
+    calls[0].cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await calls[0]
+    holds = await asyncio.wait_for(asyncio.gather(*calls[1:]), timeout=10)
+    assert [h.id for h in holds] == [f"c{i}" for i in range(1, 8)]
+    for p in pausers:
+        await p.aclose()
+    root = (await ledger.snapshot(T)).root
+    held = {r.id for r in root.reservations}
+    # The cancelled call was sent, and may have run; nothing else is missing or extra.
+    assert held - {"c0"} == {*before, *(f"c{i}" for i in range(1, 8))}
+    assert root.reserved_tokens == 3 + 10 * (len(held) - 3)
+    reserved = [e.op_id for e in await ledger.events(T) if e.op == "reserve"]
+    assert sorted(reserved) == sorted(held), "each reservation was made once"
+
+
+async def test_a_caller_cancelled_before_its_batch_goes_takes_only_its_own_operation(
+    ledger: Ledger,
+) -> None:
+    await ledger.open_task(T, Budget(tokens=1_000, usd="1"))
+    before = await _wake_several(ledger)
+    calls = [
+        asyncio.create_task(ledger.reserve(T, "root", tokens=10, nanos=10, reservation_id=f"w{i}"))
+        for i in range(4)
+    ]
+    await asyncio.sleep(0)  # w0 waits its turn of the loop to send; w1..w3 joined it
+    calls[0].cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await calls[0]
+    holds = await asyncio.wait_for(asyncio.gather(*calls[1:]), timeout=10)
+    assert [h.id for h in holds] == ["w1", "w2", "w3"]
+    root = (await ledger.snapshot(T)).root
+    assert {r.id for r in root.reservations} == {*before, "w1", "w2", "w3"}, "w0 never went"
+    assert root.reserved_tokens == 3 + 30
