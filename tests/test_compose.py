@@ -63,7 +63,7 @@ def test_the_files_the_services_use_exist_and_load() -> None:
 
 
 def test_the_observability_profile_adds_prometheus_and_grafana(compose: list[str]) -> None:
-    import yaml  # type: ignore[import-untyped]  # PyYAML ships no stubs; comes with langchain-core
+    import yaml  # comes with langchain-core
 
     command = [*compose, "--file", str(COMPOSE_FILE), "--profile", "observability", "config"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
